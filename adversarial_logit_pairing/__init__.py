@@ -1,0 +1,10 @@
+"""TensorFlow 2 port of Adversarial Logit Pairing (Kannan, Kurakin, Goodfellow, 2018).
+
+Modules, each with one job as in the original:
+  hparams, model_lib        hyper-parameters, lr schedules, optimizers, model registry
+  adversarial_attack        PGD attacks (pgd, pgdll, pgdrnd) and their descriptions
+  models/                   network definitions with TF-Slim variable names
+  datasets/                 input pipelines of the original TFRecord layouts
+  training, evaluation      the train and eval loops behind train.py / eval.py
+  checkpoints, moving_average, optimizers   TF1-compatible state
+"""

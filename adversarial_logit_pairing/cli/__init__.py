@@ -1,0 +1,35 @@
+"""Command-line programs: absl flags of the original scripts mapped onto the library.
+
+``run_program`` is the one place that turns a :class:`~adversarial_logit_pairing.errors.UserError`
+into a one-line message and a non-zero exit status, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+
+from adversarial_logit_pairing.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def run_program(main: Callable[[Sequence[str]], None], prog: str) -> None:
+    """Runs ``main`` under ``absl.app.run``; user errors end the process with one line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def guarded(argv: Sequence[str]) -> None:
+        if len(argv) > 1:
+            print(f"{prog}: error: unexpected arguments {' '.join(argv[1:])!r} "
+                  "(flags are written --name=value)", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        try:
+            main(argv)
+        except UserError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+
+    app.run(guarded)

@@ -1,0 +1,90 @@
+"""``eval.py``: clean and adversarial accuracy of checkpoints (original flags)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from absl import flags, logging
+
+from adversarial_logit_pairing.cli import run_program
+from adversarial_logit_pairing.errors import ConfigError
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("train_dir", None,
+                    "Training directory. If specified then this program runs in continuous "
+                    "evaluation mode.")
+flags.DEFINE_string("checkpoint_path", None,
+                    "Path to the checkpoint (or a directory: its latest). If specified then "
+                    "this program evaluates only this checkpoint one time.")
+flags.DEFINE_string("output_file", None,
+                    "File to append 'eval_name,accuracy,top5' to. Used only in single "
+                    "evaluation mode.")
+flags.DEFINE_string("eval_name", "default", "Name for eval subdirectory.")
+flags.DEFINE_string("master", "", "TensorFlow master (TF1 sessions); only '' is accepted.")
+flags.DEFINE_string("model_name", "resnet_v2_50", "Name of the model.")
+flags.DEFINE_string("adv_method", "clean",
+                    "Method which is used to generate adversarial examples.")
+flags.DEFINE_string("dataset", "imagenet", 'Dataset: "tiny_imagenet" or "imagenet".')
+flags.DEFINE_integer("dataset_image_size", 64, "Size of the images in the dataset.")
+flags.DEFINE_string("hparams", "", "Hyper parameters (only eval_batch_size matters here).")
+flags.DEFINE_string("split_name", "validation", "Name of the split: train or validation.")
+flags.DEFINE_float("moving_average_decay", 0.9999,
+                   "> 0: evaluate the moving-average shadows; <= 0 (e.g. -1): the plain "
+                   "variables (released checkpoints have no shadows).")
+flags.DEFINE_integer("eval_interval_secs", 120,
+                     "The frequency, in seconds, with which evaluation is run.")
+flags.DEFINE_integer("num_examples", -1,
+                     "If positive - maximum number of example to use for evaluation.")
+flags.DEFINE_bool("eval_once", False, "If true then evaluate model only once.")
+flags.DEFINE_string("trainable_scopes", None,
+                    "For checkpoints made by fine tuning: the --finetune_trainable_scopes of "
+                    "training, so that only those variables are read from their moving-average "
+                    "shadows.")
+flags.DEFINE_string("imagenet_data_dir", None,
+                    "Directory with the TF-Slim ImageNet TFRecords (train-*, validation-*).")
+flags.DEFINE_string("tiny_imagenet_data_dir", None,
+                    "Directory with train.tfrecord and validation.tfrecord of Tiny ImageNet.")
+flags.DEFINE_float("timeout_secs", None,
+                   "Continuous mode: stop when no new checkpoint appeared for this long "
+                   "(default: wait forever, as the original).")
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from adversarial_logit_pairing import evaluation
+
+    if FLAGS.master:
+        raise ConfigError(f"--master={FLAGS.master!r}: TF1 sessions do not exist in "
+                          "TensorFlow 2; leave it empty")
+    config = evaluation.EvalConfig(
+        train_dir=FLAGS.train_dir,
+        checkpoint_path=FLAGS.checkpoint_path,
+        output_file=FLAGS.output_file,
+        eval_name=FLAGS.eval_name,
+        model_name=FLAGS.model_name,
+        adv_method=FLAGS.adv_method,
+        dataset=FLAGS.dataset,
+        dataset_image_size=FLAGS.dataset_image_size,
+        hparams=FLAGS.hparams,
+        split_name=FLAGS.split_name,
+        moving_average_decay=FLAGS.moving_average_decay,
+        eval_interval_secs=FLAGS.eval_interval_secs,
+        num_examples=FLAGS.num_examples,
+        eval_once=FLAGS.eval_once,
+        trainable_scopes=FLAGS.trainable_scopes,
+        imagenet_data_dir=FLAGS.imagenet_data_dir,
+        tiny_imagenet_data_dir=FLAGS.tiny_imagenet_data_dir,
+        timeout_secs=FLAGS.timeout_secs,
+    )
+    logging.set_verbosity(logging.INFO)
+    evaluation.run(config)
+
+
+def run() -> None:
+    """Console-script entry point (``alp-eval``)."""
+    run_program(main, "eval.py")
+
+
+if __name__ == "__main__":
+    run()

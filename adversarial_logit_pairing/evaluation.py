@@ -1,0 +1,257 @@
+"""The evaluation loop behind ``eval.py``: clean and adversarial accuracy of checkpoints.
+
+Two modes, as the original:
+
+* ``--checkpoint_path``: evaluate one checkpoint once; ``--output_file`` gets the line
+  ``eval_name,accuracy,top5`` (fractions with 3 decimals) appended.
+* ``--train_dir``: continuous evaluation; every new checkpoint of the directory is evaluated
+  once, with ``Accuracy`` and ``Top5`` summaries written under ``train_dir/eval_name`` at the
+  checkpoint's global step; ``--eval_once`` stops after the first.
+
+The original counts ``int(num_examples / eval_batch_size)`` full batches; a split that ends
+sooner stops the evaluation cleanly and the log gives the count actually evaluated.
+Adversarial evaluation uses a fixed seed per batch, so the same checkpoint gives the same
+numbers on every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Optional
+
+import tensorflow as tf
+from absl import logging
+
+from adversarial_logit_pairing import adversarial_attack, checkpoints, model_lib
+from adversarial_logit_pairing.datasets import dataset_factory
+from adversarial_logit_pairing.errors import CheckpointError, ConfigError, DataError
+from adversarial_logit_pairing.training import data_dir_for
+
+EMA_SUFFIX = "/ExponentialMovingAverage"
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Plain-data mirror of ``eval.py``'s flags (same names, same defaults)."""
+
+    train_dir: Optional[str] = None
+    checkpoint_path: Optional[str] = None
+    output_file: Optional[str] = None
+    eval_name: str = "default"
+    model_name: str = "resnet_v2_50"
+    adv_method: str = "clean"
+    dataset: str = "imagenet"
+    dataset_image_size: int = 64
+    hparams: str = ""
+    split_name: str = "validation"
+    moving_average_decay: float = 0.9999
+    eval_interval_secs: int = 120
+    num_examples: int = -1
+    eval_once: bool = False
+    trainable_scopes: Optional[str] = None
+    imagenet_data_dir: Optional[str] = None
+    tiny_imagenet_data_dir: Optional[str] = None
+    timeout_secs: Optional[float] = None
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Metrics of one checkpoint."""
+
+    checkpoint_path: str
+    global_step: Optional[int]
+    accuracy: float
+    top5: float
+    num_examples: int
+
+
+def restore_assignments(model, moving_average_decay: float, trainable_scopes=None) -> dict:
+    """Checkpoint name -> model variable for evaluation.
+
+    With ``moving_average_decay > 0`` the model variables are read from their
+    ``/ExponentialMovingAverage`` shadows; with ``trainable_scopes`` (a fine-tuned checkpoint)
+    only the variables under those scopes are, the rest from their plain names.
+    """
+    use_ema = bool(moving_average_decay) and moving_average_decay > 0
+    scopes = model_lib.parse_scopes(trainable_scopes)
+    assignments = {}
+    for name, variable in model.variables_by_name.items():
+        averaged = use_ema and (not scopes or any(name.startswith(s) for s in scopes))
+        assignments[name + EMA_SUFFIX if averaged else name] = variable
+    return assignments
+
+
+def _check_shadows(prefix: str, assignments: dict) -> None:
+    """Explains the usual mistake: EMA requested for a checkpoint saved without averages."""
+    wanted = [name for name in assignments if name.endswith(EMA_SUFFIX)]
+    if not wanted:
+        return
+    reader = tf.train.load_checkpoint(prefix)
+    if not any(reader.has_tensor(name) for name in wanted):
+        raise CheckpointError(
+            f"checkpoint {prefix} holds no {EMA_SUFFIX} shadows (saved without moving averages, "
+            "like the released ALP checkpoints): evaluate it with --moving_average_decay=-1"
+        )
+
+
+class Evaluator:
+    """Holds the model, data and compiled eval step; evaluates checkpoints one at a time."""
+
+    def __init__(self, config: EvalConfig):
+        self.config = config
+        hparams = model_lib.default_hparams().parse(config.hparams)
+        adversarial_attack.parse_attack_description(config.adv_method or "clean")
+        if config.split_name not in ("train", "validation"):
+            raise ConfigError(
+                f"--split_name={config.split_name}: expected 'train' or 'validation'"
+            )
+        self.batch_size = hparams.eval_batch_size
+        self.data_dir = data_dir_for(config.dataset, config.imagenet_data_dir,
+                                     config.tiny_imagenet_data_dir)
+        self.dataset, split_size, num_classes, self.bounds = dataset_factory.get_dataset(
+            config.dataset, config.split_name, self.batch_size, config.dataset_image_size,
+            is_training=False, data_dir=self.data_dir,
+        )
+        self.num_examples = split_size
+        if config.num_examples > 0:
+            self.num_examples = min(split_size, config.num_examples)
+        self.num_batches = int(self.num_examples / self.batch_size)
+        if self.num_batches < 1:
+            raise ConfigError(
+                f"--num_examples={self.num_examples} is smaller than one batch "
+                f"(eval_batch_size={self.batch_size}); nothing to evaluate"
+            )
+        self.model = model_lib.get_model(config.model_name, num_classes)
+        self.assignments = restore_assignments(
+            self.model, config.moving_average_decay, config.trainable_scopes
+        )
+        adv_method = config.adv_method or "clean"
+        model = self.model
+
+        @tf.function
+        def eval_step(images, labels, batch_index):
+            seed = tf.stack([tf.constant(0, tf.int64), batch_index])
+            inputs = adversarial_attack.generate_adversarial_examples(
+                images, self.bounds, lambda x: model(x, is_training=False), adv_method,
+                seed=seed,
+            )
+            logits = model(inputs, is_training=False)
+            labels = tf.cast(labels, tf.int64)
+            correct = tf.equal(tf.argmax(logits, axis=-1), labels)
+            in_top5 = tf.math.in_top_k(labels, tf.cast(logits, tf.float32),
+                                       k=min(5, num_classes))
+            return (tf.reduce_sum(tf.cast(correct, tf.int64)),
+                    tf.reduce_sum(tf.cast(in_top5, tf.int64)))
+
+        self._eval_step = eval_step
+
+    def evaluate(self, checkpoint_path: str) -> EvalResult:
+        """Restores ``checkpoint_path`` into the model and evaluates it."""
+        _check_shadows(checkpoint_path, self.assignments)
+        checkpoints.restore(
+            self.assignments, checkpoint_path,
+            what=f"{self.config.model_name} evaluation model",
+        )
+        step = checkpoints.checkpoint_step(checkpoint_path)
+        correct = top5 = seen = 0
+        start = time.time()
+        for batch_index, (images, labels) in enumerate(self.dataset.take(self.num_batches)):
+            try:
+                c, t = self._eval_step(images, labels, tf.constant(batch_index, tf.int64))
+            except tf.errors.InvalidArgumentError as exc:
+                raise DataError(f"evaluation failed on batch {batch_index}: {exc.message}") from None
+            correct += int(c)
+            top5 += int(t)
+            seen += int(images.shape[0])
+            if (batch_index + 1) % 10 == 0 or batch_index + 1 == self.num_batches:
+                elapsed = time.time() - start
+                rate = seen / max(elapsed, 1e-9)
+                logging.info(
+                    "Evaluated %d/%d batches (%.1f examples/s, ETA %.0fs)",
+                    batch_index + 1, self.num_batches, rate,
+                    (self.num_batches * self.batch_size - seen) / max(rate, 1e-9),
+                )
+        if seen == 0:
+            raise DataError(
+                f"split '{self.config.split_name}' of {self.config.dataset} yielded no full "
+                f"batch of {self.batch_size} examples"
+            )
+        if seen < self.num_batches * self.batch_size:
+            logging.warning(
+                "The split ended after %d examples (%d batches), fewer than the %d requested",
+                seen, seen // self.batch_size, self.num_batches * self.batch_size,
+            )
+        result = EvalResult(checkpoint_path, step, correct / seen, top5 / seen, seen)
+        logging.info(
+            "%s on %d examples of %s/%s at global step %s: Accuracy = %.4f, Top5 = %.4f",
+            self.config.adv_method or "clean", seen, self.config.dataset,
+            self.config.split_name, step, result.accuracy, result.top5,
+        )
+        return result
+
+
+def append_result_line(output_file: str, eval_name: str, result: EvalResult) -> None:
+    """Appends the original's ``eval_name,accuracy,top5`` line."""
+    with tf.io.gfile.GFile(output_file, "a") as f:
+        f.write(f"{eval_name},{result.accuracy:.3f},{result.top5:.3f}\n")
+
+
+def run(config: EvalConfig) -> list[EvalResult]:
+    """Runs ``eval.py``'s single-checkpoint or continuous mode; returns the results.
+
+    Raises:
+      ConfigError: neither or both of ``train_dir`` and ``checkpoint_path``.
+    """
+    if bool(config.train_dir) == bool(config.checkpoint_path):
+        raise ConfigError(
+            "exactly one of --train_dir (continuous evaluation) or --checkpoint_path "
+            "(one checkpoint) has to be provided"
+        )
+    if config.checkpoint_path:
+        prefix = checkpoints.resolve_checkpoint(config.checkpoint_path, "--checkpoint_path")
+        result = Evaluator(config).evaluate(prefix)
+        if config.output_file:
+            append_result_line(config.output_file, config.eval_name, result)
+        return [result]
+
+    evaluator = Evaluator(config)
+    output_dir = os.path.join(config.train_dir, config.eval_name)
+    tf.io.gfile.makedirs(output_dir)
+    writer = tf.summary.create_file_writer(output_dir)
+    results: list[EvalResult] = []
+    evaluated: set = set()
+    last_new = time.time()
+    while True:
+        prefix = checkpoints.latest_checkpoint(config.train_dir)
+        if prefix is not None and prefix not in evaluated:
+            evaluated.add(prefix)
+            last_new = time.time()
+            try:
+                result = evaluator.evaluate(prefix)
+            except (tf.errors.NotFoundError, CheckpointError) as exc:
+                # Training may delete old checkpoints while we read them; wait for the next.
+                if tf.io.gfile.exists(prefix + ".index"):
+                    raise
+                logging.warning("Checkpoint %s disappeared while evaluating: %s", prefix, exc)
+                continue
+            results.append(result)
+            with writer.as_default(step=result.global_step or 0):
+                tf.summary.scalar("Accuracy", result.accuracy)
+                tf.summary.scalar("Top5", result.top5)
+            writer.flush()
+            if config.eval_once:
+                break
+            continue
+        if config.timeout_secs is not None and time.time() - last_new > config.timeout_secs:
+            logging.info("No new checkpoint in %s for %.0fs; stopping", config.train_dir,
+                         config.timeout_secs)
+            break
+        logging.info("Waiting for a new checkpoint in %s", config.train_dir)
+        wait = config.eval_interval_secs
+        if config.timeout_secs is not None:
+            wait = min(wait, max(0.5, config.timeout_secs / 4))
+        time.sleep(max(0.5, wait))
+    writer.close()
+    return results

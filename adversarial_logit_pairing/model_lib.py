@@ -1,0 +1,71 @@
+"""Functions shared by training and evaluation, under the original ``model_lib`` names.
+
+``default_hparams``, ``get_lr_schedule`` and ``get_optimizer`` keep the original signatures
+(their implementations live in ``hparams``, ``lr_schedules`` and ``optimizers``);
+``get_model`` returns the model callable ``model_fn(images, is_training) -> logits``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Union
+
+import tensorflow as tf
+
+from adversarial_logit_pairing.hparams import HParams, default_hparams
+from adversarial_logit_pairing.lr_schedules import get_lr_schedule
+from adversarial_logit_pairing.models import ImageClassifier, create_model
+from adversarial_logit_pairing.optimizers import get_optimizer
+
+__all__ = [
+    "HParams",
+    "default_hparams",
+    "get_lr_schedule",
+    "get_optimizer",
+    "get_model",
+    "parse_scopes",
+    "filter_trainable_variables",
+    "variable_name",
+]
+
+
+def get_model(model_name: str, num_classes: int, seed: Optional[int] = None) -> ImageClassifier:
+    """Builds a registered model; the result is called as ``model_fn(images, is_training)``.
+
+    The model owns its variables (named as in TF-Slim), so calling it twice shares weights,
+    as the original's ``reuse=tf.AUTO_REUSE`` did.
+
+    Raises:
+      ConfigError: (a ValueError) for an unknown model name.
+    """
+    return create_model(model_name, num_classes, seed=seed)
+
+
+def parse_scopes(scopes: Union[None, str, Iterable[str]]) -> list[str]:
+    """Comma-separated string or list of scope prefixes -> list without blanks."""
+    if not scopes:
+        return []
+    if isinstance(scopes, str):
+        scopes = scopes.split(",")
+    return [scope.strip() for scope in scopes if scope and scope.strip()]
+
+
+def variable_name(variable: tf.Variable) -> str:
+    """The TF1 name of a variable (``v.op.name`` in TF1): its name without ``:0``."""
+    name = variable.name
+    return name[: name.rindex(":")] if ":" in name else name
+
+
+def filter_trainable_variables(
+    trainable_scopes: Union[None, str, Iterable[str]],
+    variables: Sequence[tf.Variable],
+) -> list[tf.Variable]:
+    """Keeps the variables whose TF1 names start with one of ``trainable_scopes``.
+
+    TF2 equivalent of the original, which removed the other variables from the graph's
+    trainable collection: an empty or None ``trainable_scopes`` keeps all of them. The
+    training loop differentiates (and applies weight decay to) only what this returns.
+    """
+    scopes = parse_scopes(trainable_scopes)
+    if not scopes:
+        return list(variables)
+    return [v for v in variables if any(variable_name(v).startswith(s) for s in scopes)]

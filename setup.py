@@ -1,0 +1,42 @@
+"""Packaging for the TF2 port of Adversarial Logit Pairing and related robust models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="adversarial-logit-pairing-tf2",
+    version="0.1.0",
+    description=(
+        "TensorFlow 2 port of Google's Adversarial Logit Pairing research code: "
+        "adversarial training and robustness evaluation of image classifiers."
+    ),
+    python_requires=">=3.9",
+    packages=find_packages(
+        include=["adversarial_logit_pairing*", "llr*", "tiny_imagenet_converter*"]
+    ),
+    install_requires=[
+        "tensorflow>=2.16",
+        "tensorflow-hub>=0.16",
+        "absl-py",
+        "pandas",
+        "numpy",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "tf-slim",
+            "tf-keras",
+            "Pillow",
+            "ruff",
+        ],
+        "demo": ["scikit-learn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "alp-train=adversarial_logit_pairing.cli.train:run",
+            "alp-eval=adversarial_logit_pairing.cli.eval:run",
+            "alp-convert-tiny-imagenet=tiny_imagenet_converter.converter:run",
+            "alp-convert-imagenet=adversarial_logit_pairing.cli.convert_imagenet:run",
+            "llr-evaluate=llr.evaluate:run",
+        ]
+    },
+)

@@ -6,7 +6,8 @@ Two modes, as the original:
   ``eval_name,accuracy,top5`` (fractions with 3 decimals) appended.
 * ``--train_dir``: continuous evaluation; every new checkpoint of the directory is evaluated
   once, with ``Accuracy`` and ``Top5`` summaries written under ``train_dir/eval_name`` at the
-  checkpoint's global step; ``--eval_once`` stops after the first.
+  checkpoint's global step; ``--eval_once`` stops after the first. ``--output_file`` gets a
+  line per evaluated checkpoint here too (the original used it only in single mode).
 
 The original counts ``int(num_examples / eval_batch_size)`` full batches; a split that ends
 sooner stops the evaluation cleanly and the log gives the count actually evaluated.
@@ -24,7 +25,7 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing import adversarial_attack, checkpoints, model_lib
+from adversarial_logit_pairing import adversarial_attack, checkpoints, model_lib, summaries
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import CheckpointError, ConfigError, DataError
 from adversarial_logit_pairing.training import data_dir_for
@@ -96,17 +97,21 @@ def _check_shadows(prefix: str, assignments: dict) -> None:
         )
 
 
+def validate(config: EvalConfig) -> model_lib.HParams:
+    """Checks the flags that need no data or checkpoint; returns the parsed hparams."""
+    hparams = model_lib.default_hparams().parse(config.hparams)
+    adversarial_attack.parse_attack_description(config.adv_method or "clean")
+    if config.split_name not in ("train", "validation"):
+        raise ConfigError(f"--split_name={config.split_name}: expected 'train' or 'validation'")
+    return hparams
+
+
 class Evaluator:
     """Holds the model, data and compiled eval step; evaluates checkpoints one at a time."""
 
     def __init__(self, config: EvalConfig):
         self.config = config
-        hparams = model_lib.default_hparams().parse(config.hparams)
-        adversarial_attack.parse_attack_description(config.adv_method or "clean")
-        if config.split_name not in ("train", "validation"):
-            raise ConfigError(
-                f"--split_name={config.split_name}: expected 'train' or 'validation'"
-            )
+        hparams = validate(config)
         self.batch_size = hparams.eval_batch_size
         self.data_dir = data_dir_for(config.dataset, config.imagenet_data_dir,
                                      config.tiny_imagenet_data_dir)
@@ -209,6 +214,7 @@ def run(config: EvalConfig) -> list[EvalResult]:
             "exactly one of --train_dir (continuous evaluation) or --checkpoint_path "
             "(one checkpoint) has to be provided"
         )
+    validate(config)
     if config.checkpoint_path:
         prefix = checkpoints.resolve_checkpoint(config.checkpoint_path, "--checkpoint_path")
         result = Evaluator(config).evaluate(prefix)
@@ -237,10 +243,12 @@ def run(config: EvalConfig) -> list[EvalResult]:
                 logging.warning("Checkpoint %s disappeared while evaluating: %s", prefix, exc)
                 continue
             results.append(result)
-            with writer.as_default(step=result.global_step or 0):
-                tf.summary.scalar("Accuracy", result.accuracy)
-                tf.summary.scalar("Top5", result.top5)
+            with writer.as_default():
+                summaries.scalar("Accuracy", result.accuracy, result.global_step or 0)
+                summaries.scalar("Top5", result.top5, result.global_step or 0)
             writer.flush()
+            if config.output_file:
+                append_result_line(config.output_file, config.eval_name, result)
             if config.eval_once:
                 break
             continue

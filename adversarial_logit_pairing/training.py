@@ -25,7 +25,7 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing import adversarial_attack, checkpoints, model_lib
+from adversarial_logit_pairing import adversarial_attack, checkpoints, model_lib, summaries
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import ConfigError, DataError, TrainingDivergedError
 from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
@@ -296,17 +296,15 @@ def train(config: TrainConfig) -> TrainResult:
             every = config.save_summaries_steps or 0
             due = every > 0 and (last_summary_step is None or step - last_summary_step >= every)
         if due:
-            with writer.as_default(step=step):
+            with writer.as_default():
                 for name in ("loss_xent", "loss_lp", "loss_wd", "total_loss", "learning_rate"):
                     if name in outputs:
-                        tf.summary.scalar(name, outputs[name])
-                tf.summary.scalar("current_epoch", step / steps_per_epoch)
-                if num_images:
-                    for name in ("images", "adv_images"):
-                        if name in outputs:
-                            shown = (outputs[name] - bounds[0]) / (bounds[1] - bounds[0])
-                            tf.summary.image(name, tf.clip_by_value(shown, 0.0, 1.0),
-                                             max_outputs=num_images)
+                        summaries.scalar(name, outputs[name], step)
+                summaries.scalar("current_epoch", step / steps_per_epoch, step)
+                for name in ("images", "adv_images"):
+                    if num_images and name in outputs:
+                        shown = (outputs[name] - bounds[0]) / (bounds[1] - bounds[0])
+                        summaries.image(name, shown, step, max_outputs=num_images)
             writer.flush()
             last_summary_time, last_summary_step = time.time(), step
 

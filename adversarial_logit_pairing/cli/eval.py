@@ -18,8 +18,8 @@ flags.DEFINE_string("checkpoint_path", None,
                     "Path to the checkpoint (or a directory: its latest). If specified then "
                     "this program evaluates only this checkpoint one time.")
 flags.DEFINE_string("output_file", None,
-                    "File to append 'eval_name,accuracy,top5' to. Used only in single "
-                    "evaluation mode.")
+                    "File to append 'eval_name,accuracy,top5' to (one line per evaluated "
+                    "checkpoint).")
 flags.DEFINE_string("eval_name", "default", "Name for eval subdirectory.")
 flags.DEFINE_string("master", "", "TensorFlow master (TF1 sessions); only '' is accepted.")
 flags.DEFINE_string("model_name", "resnet_v2_50", "Name of the model.")

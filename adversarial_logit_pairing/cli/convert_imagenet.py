@@ -1,0 +1,76 @@
+"""Converts raw ImageNet folders into TF-Slim TFRecord shards (train-*, validation-*).
+
+Replaces TF-Slim's TF1-only build_imagenet_data.py. Example::
+
+  alp-convert-imagenet --train_dir=ILSVRC2012/train --validation_dir=ILSVRC2012/val \
+      --validation_labels_file=imagenet_2012_validation_synset_labels.txt \
+      --labels_file=imagenet_lsvrc_2015_synsets.txt \
+      --imagenet_metadata_file=imagenet_metadata.txt \
+      --bounding_box_dir=ILSVRC2012/bbox_train --output_dir=imagenet_tfrecord
+
+The record layout is described in adversarial_logit_pairing/datasets/imagenet_conversion.py.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from adversarial_logit_pairing.datasets import imagenet_conversion
+from adversarial_logit_pairing.errors import UserError
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("train_dir", None, "Training images: <train_dir>/<wnid>/*.JPEG")
+flags.DEFINE_string("validation_dir", None, "Validation images, one flat folder")
+flags.DEFINE_string("validation_labels_file", None,
+                    "One wnid per line; line i labels ILSVRC2012_val_<i>.JPEG "
+                    "(TF-Slim's imagenet_2012_validation_synset_labels.txt)")
+flags.DEFINE_string("labels_file", None,
+                    "The 1000 challenge wnids, one per line; label = line number "
+                    "(TF-Slim's imagenet_lsvrc_2015_synsets.txt)")
+flags.DEFINE_string("imagenet_metadata_file", None,
+                    "Optional lines wnid<TAB>text for image/class/text")
+flags.DEFINE_string("bounding_box_dir", None,
+                    "Optional ImageNet bounding-box XML folder (<dir>/<wnid>/*.xml or "
+                    "<dir>/*.xml)")
+flags.DEFINE_string("output_dir", None, "Output directory for the shards")
+flags.DEFINE_integer("train_shards", 1024, "Number of training shards")
+flags.DEFINE_integer("validation_shards", 128, "Number of validation shards")
+flags.DEFINE_integer("num_threads", 8, "Threads converting images in parallel")
+
+
+def main(argv: list[str]) -> None:
+    """Runs the conversion; a user error ends the program with a one-line message."""
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        counts = imagenet_conversion.convert_imagenet(
+            output_dir=FLAGS.output_dir,
+            labels_file=FLAGS.labels_file,
+            train_dir=FLAGS.train_dir,
+            validation_dir=FLAGS.validation_dir,
+            validation_labels_file=FLAGS.validation_labels_file,
+            bounding_box_dir=FLAGS.bounding_box_dir,
+            imagenet_metadata_file=FLAGS.imagenet_metadata_file,
+            train_shards=FLAGS.train_shards,
+            validation_shards=FLAGS.validation_shards,
+            num_threads=FLAGS.num_threads,
+        )
+    except UserError as exc:
+        _fail(str(exc))
+    logging.info("Wrote %s", ", ".join(f"{count} {split}" for split, count in counts.items()))
+
+
+def _fail(message: str) -> None:
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run() -> None:
+    """Console-script entry point (alp-convert-imagenet)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

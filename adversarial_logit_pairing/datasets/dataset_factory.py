@@ -1,0 +1,131 @@
+"""Builds the input pipelines by data set name, and diagnoses bad records.
+
+``get_dataset`` is what the train and eval loops call. ``locate_bad_record`` is the slow scan
+they run after a pipeline raised a decode error, to tell the user which record is bad.
+``count_records`` tells how many examples a (possibly reduced) copy of a split really holds.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import tensorflow as tf
+
+from adversarial_logit_pairing.datasets import (
+    imagenet_input,
+    tf_error_text,
+    tfrecord_files,
+    tiny_imagenet_input,
+)
+from adversarial_logit_pairing.errors import ConfigError
+
+DATASETS = ("imagenet", "tiny_imagenet")
+# Every image the pipelines yield lies in [BOUNDS[0], BOUNDS[1]].
+BOUNDS = (-1.0, 1.0)
+
+_INPUTS: dict[str, ModuleType] = {
+    "imagenet": imagenet_input,
+    "tiny_imagenet": tiny_imagenet_input,
+}
+
+
+def _input_module(dataset_name: str) -> ModuleType:
+    if dataset_name not in _INPUTS:
+        raise ConfigError(f"--dataset={dataset_name}: unknown data set; known data sets: "
+                          f"{', '.join(DATASETS)}")
+    return _INPUTS[dataset_name]
+
+
+def data_dir_flag(dataset_name: str) -> str:
+    """The command-line flag that names the data directory of ``dataset_name``."""
+    return _input_module(dataset_name).DATA_DIR_FLAG
+
+
+def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
+                is_training: bool, data_dir: str | None = None,
+                ) -> tuple[tf.data.Dataset, int, int, tuple[float, float]]:
+    """Returns the input pipeline of a split and the facts the loops need about it.
+
+    Args:
+      dataset_name: 'imagenet' or 'tiny_imagenet'.
+      split: 'train' or 'validation'.
+      batch_size: examples per batch; the last partial batch is dropped so that the batch
+        dimension is static.
+      image_size: side of the square output images.
+      is_training: True for training preprocessing (random crops, shuffling, repeating
+        forever), False for evaluation preprocessing (one deterministic pass).
+      data_dir: value of --imagenet_data_dir / --tiny_imagenet_data_dir.
+
+    Returns:
+      dataset: yields (images float32 [batch_size, image_size, image_size, 3] in [-1, 1],
+        labels int64 [batch_size]); ImageNet labels are 1..1000 (0 is the background class),
+        Tiny ImageNet labels 0..199.
+      examples_per_epoch: the size of the full split as in the original (ImageNet 1,281,167 /
+        50,000; Tiny ImageNet 100,000 / 10,000), whatever the directory holds; use
+        count_records() for the real count of a smaller copy.
+      num_classes: 1001 (ImageNet) or 200 (Tiny ImageNet).
+      bounds: (-1.0, 1.0).
+
+    Raises:
+      ConfigError: unknown data set or split, or a batch or image size < 1.
+      MissingDataError: no data directory, or no record file of the split in it.
+    """
+    module = _input_module(dataset_name)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if image_size < 1:
+        raise ConfigError(f"--dataset_image_size must be at least 1, got {image_size}")
+    files = module.data_files(split, data_dir)
+    if dataset_name == "imagenet":
+        dataset = imagenet_input.imagenet_input(files, batch_size, image_size, is_training)
+    else:
+        dataset = tiny_imagenet_input.tiny_imagenet_input(files, batch_size, image_size,
+                                                          is_training)
+    return dataset, module.EXAMPLES_PER_EPOCH[split], module.NUM_CLASSES, BOUNDS
+
+
+def count_records(dataset_name: str, split: str, data_dir: str) -> int:
+    """Number of records a split's files in ``data_dir`` really hold.
+
+    Raises:
+      ConfigError, MissingDataError: as get_dataset.
+      DataError: a file is truncated.
+    """
+    module = _input_module(dataset_name)
+    return sum(tfrecord_files.count_records_in_file(path)
+               for path in module.data_files(split, data_dir))
+
+
+def locate_bad_record(dataset_name: str, split: str, data_dir: str) -> str | None:
+    """Finds the first record of a split that the input pipeline cannot read.
+
+    Every record of every file (in sorted file order) is parsed and its whole image decoded,
+    so this is slow: it is meant to run once, after the pipeline raised an error.
+
+    Returns:
+      "<file name>, record <i>: <reason>" for the first bad record, where i counts records
+      of that file from 0 (``TFRecordDataset(file).skip(i)`` starts at it); None if every
+      record reads fine.
+
+    Raises:
+      ConfigError, MissingDataError: as get_dataset.
+    """
+    module = _input_module(dataset_name)
+    for path in module.data_files(split, data_dir):
+        records = tf.data.TFRecordDataset(path)
+        # Deterministic parallel map: an error is delivered at the position of its record.
+        checked = records.map(module.check_record, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+        index = 0
+        iterator = iter(checked)
+        while True:
+            try:
+                next(iterator)
+            except StopIteration:
+                break
+            except tf.errors.OpError as exc:
+                return f"{os.path.basename(path)}, record {index}: {tf_error_text.reason(exc)}"
+            index += 1
+    return None
+

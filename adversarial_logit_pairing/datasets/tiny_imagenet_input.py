@@ -1,0 +1,104 @@
+"""Tiny ImageNet input: ``train.tfrecord`` and ``validation.tfrecord`` from the converter.
+
+Records carry the source file's bytes as ``image/encoded`` (JPEG, occasionally PNG) and the
+class index ``label/tiny_imagenet`` (0..199, the line of the wnid in ``wnids.txt``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+from adversarial_logit_pairing.datasets import image_decoding, input_pipeline
+from adversarial_logit_pairing.errors import ConfigError, MissingDataError
+
+DATA_DIR_FLAG = "--tiny_imagenet_data_dir"
+NUM_CLASSES = 200
+# The original's epoch sizes; the learning-rate schedule counts epochs with them.
+EXAMPLES_PER_EPOCH = {"train": 100000, "validation": 10000}
+FILE_NAMES = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
+SHUFFLE_BUFFER = 10000
+
+# The training crop is sampled around a box that covers the whole image.
+_WHOLE_IMAGE_BOX = ((0.0, 0.0, 1.0, 1.0),)
+
+
+def data_files(split: str, data_dir: str | None) -> list[str]:
+    """The one record file of ``split`` in ``data_dir``, as a list.
+
+    Raises:
+      ConfigError: ``split`` is not 'train' or 'validation'.
+      MissingDataError: the flag is unset, or the directory or the file is missing.
+    """
+    if split not in FILE_NAMES:
+        raise ConfigError(f"invalid split '{split}': expected 'train' or 'validation'")
+    if not data_dir:
+        raise MissingDataError(f"{DATA_DIR_FLAG} is not set: it must name the directory "
+                               "with train.tfrecord and validation.tfrecord")
+    if not tf.io.gfile.isdir(data_dir):
+        raise MissingDataError(f"{DATA_DIR_FLAG}={data_dir}: no such directory")
+    path = os.path.join(data_dir, FILE_NAMES[split])
+    if not tf.io.gfile.exists(path):
+        raise MissingDataError(f"{DATA_DIR_FLAG}={data_dir}: no file {FILE_NAMES[split]}")
+    return [path]
+
+
+def _parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    return tf.io.parse_single_example(serialized, {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "label/tiny_imagenet": tf.io.FixedLenFeature([], tf.int64),
+    })
+
+
+def preprocess_image(image_buffer: tf.Tensor, image_size: int, is_training: bool) -> tf.Tensor:
+    """Decodes and preprocesses one image into float32 [image_size, image_size, 3] in [-1, 1].
+
+    Training takes a random crop of at least half the image (no flip, as in the original);
+    both modes bicubic-resize to ``image_size``.
+    """
+    image = image_decoding.decode_rgb(image_buffer)
+    if is_training:
+        begin, size, _ = tf.image.sample_distorted_bounding_box(
+            tf.shape(image),
+            bounding_boxes=tf.constant([_WHOLE_IMAGE_BOX], tf.float32),
+            min_object_covered=0.5,
+            aspect_ratio_range=[0.75, 1.33],
+            area_range=[0.5, 1.0],
+            max_attempts=20,
+            use_image_if_no_bounding_boxes=True,
+        )
+        image = tf.slice(image, begin, size)
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    return image_decoding.to_model_range(image_decoding.resize_bicubic_tf1(image, image_size))
+
+
+def parse_record(serialized: tf.Tensor, image_size: int,
+                 is_training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """One serialized record -> (image float32 [s, s, 3] in [-1, 1], label int64 in 0..199)."""
+    parsed = _parse(serialized)
+    image = preprocess_image(parsed["image/encoded"], image_size, is_training)
+    label = input_pipeline.checked_label(parsed["label/tiny_imagenet"], NUM_CLASSES,
+                                         "label/tiny_imagenet")
+    return image, label
+
+
+def check_record(serialized: tf.Tensor) -> tf.Tensor:
+    """Decodes a record the way the pipeline would; fails like the pipeline would."""
+    parsed = _parse(serialized)
+    image = image_decoding.decode_rgb(parsed["image/encoded"])
+    label = input_pipeline.checked_label(parsed["label/tiny_imagenet"], NUM_CLASSES,
+                                         "label/tiny_imagenet")
+    return tf.reduce_sum(tf.shape(image)) + tf.cast(label, tf.int32)
+
+
+def tiny_imagenet_input(filenames: list[str], batch_size: int, image_size: int,
+                        is_training: bool) -> tf.data.Dataset:
+    """Batched (images, labels) of the given record file; see dataset_factory.get_dataset."""
+    records = tf.data.TFRecordDataset(filenames, buffer_size=input_pipeline.READ_BUFFER_BYTES)
+    if is_training:
+        # Shuffle before repeat: every epoch is a full, freshly shuffled pass.
+        records = records.shuffle(SHUFFLE_BUFFER).repeat()
+    return input_pipeline.parse_batch_prefetch(
+        records, lambda value: parse_record(value, image_size, is_training), batch_size,
+        is_training)

@@ -1,0 +1,165 @@
+"""Learning-rate schedules of the original: staircase exponential decay, steps, constant.
+
+A schedule is a callable ``schedule(global_step) -> float32 scalar tensor`` that works eagerly,
+inside ``tf.function`` and under XLA, for a Python int or an int64 tensor/variable step. The
+arithmetic follows ``tf.compat.v1.train.exponential_decay`` and ``piecewise_constant`` op by op
+(float32, step cast to float32 for the decay), so the values are the ones TF1 produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Union
+
+import tensorflow as tf
+
+from adversarial_logit_pairing.errors import ConfigError
+from adversarial_logit_pairing.hparams import validate
+
+Step = Union[int, tf.Tensor, tf.Variable]
+
+
+class LearningRateSchedule:
+    """Base class: ``schedule(step)`` is the rate before scaling, times ``scale``.
+
+    ``scale`` is the original's multiplication by ``replicas_to_aggregate`` (the synchronous
+    replicas summed their gradients, so the rate grew with their number).
+    """
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def __call__(self, step: Step) -> tf.Tensor:
+        rate = self.unscaled(step)
+        if self.scale != 1:
+            rate = rate * tf.constant(self.scale, tf.float32)
+        return rate
+
+    def unscaled(self, step: Step) -> tf.Tensor:
+        raise NotImplementedError
+
+
+class StaircaseExponentialDecay(LearningRateSchedule):
+    """``learning_rate * decay_factor ** floor(step / decay_steps)``."""
+
+    def __init__(self, learning_rate: float, decay_steps: int, decay_factor: float,
+                 scale: float = 1.0) -> None:
+        super().__init__(scale)
+        if decay_steps < 1:
+            raise ValueError(f"decay_steps must be >= 1, got {decay_steps}")
+        self.learning_rate = learning_rate
+        self.decay_steps = decay_steps
+        self.decay_factor = decay_factor
+
+    def unscaled(self, step: Step) -> tf.Tensor:
+        initial = tf.constant(self.learning_rate, tf.float32)
+        p = tf.math.floor(tf.cast(step, tf.float32) / tf.constant(self.decay_steps, tf.float32))
+        return initial * tf.pow(tf.constant(self.decay_factor, tf.float32), p)
+
+    def __repr__(self) -> str:
+        return (f"StaircaseExponentialDecay(learning_rate={self.learning_rate}, "
+                f"decay_steps={self.decay_steps}, decay_factor={self.decay_factor}, "
+                f"scale={self.scale})")
+
+
+class PiecewiseConstant(LearningRateSchedule):
+    """``values[i]`` for ``boundaries[i-1] < step <= boundaries[i]`` (TF1 piecewise_constant).
+
+    ``values[0]`` applies up to and including ``boundaries[0]``, ``values[-1]`` after the last
+    boundary; ``boundaries`` must not decrease.
+    """
+
+    def __init__(self, boundaries: Sequence[int], values: Sequence[float],
+                 scale: float = 1.0) -> None:
+        super().__init__(scale)
+        if len(values) != len(boundaries) + 1:
+            raise ValueError(f"need len(values) == len(boundaries) + 1, got {len(values)} "
+                             f"values and {len(boundaries)} boundaries")
+        if any(b < a for a, b in zip(boundaries, boundaries[1:])):
+            raise ValueError(f"boundaries must not decrease, got {list(boundaries)}")
+        self.boundaries = [int(b) for b in boundaries]
+        self.values = [float(v) for v in values]
+
+    def unscaled(self, step: Step) -> tf.Tensor:
+        values = tf.constant(self.values, tf.float32)
+        if not self.boundaries:
+            return values[0]
+        step = tf.cast(step, tf.int64)
+        # With non-decreasing boundaries, the index of the active value is the number of
+        # boundaries strictly below the step; this is what TF1's exclusive tf.case selects.
+        passed = tf.cast(step > tf.constant(self.boundaries, tf.int64), tf.int32)
+        return tf.gather(values, tf.reduce_sum(passed))
+
+    def __repr__(self) -> str:
+        return (f"PiecewiseConstant(boundaries={self.boundaries}, values={self.values}, "
+                f"scale={self.scale})")
+
+
+class ConstantLearningRate(LearningRateSchedule):
+    """The same rate at every step."""
+
+    def __init__(self, learning_rate: float, scale: float = 1.0) -> None:
+        super().__init__(scale)
+        self.learning_rate = learning_rate
+
+    def __call__(self, step: Step) -> tf.Tensor:
+        # The original multiplied Python numbers here (float64), then TF made a float32.
+        return tf.constant(self.learning_rate * self.scale, tf.float32)
+
+    def unscaled(self, step: Step) -> tf.Tensor:
+        return tf.constant(self.learning_rate, tf.float32)
+
+    def __repr__(self) -> str:
+        return f"ConstantLearningRate({self.learning_rate}, scale={self.scale})"
+
+
+def get_lr_schedule(hparams: Any, examples_per_epoch: int,
+                    replicas_to_aggregate: int = 1) -> tuple[LearningRateSchedule, float]:
+    """Builds the learning-rate schedule the hparams ask for.
+
+    Args:
+      hparams: hyper-parameters (``batch_size``, ``lr_schedule``, ``learning_rate``,
+        ``lr_decay_factor``, ``lr_num_epochs_per_decay``, ``lr_list``, ``lr_decay_epochs``).
+      examples_per_epoch: number of training examples per epoch.
+      replicas_to_aggregate: number of replicas whose gradients make one update; when > 0 it
+        divides the steps per epoch and multiplies the rate, as in the original.
+
+    Returns:
+      ``(schedule, steps_per_epoch)``: the callable ``schedule(global_step)`` and the float
+      number of optimizer steps per epoch.
+
+    Raises:
+      ConfigError: unknown ``lr_schedule``; a decay interval shorter than one step; for
+        'step', lists of the wrong lengths or decreasing boundaries.
+    """
+    steps_per_epoch = float(examples_per_epoch) / float(hparams.batch_size)
+    scale = 1
+    if replicas_to_aggregate > 0:
+        steps_per_epoch /= replicas_to_aggregate
+        scale = replicas_to_aggregate
+
+    if hparams.lr_schedule == "exp_decay":
+        # The original used Python 2's long(); int() truncates the same way.
+        decay_steps = int(steps_per_epoch * hparams.lr_num_epochs_per_decay)
+        if decay_steps < 1:
+            raise ConfigError(
+                f"hparam 'lr_num_epochs_per_decay': {hparams.lr_num_epochs_per_decay} epochs of "
+                f"{steps_per_epoch:g} steps ({examples_per_epoch} examples / batch_size "
+                f"{hparams.batch_size} / {max(replicas_to_aggregate, 1)} replicas) is less than "
+                "one step between decays; use more epochs per decay or a smaller batch"
+            )
+        return (StaircaseExponentialDecay(hparams.learning_rate, decay_steps,
+                                          hparams.lr_decay_factor, scale), steps_per_epoch)
+    if hparams.lr_schedule == "step":
+        validate(hparams.values())
+        boundaries = [int(epoch * steps_per_epoch) for epoch in hparams.lr_decay_epochs]
+        # lr_list holds the rates themselves: the original did not multiply them by
+        # learning_rate.
+        return PiecewiseConstant(boundaries, hparams.lr_list, scale), steps_per_epoch
+    if hparams.lr_schedule == "fixed":
+        return ConstantLearningRate(hparams.learning_rate, scale), steps_per_epoch
+    raise ConfigError(
+        f"hparam 'lr_schedule': expected one of exp_decay, step, fixed, got "
+        f"'{hparams.lr_schedule}'"
+    )
+

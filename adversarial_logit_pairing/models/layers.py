@@ -1,0 +1,298 @@
+"""Variable-owning building blocks that name their variables exactly as TF-Slim did.
+
+A TF1 checkpoint is a map from variable names (``resnet_v2_50/conv1/weights``) to tensors, so a
+model that wants to read and write the released checkpoints must own variables under those very
+names. Keras layers name variables after Python objects (``conv2d_3/kernel``); these blocks
+take the full TF1 scope instead and create every variable eagerly in ``__init__``, which also
+lets a model be built under a ``tf.distribute`` strategy scope and called later inside
+``tf.function`` or ``strategy.run``.
+
+``ImageClassifier`` is the base class of every registered model (``models.create_model``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from typing import TYPE_CHECKING, Callable, Optional
+
+import tensorflow as tf
+
+if TYPE_CHECKING:
+    from adversarial_logit_pairing.models import ModelConfig
+
+# TF-Slim's resnet_arg_scope defaults.
+BATCH_NORM_DECAY = 0.997
+BATCH_NORM_EPSILON = 1e-5
+
+
+class VariableFactory:
+    """Creates variables under exact TF1 names, with Slim's initialisers.
+
+    With a ``seed`` every variable's initial value is a pure function of (seed, variable name),
+    so two models built with the same seed are equal whatever the creation order; without a
+    seed the global random state is used, as TF1 did without a graph seed.
+    """
+
+    def __init__(self, seed: Optional[int] = None):
+        self.seed = seed
+
+    def variable(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        initializer: Callable[[tuple[int, ...], str], tf.Tensor],
+        trainable: bool = True,
+        moving_statistic: bool = False,
+    ) -> tf.Variable:
+        """One float32 variable named ``name`` (its ``.name`` is ``name + ':0'``).
+
+        Args:
+          name: full TF1 name without ``:0``.
+          shape: variable shape.
+          initializer: ``(shape, name) -> initial value``.
+          trainable: whether optimisers update it.
+          moving_statistic: batch-norm moving mean/variance. Such variables are ON_READ /
+            MEAN (as in Keras' BatchNormalization) so that each replica of a MirroredStrategy
+            updates its own copy inside ``strategy.run`` and a read outside averages them.
+
+        Raises:
+          RuntimeError: when an enclosing name scope (e.g. a TF1 graph that already holds the
+            name) changed the name, which would break checkpoint compatibility.
+        """
+        kwargs = {}
+        if moving_statistic:
+            kwargs = dict(
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.MEAN,
+            )
+        # An empty name scope resets any enclosing one: names must be absolute.
+        with tf.name_scope(""):
+            variable = tf.Variable(
+                lambda: initializer(shape, name),
+                name=name,
+                dtype=tf.float32,
+                trainable=trainable,
+                **kwargs,
+            )
+        if variable.name != name + ":0":
+            raise RuntimeError(
+                f"variable {name!r} was created as {variable.name!r}; build models eagerly "
+                "and at most once per TF1 graph so their names stay checkpoint-compatible"
+            )
+        return variable
+
+    def variance_scaling(self, shape: tuple[int, ...], name: str) -> tf.Tensor:
+        """Slim's ``variance_scaling_initializer()``: factor 2.0, FAN_IN, truncated normal.
+
+        Slim (unlike Keras) uses stddev ``sqrt(1.3 * factor / fan_in)`` for the truncated normal.
+        """
+        fan_in = math.prod(shape[:-1]) if len(shape) > 1 else shape[-1]
+        stddev = math.sqrt(1.3 * 2.0 / float(fan_in))
+        if self.seed is None:
+            return tf.random.truncated_normal(shape, stddev=stddev, dtype=tf.float32)
+        return tf.random.stateless_truncated_normal(
+            shape, seed=self._stateless_seed(name), stddev=stddev, dtype=tf.float32
+        )
+
+    def _stateless_seed(self, name: str) -> tf.Tensor:
+        # crc32 is stable across processes, unlike Python's salted hash().
+        return tf.constant([self.seed, zlib.crc32(name.encode("utf-8"))], dtype=tf.int64)
+
+    @staticmethod
+    def zeros(shape: tuple[int, ...], name: str) -> tf.Tensor:
+        del name
+        return tf.zeros(shape, tf.float32)
+
+    @staticmethod
+    def ones(shape: tuple[int, ...], name: str) -> tf.Tensor:
+        del name
+        return tf.ones(shape, tf.float32)
+
+
+class Layer(tf.Module):
+    """A block owning variables under one TF1 scope; ``variables_by_name`` keeps Slim's order."""
+
+    def __init__(self, scope: str):
+        super().__init__(name=_module_name(scope))
+        self.scope = scope
+        self._ordered: list[tuple[str, tf.Variable]] = []
+
+    def _add(self, variable: tf.Variable) -> tf.Variable:
+        self._ordered.append((variable.name[: -len(":0")], variable))
+        return variable
+
+    @property
+    def variables_by_name(self) -> dict[str, tf.Variable]:
+        """TF1 name (without ':0') -> variable, in the order Slim created them."""
+        return dict(self._ordered)
+
+
+class Conv2D(Layer):
+    """Slim ``conv2d`` as used through ``resnet_utils.conv2d_same``.
+
+    Variables ``<scope>/weights`` [k, k, in, out] and, with ``use_bias``, ``<scope>/biases``.
+    Stride 1 uses SAME padding; a stride > 1 pads ``(k-1)//2`` before and the rest after, then
+    uses VALID, so the result does not depend on whether the input size is even (Slim's
+    ``conv2d_same``). For 1x1 kernels this equals plain SAME padding, so the bottleneck's
+    strided 1x1 shortcut conv is covered too.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        factory: VariableFactory,
+        stride: int = 1,
+        use_bias: bool = False,
+    ):
+        super().__init__(scope)
+        self.kernel_size = kernel_size
+        self.stride = stride
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        self.weights = self._add(
+            factory.variable(f"{scope}/weights", shape, factory.variance_scaling)
+        )
+        self.biases = None
+        if use_bias:
+            self.biases = self._add(
+                factory.variable(f"{scope}/biases", (out_channels,), factory.zeros)
+            )
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        if self.stride == 1:
+            padding = "SAME"
+        else:
+            pad_total = self.kernel_size - 1
+            pad_begin = pad_total // 2
+            pad_end = pad_total - pad_begin
+            if pad_total:
+                x = tf.pad(x, [[0, 0], [pad_begin, pad_end], [pad_begin, pad_end], [0, 0]])
+            padding = "VALID"
+        y = tf.nn.conv2d(x, self.weights, strides=self.stride, padding=padding)
+        if self.biases is not None:
+            y = tf.nn.bias_add(y, self.biases)
+        return y
+
+
+class BatchNorm(Layer):
+    """Slim ``batch_norm`` (fused) with in-place moving-statistics updates.
+
+    Variables ``<scope>/{gamma,beta,moving_mean,moving_variance}`` (gamma only with ``scale``,
+    beta only with ``center``). In training mode the batch is normalised with its own biased
+    variance while the moving variance follows the Bessel-corrected one, as the fused op
+    reports it and as Slim's UPDATE_OPS used it: ``moving -= (1 - decay) * (moving - batch)``.
+    The update is an assignment made during the call, so a caller needs no UPDATE_OPS
+    bookkeeping; it works eagerly, in ``tf.function``, under ``GradientTape`` and per replica.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        channels: int,
+        factory: VariableFactory,
+        decay: float = BATCH_NORM_DECAY,
+        epsilon: float = BATCH_NORM_EPSILON,
+        center: bool = True,
+        scale: bool = True,
+    ):
+        super().__init__(scope)
+        self.channels = channels
+        self.decay = decay
+        self.epsilon = epsilon
+        self.gamma = self.beta = None
+        if scale:
+            self.gamma = self._add(factory.variable(f"{scope}/gamma", (channels,), factory.ones))
+        if center:
+            self.beta = self._add(factory.variable(f"{scope}/beta", (channels,), factory.zeros))
+        self.moving_mean = self._add(
+            factory.variable(
+                f"{scope}/moving_mean", (channels,), factory.zeros,
+                trainable=False, moving_statistic=True,
+            )
+        )
+        self.moving_variance = self._add(
+            factory.variable(
+                f"{scope}/moving_variance", (channels,), factory.ones,
+                trainable=False, moving_statistic=True,
+            )
+        )
+
+    def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], x.dtype)
+        beta = self.beta if self.beta is not None else tf.zeros([self.channels], x.dtype)
+        if not is_training:
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                x, gamma, beta,
+                mean=tf.convert_to_tensor(self.moving_mean),
+                variance=tf.convert_to_tensor(self.moving_variance),
+                epsilon=self.epsilon, is_training=False,
+            )
+            return y
+        y, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, epsilon=self.epsilon, is_training=True
+        )
+        rate = 1.0 - self.decay
+        for moving, batch in ((self.moving_mean, batch_mean),
+                              (self.moving_variance, batch_variance)):
+            moving.assign_sub((moving - tf.stop_gradient(batch)) * rate)
+        return y
+
+
+class ImageClassifier(tf.Module):
+    """Base of every registered model: ``model(images, is_training) -> logits``.
+
+    Subclasses create all their ``Layer`` objects in ``__init__`` through ``_track`` (in the
+    order the TF1 original created its variables) and implement ``__call__``.
+
+    Attributes:
+      scope: the TF1 variable scope every variable name starts with (e.g. 'resnet_v2_50').
+      num_classes: width of the logits.
+      config: the ``ModelConfig`` of the registered name (input size, crop, range, ...).
+    """
+
+    def __init__(self, scope: str, num_classes: int, config: ModelConfig):
+        super().__init__(name=_module_name(scope))
+        self.scope = scope
+        self.num_classes = num_classes
+        self.config = config
+        self._layers: list[Layer] = []
+
+    def _track(self, layer: Layer) -> Layer:
+        self._layers.append(layer)
+        return layer
+
+    @property
+    def variables_by_name(self) -> dict[str, tf.Variable]:
+        """Every model variable by its TF1 name (no ':0'), in the original's creation order."""
+        named: dict[str, tf.Variable] = {}
+        for layer in self._layers:
+            named.update(layer.variables_by_name)
+        return named
+
+    @property
+    def variables(self) -> tuple[tf.Variable, ...]:
+        """All variables in TF1 creation order (tf.Module would sort by attribute name)."""
+        return tuple(self.variables_by_name.values())
+
+    @property
+    def trainable_variables(self) -> tuple[tf.Variable, ...]:
+        """Weights, biases, gamma and beta in TF1 creation order; no moving statistics."""
+        return tuple(v for v in self.variables_by_name.values() if v.trainable)
+
+    def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:
+        """Logits [batch, num_classes] (float32) for images [batch, height, width, 3].
+
+        ``is_training`` is a Python bool: True normalises with batch statistics and updates
+        the moving statistics in place; False uses (and changes) nothing else.
+        """
+        raise NotImplementedError
+
+
+def _module_name(scope: str) -> str:
+    """tf.Module names must be Python identifiers; TF1 scopes may hold '/', '-' or dots."""
+    name = re.sub(r"\W", "_", scope)
+    return name if re.match(r"[A-Za-z_]", name) else "_" + name

@@ -1,0 +1,167 @@
+"""Throughput of the training input pipelines, next to the ALP training step they feed.
+
+Writes a synthetic-photo copy of each data set with realistic image and file sizes
+(Tiny ImageNet: 64x64 JPEGs of ~2-3 KB; ImageNet: 300..500 px JPEGs of ~50-150 KB in
+TF-Slim shards), then times ``dataset_factory.get_dataset(..., is_training=True)`` and
+prints a table::
+
+  python bench/data_pipeline.py [--work_dir=/tmp/alp_bench] [--num_batches=40]
+
+The column 'ALP step images/s' is filled by
+``adversarial_logit_pairing.training.alp_step_images_per_second(dataset_name, image_size,
+batch_size)`` when the training module provides it, else 'n/a'. A ratio
+'pipeline / step' above 1 means the input pipeline keeps up with training on this machine.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from adversarial_logit_pairing.datasets import dataset_factory  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("work_dir", None, "Where to write the synthetic data (default: a "
+                    "temporary directory, deleted afterwards)")
+flags.DEFINE_integer("tiny_records", 4000, "Synthetic Tiny ImageNet training records")
+flags.DEFINE_integer("imagenet_records", 512, "Synthetic ImageNet training records")
+flags.DEFINE_integer("imagenet_shards", 8, "ImageNet shards to spread them over")
+flags.DEFINE_integer("batch_size", 32, "Batch size of the timed pipelines")
+flags.DEFINE_integer("num_batches", 40, "Batches timed per pipeline (after 5 warm-up ones)")
+
+# (dataset name, image size of the ALP paper's models on it)
+PIPELINES = (("tiny_imagenet", 64), ("imagenet", 224))
+_DISTINCT_IMAGES = 48  # generated pictures, reused cyclically across records
+
+
+def synthetic_photo(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth shapes plus sensor-like noise: compresses about as well as a real photo."""
+    y = np.linspace(0, 1, height)[:, None, None]
+    x = np.linspace(0, 1, width)[None, :, None]
+    image = np.zeros((height, width, 3))
+    for _ in range(6):
+        fx, fy = rng.uniform(0.5, 8, size=2)
+        image += rng.uniform(0.05, 0.2, size=3) * np.sin(
+            2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi, size=3))
+    image = 0.5 + image + rng.normal(0, 0.03, size=image.shape)
+    return np.clip(image * 255, 0, 255).astype(np.uint8)
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    return tf.io.encode_jpeg(image, quality=90).numpy()
+
+
+def _example(features: dict) -> bytes:
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def write_tiny_imagenet(directory: str, count: int, rng: np.random.Generator) -> float:
+    """train.tfrecord of ``count`` 64x64 JPEG records; returns the mean JPEG size in bytes."""
+    images = [_jpeg(synthetic_photo(64, 64, rng)) for _ in range(_DISTINCT_IMAGES)]
+    with tf.io.TFRecordWriter(os.path.join(directory, "train.tfrecord")) as writer:
+        for i in range(count):
+            writer.write(_example({
+                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
+                    value=[images[i % len(images)]])),
+                "label/tiny_imagenet": tf.train.Feature(int64_list=tf.train.Int64List(
+                    value=[i % 200])),
+            }))
+    return float(np.mean([len(image) for image in images]))
+
+
+def write_imagenet(directory: str, count: int, num_shards: int,
+                   rng: np.random.Generator) -> float:
+    """TF-Slim train shards of ``count`` photo-sized JPEGs with one object box each."""
+    images = []
+    for _ in range(_DISTINCT_IMAGES):
+        height, width = int(rng.integers(300, 500)), int(rng.integers(350, 500))
+        images.append(_jpeg(synthetic_photo(height, width, rng)))
+    for shard in range(num_shards):
+        path = os.path.join(directory, f"train-{shard:05d}-of-{num_shards:05d}")
+        with tf.io.TFRecordWriter(path) as writer:
+            for i in range(shard, count, num_shards):
+                box = sorted(rng.uniform(0, 1, size=2)), sorted(rng.uniform(0, 1, size=2))
+
+                def floats(value):
+                    return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+
+                writer.write(_example({
+                    "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
+                        value=[images[i % len(images)]])),
+                    "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(
+                        value=[1 + i % 1000])),
+                    "image/object/bbox/xmin": floats(box[0][0]),
+                    "image/object/bbox/xmax": floats(box[0][1]),
+                    "image/object/bbox/ymin": floats(box[1][0]),
+                    "image/object/bbox/ymax": floats(box[1][1]),
+                }))
+    return float(np.mean([len(image) for image in images]))
+
+
+def pipeline_images_per_second(dataset_name: str, data_dir: str, image_size: int,
+                               batch_size: int, num_batches: int) -> float:
+    """Images/s delivered by the training pipeline after a warm-up."""
+    dataset, *_ = dataset_factory.get_dataset(dataset_name, "train", batch_size, image_size,
+                                              is_training=True, data_dir=data_dir)
+    iterator = iter(dataset)
+    for _ in range(5):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(iterator)
+    return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def alp_step_rate(dataset_name: str, image_size: int, batch_size: int) -> float | None:
+    """Images/s of one ALP training step, if the training module can measure it."""
+    try:
+        from adversarial_logit_pairing.training import alp_step_images_per_second
+    except ImportError:
+        return None
+    return float(alp_step_images_per_second(dataset_name, image_size, batch_size))
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="alp_bench_")
+    rng = np.random.default_rng(0)
+    rows = []
+    try:
+        for dataset_name, image_size in PIPELINES:
+            data_dir = os.path.join(work_dir, dataset_name)
+            os.makedirs(data_dir, exist_ok=True)
+            if dataset_name == "tiny_imagenet":
+                mean_bytes = write_tiny_imagenet(data_dir, FLAGS.tiny_records, rng)
+            else:
+                mean_bytes = write_imagenet(data_dir, FLAGS.imagenet_records,
+                                            FLAGS.imagenet_shards, rng)
+            rate = pipeline_images_per_second(dataset_name, data_dir, image_size,
+                                              FLAGS.batch_size, FLAGS.num_batches)
+            step = alp_step_rate(dataset_name, image_size, FLAGS.batch_size)
+            rows.append((dataset_name, image_size, mean_bytes / 1024, rate, step))
+    finally:
+        if not FLAGS.work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+    print(f"\nTraining input pipelines, batch {FLAGS.batch_size}, "
+          f"{os.cpu_count()} CPU cores\n")
+    header = (f"{'dataset':<14} {'size':>5} {'JPEG KiB':>9} {'pipeline images/s':>19} "
+              f"{'ALP step images/s':>18} {'pipeline / step':>16}")
+    print(header)
+    print("-" * len(header))
+    for name, size, kib, rate, step in rows:
+        step_text = "n/a" if step is None else f"{step:.1f}"
+        ratio = "n/a" if step is None else f"{rate / step:.2f}"
+        print(f"{name:<14} {size:>5} {kib:>9.1f} {rate:>19.1f} {step_text:>18} {ratio:>16}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,184 @@
+"""TF-Slim ``resnet_v2`` as an independent reference for tests (graph mode, its own tf.Graph).
+
+The original ALP code ran TF-Slim's ``nets.resnet_v2`` under TF 1.8; the ``tf-slim`` PyPI
+package still holds that code and runs in ``tensorflow.compat.v1`` graph mode, so tests can
+compare our models and checkpoints against it. Each call builds a fresh ``tf.Graph`` (eager
+execution stays on globally).
+
+API:
+  slim_variable_shapes(model_name, num_classes) -> dict[name, shape]
+      Builds the graph only (no session) and returns every global variable's TF1 name (no
+      ':0') and shape, in creation order. model_name: 'resnet_v2_50' | '_101' | '_152' | '_200'.
+  random_variable_values(shapes, seed) -> dict[name, np.ndarray float32]
+      Non-trivial values for those variables that give a 50-layer network logits of order
+      one to ten that clearly depend on the image: conv weights ~ N(0, 2/fan_in), biases ~ N(0, 0.1), gamma ~ U(0.5, 1.5),
+      beta ~ N(0, 0.2), moving_mean ~ N(0.5, 0.3), moving_variance ~ U(0.5, 2).
+  run_slim_resnet_v2(model_name, num_classes, images, is_training, values=None,
+                     restore_path=None, save_path=None, input_gradient=False) -> SlimRun
+      Builds the network under ``resnet_arg_scope()``; sets its variables from ``values``
+      (name -> array, every variable), or restores them from the TF1 checkpoint
+      ``restore_path`` (``tf.compat.v1.train.Saver``; not both), or else runs Slim's
+      initialisers; optionally saves them to ``save_path`` with a Saver (a genuine TF1
+      checkpoint, written before the forward pass); then runs one forward pass on ``images``
+      (float32 [N, H, W, 3]). With ``is_training`` the pass also runs Slim's UPDATE_OPS (the
+      batch-norm moving-average updates).
+      SlimRun.logits: np.ndarray [N, num_classes] (squeezed as the ALP model_fn did).
+      SlimRun.variables: name -> value of every variable AFTER the pass (so, in training
+      mode, the updated moving statistics), in creation order.
+      SlimRun.input_gradient: with ``input_gradient``, d(sum of logits)/d(images), else None.
+
+Importing this module installs the aliases that let tf-slim 1.1 find the legacy layers of
+tf-keras 2.21 (``tf_keras.legacy_tf_layers`` moved to ``tf_keras.src.legacy_tf_layers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+from collections.abc import Mapping
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+_LEGACY_LAYER_MODULES = ("base", "core", "convolutional", "normalization", "pooling")
+
+
+def _install_tf_keras_aliases() -> None:
+    """Points ``tf_keras.legacy_tf_layers[.x]`` at ``tf_keras.src.legacy_tf_layers[.x]``."""
+    try:
+        importlib.import_module("tf_keras.legacy_tf_layers.normalization")
+        return
+    except ModuleNotFoundError:
+        pass
+    sys.modules["tf_keras.legacy_tf_layers"] = importlib.import_module(
+        "tf_keras.src.legacy_tf_layers"
+    )
+    for name in _LEGACY_LAYER_MODULES:
+        sys.modules[f"tf_keras.legacy_tf_layers.{name}"] = importlib.import_module(
+            f"tf_keras.src.legacy_tf_layers.{name}"
+        )
+
+
+_install_tf_keras_aliases()
+
+import tf_slim  # noqa: E402  (needs the aliases above)
+from tf_slim.nets import resnet_v2 as slim_resnet_v2  # noqa: E402
+
+v1 = tf.compat.v1
+
+
+@dataclasses.dataclass
+class SlimRun:
+    logits: np.ndarray
+    variables: dict[str, np.ndarray]
+    input_gradient: Optional[np.ndarray] = None
+
+
+def _build(model_name: str, num_classes: int, images, is_training: bool):
+    network = getattr(slim_resnet_v2, model_name)
+    with tf_slim.arg_scope(slim_resnet_v2.resnet_arg_scope()):
+        logits, _ = network(images, num_classes, is_training=is_training)
+    return tf.squeeze(logits, [1, 2])
+
+
+def _name(variable) -> str:
+    return variable.name[: -len(":0")]
+
+
+_SHAPES_COLLECTION = "slim_reference_variables"
+
+
+def _private_collection_getter(getter, *args, **kwargs):
+    # The legacy Keras layers under Slim search ALL global and trainable variables for every
+    # new variable (quadratic: ~8 s for resnet_v2_200). Names and shapes do not depend on
+    # collections or trainability, so keep the variables out of both collections.
+    kwargs["collections"] = [_SHAPES_COLLECTION]
+    kwargs["trainable"] = False
+    return getter(*args, **kwargs)
+
+
+def slim_variable_shapes(model_name: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """TF1 name -> shape of every variable Slim creates, in creation order (no session)."""
+    with tf.Graph().as_default() as graph:
+        with v1.variable_scope("", custom_getter=_private_collection_getter):
+            _build(model_name, num_classes, v1.placeholder(tf.float32, [None, 64, 64, 3]), False)
+        return {
+            _name(v): tuple(v.shape.as_list()) for v in graph.get_collection(_SHAPES_COLLECTION)
+        }
+
+
+def random_variable_values(
+    shapes: Mapping[str, tuple[int, ...]], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random but well-scaled values for every variable (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for name, shape in shapes.items():
+        leaf = name.rsplit("/", 1)[-1]
+        if leaf == "weights":
+            fan_in = int(np.prod(shape[:-1]))
+            value = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        elif leaf == "biases":
+            value = rng.normal(0.0, 0.1, shape)
+        elif leaf == "gamma":
+            value = rng.uniform(0.5, 1.5, shape)
+        elif leaf == "beta":
+            value = rng.normal(0.0, 0.2, shape)
+        elif leaf == "moving_mean":
+            value = rng.normal(0.5, 0.3, shape)
+        elif leaf == "moving_variance":
+            value = rng.uniform(0.5, 2.0, shape)
+        else:
+            raise ValueError(f"no value rule for variable {name}")
+        values[name] = value.astype(np.float32)
+    return values
+
+
+def run_slim_resnet_v2(
+    model_name: str,
+    num_classes: int,
+    images: np.ndarray,
+    is_training: bool,
+    values: Optional[Mapping[str, np.ndarray]] = None,
+    restore_path: Optional[str] = None,
+    save_path: Optional[str] = None,
+    input_gradient: bool = False,
+) -> SlimRun:
+    """One forward pass of Slim's network (see the module docstring for the details)."""
+    if values is not None and restore_path is not None:
+        raise ValueError("give values or restore_path, not both")
+    images = np.asarray(images, np.float32)
+    with tf.Graph().as_default():
+        inputs = v1.placeholder(tf.float32, images.shape)
+        logits = _build(model_name, num_classes, inputs, is_training)
+        variables = v1.global_variables()
+        updates = v1.get_collection(v1.GraphKeys.UPDATE_OPS) if is_training else []
+        fetches = {"logits": logits, "updates": updates}
+        if input_gradient:
+            fetches["input_gradient"] = tf.gradients(tf.reduce_sum(logits), inputs)[0]
+        saver = v1.train.Saver({_name(v): v for v in variables})
+        with v1.Session() as session:
+            if restore_path is not None:
+                saver.restore(session, restore_path)
+            elif values is None:
+                session.run(v1.global_variables_initializer())
+            else:
+                missing = sorted({_name(v) for v in variables} - set(values))
+                if missing:
+                    raise KeyError(f"values lack {len(missing)} variables, e.g. {missing[:3]}")
+                # Feeding the initial values sets everything in one run, without new ops.
+                session.run(
+                    [v.initializer for v in variables],
+                    {v.initial_value: values[_name(v)] for v in variables},
+                )
+            if save_path is not None:
+                saver.save(session, save_path, write_meta_graph=False)
+            results = session.run(fetches, {inputs: images})
+            after = session.run(variables)
+    return SlimRun(
+        logits=results["logits"],
+        variables={_name(v): value for v, value in zip(variables, after)},
+        input_gradient=results.get("input_gradient"),
+    )

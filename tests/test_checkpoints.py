@@ -1,0 +1,93 @@
+"""TF1 name-based checkpoints: names, TF1 readability, atomic latest pointer, strict restore."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from adversarial_logit_pairing import checkpoints
+from adversarial_logit_pairing.errors import CheckpointError, MissingDataError
+
+
+def _variables(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "net/conv1/weights": tf.Variable(rng.normal(size=(3, 3, 3, 4)).astype(np.float32),
+                                         name="net/conv1/weights"),
+        "net/conv1/BatchNorm/moving_mean": tf.Variable(rng.normal(size=(4,)).astype(np.float32),
+                                                       name="net/conv1/BatchNorm/moving_mean"),
+        "global_step": tf.Variable(7, dtype=tf.int64, name="global_step"),
+    }
+
+
+def test_saved_checkpoint_lists_the_tf1_names(tmp_path):
+    prefix = checkpoints.save(_variables(), str(tmp_path), step=7)
+    assert os.path.basename(prefix) == "model.ckpt-7"
+    names = {name for name, _ in tf.train.list_variables(prefix)}
+    assert names == {"net/conv1/weights", "net/conv1/BatchNorm/moving_mean", "global_step"}
+    assert checkpoints.latest_checkpoint(str(tmp_path)) == prefix
+    assert checkpoints.checkpoint_step(prefix) == 7
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_tf1_saver_restores_our_checkpoint_in_graph_mode(tmp_path):
+    values = _variables()
+    expected = values["net/conv1/weights"].numpy()
+    prefix = checkpoints.save(values, str(tmp_path), step=3)
+    with tf.Graph().as_default():
+        w = tf.compat.v1.get_variable("net/conv1/weights", shape=(3, 3, 3, 4))
+        step = tf.compat.v1.train.get_or_create_global_step()
+        saver = tf.compat.v1.train.Saver([w, step])
+        with tf.compat.v1.Session() as sess:
+            saver.restore(sess, prefix)
+            np.testing.assert_array_equal(sess.run(w), expected)
+            assert sess.run(step) == 7
+
+
+def test_restore_round_trip_and_directory_resolution(tmp_path):
+    checkpoints.save(_variables(0), str(tmp_path), step=1)
+    second = checkpoints.save(_variables(1), str(tmp_path), step=2)
+    target = _variables(5)
+    prefix = checkpoints.resolve_checkpoint(str(tmp_path), "--checkpoint_path")
+    assert prefix == second
+    checkpoints.restore(target, prefix)
+    for name, variable in _variables(1).items():
+        np.testing.assert_array_equal(target[name].numpy(), variable.numpy())
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    for step in range(1, 8):
+        checkpoints.save(_variables(), str(tmp_path), step=step, max_to_keep=3)
+    kept = sorted(p for p in os.listdir(tmp_path) if p.endswith(".index"))
+    assert kept == ["model.ckpt-5.index", "model.ckpt-6.index", "model.ckpt-7.index"]
+
+
+def test_latest_pointer_skips_a_checkpoint_whose_files_are_gone(tmp_path):
+    first = checkpoints.save(_variables(), str(tmp_path), step=1)
+    second = checkpoints.save(_variables(), str(tmp_path), step=2)
+    for path in tf.io.gfile.glob(second + ".*"):
+        os.remove(path)
+    assert checkpoints.latest_checkpoint(str(tmp_path)) == first
+
+
+def test_missing_and_mismatched_variables_fail_without_partial_load(tmp_path):
+    prefix = checkpoints.save(_variables(0), str(tmp_path), step=1)
+    target = _variables(9)
+    before = {k: v.numpy().copy() for k, v in target.items()}
+    target["net/conv2/weights"] = tf.Variable(tf.zeros([1]))
+    target["net/conv1/weights"] = tf.Variable(tf.zeros([3, 3, 3, 8]))
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.restore(target, prefix)
+    message = str(info.value)
+    assert "net/conv2/weights" in message and "missing" in message
+    assert "net/conv1/weights: checkpoint [3, 3, 3, 4] vs model [3, 3, 3, 8]" in message
+    np.testing.assert_array_equal(target["net/conv1/BatchNorm/moving_mean"].numpy(),
+                                  before["net/conv1/BatchNorm/moving_mean"])
+
+
+def test_resolving_a_missing_checkpoint_names_the_flag(tmp_path):
+    with pytest.raises(MissingDataError, match="--checkpoint_path=.*no checkpoint"):
+        checkpoints.resolve_checkpoint(str(tmp_path), "--checkpoint_path")
+    with pytest.raises(MissingDataError, match="--finetune_checkpoint_path"):
+        checkpoints.resolve_checkpoint(str(tmp_path / "nope"), "--finetune_checkpoint_path")

@@ -1,0 +1,109 @@
+"""train.py and eval.py run as programs, with the original command lines, on tiny data."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+from tests.data_builders import write_tiny_imagenet_tfrecords
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *flags, check=True):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *flags],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _event_tags(directory):
+    tags = set()
+    for path in tf.io.gfile.glob(os.path.join(directory, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_tiny_imagenet_tfrecords(str(path), num_train=48, num_val=24, image_size=32, seed=1)
+    return str(path)
+
+
+COMMON = ["--dataset=tiny_imagenet", "--model_name=resnet_v2_tiny", "--dataset_image_size=32"]
+
+
+@pytest.mark.slow
+def test_train_then_eval_clean_and_adversarial(tmp_path, data_dir):
+    out = str(tmp_path / "train")
+    _run("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *COMMON,
+         "--hparams=batch_size=8,train_adv_method=pgdll_16_2_2,train_lp_weight=0.5",
+         "--max_steps=3", "--save_model_steps=2", "--save_summaries_steps=1")
+    names = {name for name, _ in tf.train.list_variables(tf.train.latest_checkpoint(out))}
+    assert "resnet_v2_tiny/block1/unit_1/bottleneck_v2/conv1/BatchNorm/moving_mean" in names
+    assert "resnet_v2_tiny/logits/weights/ExponentialMovingAverage" in names
+    assert tf.train.latest_checkpoint(out).endswith("model.ckpt-3")
+    assert {"loss_xent", "loss_lp", "loss_wd", "total_loss", "learning_rate", "current_epoch",
+            "images", "adv_images"} <= _event_tags(out)
+
+    # Continuous mode, once: summaries under train_dir/eval_name.
+    _run("eval.py", f"--train_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *COMMON,
+         "--hparams=eval_batch_size=8", "--eval_once", "--eval_name=clean_eval")
+    assert {"Accuracy", "Top5"} <= _event_tags(os.path.join(out, "clean_eval"))
+
+    # One checkpoint, adversarial, appending the original output line.
+    results = tmp_path / "results.csv"
+    proc = _run("eval.py", f"--checkpoint_path={out}", f"--tiny_imagenet_data_dir={data_dir}",
+                *COMMON, "--hparams=eval_batch_size=8", "--adv_method=pgd_16_2_2",
+                "--eval_name=pgd", f"--output_file={results}", "--num_examples=16")
+    name, accuracy, top5 = results.read_text().strip().split(",")
+    assert name == "pgd" and 0.0 <= float(accuracy) <= float(top5) <= 1.0
+    assert len(accuracy.split(".")[1]) == 3
+    assert "16 examples" in proc.stderr
+
+
+@pytest.mark.slow
+def test_eval_on_a_split_smaller_than_requested_reports_the_count(tmp_path, data_dir):
+    out = str(tmp_path / "train")
+    _run("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *COMMON,
+         "--hparams=batch_size=8", "--max_steps=1", "--moving_average_decay=-1")
+    proc = _run("eval.py", f"--checkpoint_path={out}", f"--tiny_imagenet_data_dir={data_dir}",
+                *COMMON, "--hparams=eval_batch_size=8", "--moving_average_decay=-1")
+    # The validation file holds 24 records although Tiny ImageNet promises 10,000.
+    assert "24 examples" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "script,flags,culprit",
+    [
+        ("train.py", ["--hparams=bach_size=3"], "bach_size"),
+        ("train.py", ["--hparams=train_adv_method=pgd_1_2"], "pgd_1_2"),
+        ("train.py", ["--model_name=resnet_v9"], "resnet_v9"),
+        ("train.py", ["--dataset=cifar"], "cifar"),
+        ("train.py", ["--tiny_imagenet_data_dir=/nonexistent/tiny"], "--tiny_imagenet_data_dir"),
+        ("train.py", ["--ps_tasks=2"], "--ps_tasks"),
+        ("eval.py", ["--adv_method=pgdll_x"], "pgdll_x"),
+        ("eval.py", [], "--train_dir"),
+        ("eval.py", ["--train_dir=/tmp/a", "--checkpoint_path=/tmp/b"], "--checkpoint_path"),
+    ],
+)
+def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, data_dir, script, flags, culprit):
+    base = [f"--tiny_imagenet_data_dir={data_dir}", "--dataset=tiny_imagenet",
+            "--model_name=resnet_v2_tiny", "--dataset_image_size=32"]
+    if script == "train.py":
+        base.append(f"--output_dir={tmp_path / 'out'}")
+    else:
+        base.append(f"--checkpoint_path={tmp_path / 'missing'}")
+        if any(f.startswith(("--train_dir", "--checkpoint_path")) for f in flags) or not flags:
+            base.pop()
+    proc = _run(script, *base, *flags, check=False)
+    assert proc.returncode != 0
+    error_lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(error_lines) == 1 and culprit in error_lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,128 @@
+"""The training loop: resume, TF1-style moving averages, fine-tuning scopes, NaN stop."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from adversarial_logit_pairing import training
+from adversarial_logit_pairing.errors import CheckpointError, ConfigError, TrainingDivergedError
+from tests.data_builders import write_tiny_imagenet_tfrecords
+
+MODEL = "resnet_v2_tiny"
+SCOPE = "resnet_v2_tiny"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_imagenet")
+    write_tiny_imagenet_tfrecords(str(path), num_train=64, num_val=32, image_size=32, seed=0)
+    return str(path)
+
+
+def _config(output_dir, data_dir, **overrides):
+    values = dict(
+        output_dir=str(output_dir),
+        model_name=MODEL,
+        dataset="tiny_imagenet",
+        dataset_image_size=32,
+        tiny_imagenet_data_dir=data_dir,
+        hparams="batch_size=8,train_adv_method=pgdll_16_2_1,train_lp_weight=0.5",
+        save_summaries_steps=1,
+        save_model_steps=1,
+        max_steps=2,
+        moving_average_decay=0.9999,
+    )
+    values.update(overrides)
+    return training.TrainConfig(**values)
+
+
+def _values(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+def test_checkpoint_holds_model_step_optimizer_and_average_names(tmp_path, data_dir):
+    result = training.train(_config(tmp_path, data_dir, max_steps=1))
+    names = set(_values(result.checkpoint_path))
+    weight = f"{SCOPE}/conv1/weights"
+    assert {weight, "global_step", f"{weight}/ExponentialMovingAverage",
+            f"{weight}/RMSProp", f"{weight}/RMSProp_1"} <= names
+    mean = f"{SCOPE}/postnorm/moving_mean"
+    assert {mean, mean + "/ExponentialMovingAverage"} <= names
+    # BN statistics are averaged but not optimised.
+    assert mean + "/RMSProp" not in names
+
+
+def test_resume_continues_the_global_step_and_moving_average(tmp_path, data_dir):
+    """Runs one step at a time, resuming each time; checks the TF1 EMA recurrence."""
+    weight = f"{SCOPE}/block1/unit_1/bottleneck_v2/conv1/weights"
+    history = []
+    for max_steps in (1, 2, 3):
+        result = training.train(_config(tmp_path, data_dir, max_steps=max_steps))
+        assert result.global_step == max_steps
+        history.append(_values(result.checkpoint_path))
+    for step in (2, 3):
+        decay = min(0.9999, (1.0 + step) / (10.0 + step))
+        previous = history[step - 2][weight + "/ExponentialMovingAverage"]
+        expected = decay * previous + (1 - decay) * history[step - 1][weight]
+        np.testing.assert_allclose(history[step - 1][weight + "/ExponentialMovingAverage"],
+                                   expected, rtol=1e-5, atol=1e-7)
+        assert history[step - 1]["global_step"] == step
+    # Optimizer state carried over: the momentum slot keeps changing, never reset to zero.
+    assert np.abs(history[2][weight + "/RMSProp_1"]).sum() > 0
+    # Nothing to do once max_steps is reached: the step stays.
+    assert training.train(_config(tmp_path, data_dir, max_steps=3)).global_step == 3
+
+
+def test_finetuning_reads_shadows_excludes_and_restricts_scopes(tmp_path, data_dir):
+    source = training.train(_config(tmp_path / "source", data_dir, max_steps=2))
+    source_values = _values(source.checkpoint_path)
+    config = _config(
+        tmp_path / "finetune", data_dir, max_steps=0,
+        finetune_checkpoint_path=str(tmp_path / "source"),
+        finetune_exclude_pretrained_scopes=f"{SCOPE}/logits",
+        finetune_trainable_scopes=f"{SCOPE}/logits,{SCOPE}/postnorm",
+    )
+    start = _values(training.train(config).checkpoint_path)
+    ema = "/ExponentialMovingAverage"
+    # Excluded: freshly initialised, not the source's values.
+    assert not np.allclose(start[f"{SCOPE}/logits/weights"], source_values[f"{SCOPE}/logits/weights"])
+    # Trainable and not excluded: the source's moving-average shadow.
+    np.testing.assert_array_equal(start[f"{SCOPE}/postnorm/gamma"],
+                                  source_values[f"{SCOPE}/postnorm/gamma" + ema])
+    # Frozen: the source's plain value.
+    frozen = f"{SCOPE}/conv1/weights"
+    np.testing.assert_array_equal(start[frozen], source_values[frozen])
+    # Only the trainable scopes get optimizer slots and change under training.
+    assert f"{SCOPE}/logits/weights/RMSProp" in start and frozen + "/RMSProp" not in start
+    config.max_steps = 2
+    after = _values(training.train(config).checkpoint_path)
+    assert not np.allclose(after[f"{SCOPE}/logits/weights"], start[f"{SCOPE}/logits/weights"])
+    for name in start:
+        trainable_kind = name.endswith(("weights", "biases", "gamma", "beta"))
+        in_scope = name.startswith((f"{SCOPE}/logits", f"{SCOPE}/postnorm"))
+        if trainable_kind and not in_scope:
+            np.testing.assert_array_equal(after[name], start[name], err_msg=name)
+
+
+def test_finetuning_from_an_unfitting_checkpoint_fails_clearly(tmp_path, data_dir):
+    source = training.train(_config(tmp_path / "source", data_dir, max_steps=0,
+                                    moving_average_decay=-1))
+    assert source.global_step == 0
+    config = _config(tmp_path / "other", data_dir, max_steps=0, model_name="resnet_v2_50",
+                     finetune_checkpoint_path=source.checkpoint_path, moving_average_decay=-1)
+    with pytest.raises(CheckpointError, match="resnet_v2_50/conv1/weights"):
+        training.train(config)
+
+
+def test_nan_loss_stops_training_with_an_error(tmp_path, data_dir):
+    config = _config(tmp_path, data_dir, hparams="batch_size=8,learning_rate=1e30,optimizer=momentum",
+                     max_steps=20, moving_average_decay=-1)
+    with pytest.raises(TrainingDivergedError, match="loss is (nan|inf)"):
+        training.train(config)
+
+
+def test_trainable_scopes_that_match_nothing_are_rejected(tmp_path, data_dir):
+    config = _config(tmp_path, data_dir, finetune_trainable_scopes="resnet_v2_50/logits")
+    with pytest.raises(ConfigError, match="matches no variable"):
+        training.train(config)

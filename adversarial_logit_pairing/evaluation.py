@@ -18,10 +18,12 @@ numbers on every run.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import time
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -55,6 +57,7 @@ class EvalConfig:
     imagenet_data_dir: Optional[str] = None
     tiny_imagenet_data_dir: Optional[str] = None
     timeout_secs: Optional[float] = None
+    predictions_file: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -148,7 +151,7 @@ class Evaluator:
             in_top5 = tf.math.in_top_k(labels, tf.cast(logits, tf.float32),
                                        k=min(5, num_classes))
             return (tf.reduce_sum(tf.cast(correct, tf.int64)),
-                    tf.reduce_sum(tf.cast(in_top5, tf.int64)))
+                    tf.reduce_sum(tf.cast(in_top5, tf.int64)), logits)
 
         self._eval_step = eval_step
 
@@ -161,14 +164,18 @@ class Evaluator:
         )
         step = checkpoints.checkpoint_step(checkpoint_path)
         correct = top5 = seen = 0
+        all_logits, all_labels = [], []
         start = time.time()
         for batch_index, (images, labels) in enumerate(self.dataset.take(self.num_batches)):
             try:
-                c, t = self._eval_step(images, labels, tf.constant(batch_index, tf.int64))
+                c, t, logits = self._eval_step(images, labels, tf.constant(batch_index, tf.int64))
             except tf.errors.InvalidArgumentError as exc:
                 raise DataError(f"evaluation failed on batch {batch_index}: {exc.message}") from None
             correct += int(c)
             top5 += int(t)
+            if self.config.predictions_file:
+                all_logits.append(logits.numpy())
+                all_labels.append(labels.numpy())
             seen += int(images.shape[0])
             if (batch_index + 1) % 10 == 0 or batch_index + 1 == self.num_batches:
                 elapsed = time.time() - start
@@ -189,12 +196,28 @@ class Evaluator:
                 seen, seen // self.batch_size, self.num_batches * self.batch_size,
             )
         result = EvalResult(checkpoint_path, step, correct / seen, top5 / seen, seen)
+        if self.config.predictions_file:
+            write_predictions(self.config.predictions_file, np.concatenate(all_labels),
+                              np.concatenate(all_logits))
         logging.info(
             "%s on %d examples of %s/%s at global step %s: Accuracy = %.4f, Top5 = %.4f",
             self.config.adv_method or "clean", seen, self.config.dataset,
             self.config.split_name, step, result.accuracy, result.top5,
         )
         return result
+
+
+def write_predictions(path: str, labels: np.ndarray, logits: np.ndarray) -> None:
+    """Saves per-example ``labels``, ``logits`` and ``predictions`` (argmax) as ``.npz``.
+
+    Written under a temporary name and renamed, so a reader never sees a partial file.
+    """
+    buffer = io.BytesIO()  # np.savez needs a seekable file; GFile (for gs:// paths) is not
+    np.savez(buffer, labels=labels, logits=logits, predictions=np.argmax(logits, axis=-1))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def append_result_line(output_file: str, eval_name: str, result: EvalResult) -> None:

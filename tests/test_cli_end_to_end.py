@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -61,11 +62,17 @@ def test_train_then_eval_clean_and_adversarial(tmp_path, data_dir):
     results = tmp_path / "results.csv"
     proc = _run("eval.py", f"--checkpoint_path={out}", f"--tiny_imagenet_data_dir={data_dir}",
                 *COMMON, "--hparams=eval_batch_size=8", "--adv_method=pgd_16_2_2",
-                "--eval_name=pgd", f"--output_file={results}", "--num_examples=16")
+                "--eval_name=pgd", f"--output_file={results}", "--num_examples=16",
+                f"--predictions_file={tmp_path / 'pred.npz'}")
     name, accuracy, top5 = results.read_text().strip().split(",")
     assert name == "pgd" and 0.0 <= float(accuracy) <= float(top5) <= 1.0
     assert len(accuracy.split(".")[1]) == 3
     assert "16 examples" in proc.stderr
+    predictions = np.load(tmp_path / "pred.npz")
+    assert predictions["logits"].shape == (16, 200)
+    np.testing.assert_array_equal(predictions["predictions"], predictions["logits"].argmax(-1))
+    assert float(accuracy) == pytest.approx(
+        np.mean(predictions["predictions"] == predictions["labels"]), abs=5e-4)
 
 
 @pytest.mark.slow

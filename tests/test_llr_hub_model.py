@@ -51,11 +51,14 @@ def reference_preprocess(image: np.ndarray) -> np.ndarray:
     top, left = int((h - h * 0.875) / 2), int((w - w * 0.875) / 2)
     crop = image[top:h - top, left:w - left].astype(np.float64)
     ih, iw = crop.shape[:2]
-    # TF1 maps output pixel i to input coordinate i * in/out (no half-pixel centres).
-    ys, xs = np.arange(224) * (ih / 224), np.arange(224) * (iw / 224)
+    # TF1 maps output pixel i to input coordinate i * in/out (no half-pixel centres), in
+    # float32: at 299 pixels the coordinates' rounding alone moves values by ~5e-5.
+    ys = np.arange(224, dtype=np.float32) * np.float32(ih / 224)
+    xs = np.arange(224, dtype=np.float32) * np.float32(iw / 224)
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
     y1, x1 = np.minimum(y0 + 1, ih - 1), np.minimum(x0 + 1, iw - 1)
-    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    fy = (ys - y0).astype(np.float64)[:, None, None]
+    fx = (xs - x0).astype(np.float64)[None, :, None]
     top_row = crop[y0][:, x0] * (1 - fx) + crop[y0][:, x1] * fx
     bottom_row = crop[y1][:, x0] * (1 - fx) + crop[y1][:, x1] * fx
     return ((top_row * (1 - fy) + bottom_row * fy) - 0.5) * 2.0
@@ -111,7 +114,7 @@ def test_preprocess_matches_hand_written_crop_and_tf1_bilinear_resize():
     for shape in ((37, 53), (224, 224), (299, 299), (131, 90)):
         image = rng.uniform(size=(*shape, 3)).astype(np.float32)
         got = hub_model.LLRModel.preprocess(image[None]).numpy()[0]
-        np.testing.assert_allclose(got, reference_preprocess(image), atol=1e-5)
+        np.testing.assert_allclose(got, reference_preprocess(image), atol=2e-6)
 
 
 def test_logits_and_p_bird_match_tf1_reference_by_local_path(modules, photos):

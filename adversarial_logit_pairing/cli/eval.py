@@ -45,6 +45,9 @@ flags.DEFINE_string("imagenet_data_dir", None,
                     "Directory with the TF-Slim ImageNet TFRecords (train-*, validation-*).")
 flags.DEFINE_string("tiny_imagenet_data_dir", None,
                     "Directory with train.tfrecord and validation.tfrecord of Tiny ImageNet.")
+flags.DEFINE_string("predictions_file", None,
+                    "Optional .npz file receiving the per-example labels, logits and "
+                    "predictions of the (last) evaluated checkpoint.")
 flags.DEFINE_float("timeout_secs", None,
                    "Continuous mode: stop when no new checkpoint appeared for this long "
                    "(default: wait forever, as the original).")
@@ -76,6 +79,7 @@ def main(argv: Sequence[str]) -> None:
         imagenet_data_dir=FLAGS.imagenet_data_dir,
         tiny_imagenet_data_dir=FLAGS.tiny_imagenet_data_dir,
         timeout_secs=FLAGS.timeout_secs,
+        predictions_file=FLAGS.predictions_file,
     )
     logging.set_verbosity(logging.INFO)
     evaluation.run(config)

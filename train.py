@@ -2,7 +2,8 @@
 
 Example (ALP on Tiny ImageNet):
   python train.py --output_dir=/tmp/alp --dataset=tiny_imagenet \
-      --tiny_imagenet_data_dir=/data/tiny --hparams=train_adv_method=pgdll_16_2_10,train_lp_weight=0.5
+      --tiny_imagenet_data_dir=/data/tiny \
+      --hparams=train_adv_method=pgdll_16_2_10,train_lp_weight=0.5
 """
 
 import os

@@ -127,7 +127,7 @@ def _pgd_graph(
 
 # Eager calls reuse one compiled attack per (model_fn, settings); keyed weakly on model_fn so a
 # discarded model frees its function.
-_COMPILED: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
 def _compiled_pgd(model_fn: ModelFn, settings: tuple) -> Callable:

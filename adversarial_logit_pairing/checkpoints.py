@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 import tensorflow as tf
 from absl import logging
@@ -115,7 +116,8 @@ def save(
     state = tf.train.get_checkpoint_state(directory)
     kept = []
     if state is not None:
-        kept = [p for p in state.all_model_checkpoint_paths if os.path.basename(p) != os.path.basename(prefix)]
+        kept = [p for p in state.all_model_checkpoint_paths
+                if os.path.basename(p) != os.path.basename(prefix)]
     kept.append(prefix)
     to_delete, kept = kept[:-max_to_keep], kept[-max_to_keep:]
     tf.compat.v1.train.update_checkpoint_state(
@@ -172,7 +174,9 @@ def restore(
                 + _describe(missing, len(missing))
             )
         if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches: " + _describe(mismatched, len(mismatched)))
+            parts.append(
+                f"{len(mismatched)} shape mismatches: " + _describe(mismatched, len(mismatched))
+            )
         scopes = sorted({name.split("/", 1)[0] for name in shapes if "/" in name})
         if scopes:
             parts.append("checkpoint scopes: " + ", ".join(scopes[:_MAX_LISTED]))

@@ -86,7 +86,8 @@ def list_examples(data_dir: str, split: str) -> list[Example]:
     missing = [name for name in CLASS_NAMES if name not in present]
     if missing:
         raise MissingDataError(
-            f"{root} lacks the class folder(s) {', '.join(missing)}/: a bird-or-bicycle split "
+            f"{root} lacks the class folder(s) {', '.join(m + '/' for m in missing)}: a "
+            "bird-or-bicycle split "
             f"holds exactly bicycle/ and bird/ (found: {', '.join(present) or 'no folders'})"
         )
     extra = [name for name in present if name not in CLASS_NAMES]

@@ -33,7 +33,7 @@ import tensorflow as tf
 from absl import logging
 
 from adversarial_logit_pairing import adversarial_attack
-from adversarial_logit_pairing.errors import ConfigError
+from adversarial_logit_pairing.errors import ConfigError, DataError
 from llr import corruptions, coverage, data, spatial, spsa
 from llr.progress import ProgressLog
 
@@ -117,6 +117,7 @@ def check_settings(settings: EvalSettings) -> None:
     """Raises ConfigError (naming the flag) for values no attack can run with."""
     checks = [
         (settings.batch_size >= 1, "--batch_size must be >= 1"),
+        (settings.num_examples != 0, "--num_examples must be positive, or -1 for the whole split"),
         (settings.image_size >= 8, "--image_size must be >= 8"),
         (len(settings.spatial_limits) == 3, "--spatial_limits takes 3 numbers: dx,dy,angle"),
         (len(settings.spatial_grid) == 3 and min(settings.spatial_grid) >= 1,
@@ -223,6 +224,8 @@ def evaluate(model, settings: EvalSettings, attacks: list[str]) -> list[AttackRe
     attack_fns = {name: make_attack(name, model, settings) for name in attacks}
     predict = tf.function(lambda x: model(x), reduce_retracing=True)
     total = data.count_examples(settings.data_dir, settings.split, settings.num_examples)
+    if total == 0:
+        raise DataError(f"split '{settings.split}' in {settings.data_dir} holds no examples")
     logging.info("Evaluating %d examples of %s/%s under %s", total, settings.data_dir,
                  settings.split, ", ".join(attacks))
     results = []

@@ -54,7 +54,7 @@ class HubModuleNotFoundError(HubModuleError, FileNotFoundError):
 
 
 def _is_url(handle: str) -> bool:
-    return handle.startswith(("http://", "https://"))
+    return handle.startswith(("http://", "https://", "gs://"))
 
 
 def _hub_cache_dir() -> str:
@@ -98,6 +98,8 @@ def _unpack_archive(role: str, archive: str) -> str:
             root = os.path.join(staging, entries[0])
         os.rename(root, target)
     except (tarfile.TarError, OSError) as exc:
+        if os.path.isdir(target) and os.listdir(target):
+            return target  # another process unpacked the same archive meanwhile
         raise HubModuleError(role, archive, f"cannot unpack the archive: {exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -107,7 +109,7 @@ def _unpack_archive(role: str, archive: str) -> str:
 def resolve_handle(handle: str, role: str = "hub") -> str:
     """Turns a module handle into a local module directory.
 
-    Handles: a tfhub.dev (or other http/https) URL, resolved through ``tensorflow_hub``'s
+    Handles: a tfhub.dev (or other http/https/gs) URL, resolved through ``tensorflow_hub``'s
     cache ``$TFHUB_CACHE_DIR/<sha1 of the URL>`` (a seeded cache works with no network); a
     local directory; a local ``.tar.gz``/``.tgz`` archive of a module (unpacked into the cache).
 

@@ -7,7 +7,7 @@ execution stays on globally).
 
 API:
   slim_variable_shapes(model_name, num_classes) -> dict[name, shape]
-      Builds the graph only (no session) and returns every global variable's TF1 name (no
+      Builds the graph only (no session) and returns every variable's TF1 name (no
       ':0') and shape, in creation order. model_name: 'resnet_v2_50' | '_101' | '_152' | '_200'.
   random_variable_values(shapes, seed) -> dict[name, np.ndarray float32]
       Non-trivial values for those variables that give a 50-layer network logits of order
@@ -92,10 +92,18 @@ def _private_collection_getter(getter, *args, **kwargs):
     return getter(*args, **kwargs)
 
 
-def _build(model_name: str, num_classes: int, images, is_training: bool):
+def _shapes_only_getter(getter, *args, **kwargs):
+    # Without a session the initial values are never computed: skip building their ops.
+    kwargs["initializer"] = v1.zeros_initializer()
+    kwargs["regularizer"] = None
+    return _private_collection_getter(getter, *args, **kwargs)
+
+
+def _build(model_name: str, num_classes: int, images, is_training: bool,
+           getter=_private_collection_getter):
     """Slim's network in the current graph -> (squeezed logits, variables in creation order)."""
     network = getattr(slim_resnet_v2, model_name)
-    with v1.variable_scope("", custom_getter=_private_collection_getter):
+    with v1.variable_scope("", custom_getter=getter):
         with tf_slim.arg_scope(slim_resnet_v2.resnet_arg_scope()):
             logits, _ = network(images, num_classes, is_training=is_training)
     variables = v1.get_default_graph().get_collection(_VARIABLES_COLLECTION)
@@ -110,7 +118,7 @@ def slim_variable_shapes(model_name: str, num_classes: int) -> dict[str, tuple[i
     """TF1 name -> shape of every variable Slim creates, in creation order (no session)."""
     with tf.Graph().as_default():
         images = v1.placeholder(tf.float32, [None, 64, 64, 3])
-        _, variables = _build(model_name, num_classes, images, False)
+        _, variables = _build(model_name, num_classes, images, False, _shapes_only_getter)
         return {_name(v): tuple(v.shape.as_list()) for v in variables}
 
 

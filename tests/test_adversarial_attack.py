@@ -44,7 +44,9 @@ def test_parse_attack_description_reads_original_strings():
     assert aa.parse_attack_description("clean").is_clean
 
 
-@pytest.mark.parametrize("bad", ["pgd_16_2", "fgsm_1_1_1", "pgd_a_2_3", "pgd_16_2_0", "", "PGD_1_1_1"])
+@pytest.mark.parametrize(
+    "bad", ["pgd_16_2", "fgsm_1_1_1", "pgd_a_2_3", "pgd_16_2_0", "", "PGD_1_1_1"]
+)
 def test_malformed_attack_description_raises_value_error_naming_it(bad):
     with pytest.raises(ValueError, match="invalid attack description"):
         aa.generate_adversarial_examples(_images(), BOUNDS, TwoLayerNet(), bad)
@@ -58,7 +60,9 @@ def test_clean_returns_the_input_unchanged():
 @pytest.mark.parametrize("method", ["pgd", "pgdll", "pgdrnd"])
 def test_pgd_stays_in_epsilon_box_and_bounds(method):
     x = _images()
-    adv = aa.generate_adversarial_examples(x, BOUNDS, TwoLayerNet(), f"{method}_16_4_5", seed=(3, 4))
+    adv = aa.generate_adversarial_examples(
+        x, BOUNDS, TwoLayerNet(), f"{method}_16_4_5", seed=(3, 4)
+    )
     eps = 16 * 2.0 / 255
     delta = np.abs(adv.numpy() - x.numpy())
     assert delta.max() <= eps + 1e-6

@@ -107,8 +107,8 @@ def _linear_model(weights):
 
 def test_spsa_fools_a_linear_model_within_the_eps_box():
     rng = np.random.default_rng(2)
-    weights = rng.choice([-0.2, 0.2], size=(1, 8, 8, 3))
-    x = np.full((3, 8, 8, 3), 0.5, np.float32) + rng.uniform(-0.4, 0.4, (3, 8, 8, 3))
+    weights = rng.choice([-0.5, 0.5], size=(1, 8, 8, 3))
+    x = np.full((3, 8, 8, 3), 0.5, np.float32) + rng.uniform(-0.02, 0.02, (3, 8, 8, 3))
     x = x.astype(np.float32)
     model_fn = _linear_model(weights)
     labels = np.ones(3, np.int64)
@@ -119,8 +119,15 @@ def test_spsa_fools_a_linear_model_within_the_eps_box():
     assert adv.min() >= 0 and adv.max() <= 1
     logits = model_fn(adv).numpy()
     assert np.all(coverage.predictions(logits) == 0)
-    # Early stop: each image stopped soon after its loss fell below -1.
-    assert np.all(logits[:, 0] - logits[:, 1] > 1.0)
+    # The challenge's early stop: an image stops once misclassified by a margin of 1, far from
+    # the margin the same attack reaches without stopping.
+    margin = logits[:, 0] - logits[:, 1]
+    assert np.all(margin > 1.0)
+    unstopped = spsa.compiled_spsa(model_fn, num_steps=40, num_samples=16,
+                                   early_stop_loss_threshold=None)
+    adv_unstopped = unstopped(tf.constant(x), tf.constant(labels), tf.constant([1, 2]))
+    unstopped_margin = -np.diff(model_fn(adv_unstopped).numpy(), axis=1)[:, 0]
+    assert np.all(margin + 1.0 < unstopped_margin)
 
 
 def test_spsa_is_reproducible_and_early_stop_freezes_an_image():

@@ -117,16 +117,16 @@ class Layer(tf.Module):
     def __init__(self, scope: str):
         super().__init__(name=_module_name(scope))
         self.scope = scope
-        self._ordered: list[tuple[str, tf.Variable]] = []
+        self._ordered: list[tf.Variable] = []
 
     def _add(self, variable: tf.Variable) -> tf.Variable:
-        self._ordered.append((variable.name[: -len(":0")], variable))
+        self._ordered.append(variable)
         return variable
 
     @property
     def variables_by_name(self) -> dict[str, tf.Variable]:
         """TF1 name (without ':0') -> variable, in the order Slim created them."""
-        return dict(self._ordered)
+        return {variable.name[: -len(":0")]: variable for variable in self._ordered}
 
 
 class Conv2D(Layer):

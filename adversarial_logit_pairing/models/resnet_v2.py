@@ -96,7 +96,7 @@ class Bottleneck(Layer):
                  self.conv3]
         for part in parts:
             if part is not None:
-                self._ordered.extend(part.variables_by_name.items())
+                self._ordered.extend(part.variables_by_name.values())
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
         preact = tf.nn.relu(self.preact(x, is_training))

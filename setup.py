@@ -27,6 +27,7 @@ setup(
             "tf-keras",
             "Pillow",
             "ruff",
+            "scikit-learn",
         ],
         "demo": ["scikit-learn"],
     },
@@ -36,7 +37,9 @@ setup(
             "alp-eval=adversarial_logit_pairing.cli.eval:run",
             "alp-convert-tiny-imagenet=tiny_imagenet_converter.converter:run",
             "alp-convert-imagenet=adversarial_logit_pairing.cli.convert_imagenet:run",
+            "alp-export=adversarial_logit_pairing.cli.export:run",
             "llr-evaluate=llr.evaluate:run",
+            "llr-convert=llr.convert_to_tfrecord:run",
         ]
     },
 )

@@ -9,6 +9,10 @@ so ``tf.train.list_variables`` shows the same names as an original checkpoint an
 A checkpoint is written under a temporary directory and merged into its final prefix, and the
 ``checkpoint`` state file (the "latest" pointer) is rewritten atomically only after that, so a
 crash never leaves a half-written checkpoint as the latest one.
+
+``restore`` is all or nothing: a checkpoint that does not fit (missing names, other shapes)
+fails with the first offending names and shapes and the likely cause (no moving-average
+shadows, another class count, another model) before any variable changes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from absl import logging
 from adversarial_logit_pairing.errors import CheckpointError, MissingDataError
 
 CHECKPOINT_BASENAME = "model.ckpt"
+# Suffix of the moving-average shadows, as TF1's ExponentialMovingAverage named them.
+EMA_SUFFIX = "/ExponentialMovingAverage"
 _MAX_LISTED = 8
 
 
@@ -53,9 +59,23 @@ def resolve_checkpoint(path: str, flag_name: str) -> str:
         raise MissingDataError(f"{flag_name} is empty")
     if tf.io.gfile.isdir(path):
         prefix = latest_checkpoint(path)
-        if prefix is None:
-            raise MissingDataError(f"{flag_name}={path}: directory holds no checkpoint")
-        return prefix
+        if prefix is not None:
+            return prefix
+        # An unpacked archive (a released checkpoint) may lack the ``checkpoint`` state file:
+        # a single checkpoint in the directory is unambiguous.
+        prefixes = sorted(name[: -len(".index")] for name in tf.io.gfile.listdir(path)
+                          if name.endswith(".index"))
+        if len(prefixes) == 1:
+            logging.info("%s has no 'checkpoint' state file; using its only checkpoint %s",
+                         path, prefixes[0])
+            return os.path.join(path, prefixes[0])
+        if prefixes:
+            raise MissingDataError(
+                f"{flag_name}={path}: directory has no 'checkpoint' state file and "
+                f"{len(prefixes)} checkpoints ({_describe(prefixes, len(prefixes))}); "
+                "pass one prefix"
+            )
+        raise MissingDataError(f"{flag_name}={path}: directory holds no checkpoint")
     if tf.io.gfile.exists(path + ".index"):
         return path
     raise MissingDataError(
@@ -138,6 +158,90 @@ def _describe(items: list[str], total: int) -> str:
     return listed + more
 
 
+def _scope(name: str) -> str:
+    return name.split("/", 1)[0] if "/" in name else ""
+
+
+def _reader(checkpoint_path: str):
+    try:
+        return tf.train.load_checkpoint(checkpoint_path)
+    except (tf.errors.OpError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {checkpoint_path}: {exc}") from None
+
+
+def has_moving_averages(checkpoint_path: str) -> bool:
+    """Whether a checkpoint holds any ``<name>/ExponentialMovingAverage`` shadow.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read.
+    """
+    reader = _reader(checkpoint_path)
+    return any(name.endswith(EMA_SUFFIX) for name in reader.get_variable_to_shape_map())
+
+
+def plain_names_without_shadows(
+    assignments: Mapping[str, tf.Variable], checkpoint_path: str
+) -> dict[str, tf.Variable]:
+    """Reads shadow-named entries from their plain names when the checkpoint has no shadows.
+
+    Fine-tuning with the moving average on reads the trainable variables from their
+    ``<name>/ExponentialMovingAverage`` shadows. The released ALP checkpoints were re-saved
+    without any shadow, so for such a checkpoint the plain values are the averaged ones: this
+    maps ``<name>/ExponentialMovingAverage -> v`` to ``<name> -> v``. A checkpoint holding at
+    least one shadow is left alone, so a partly averaged checkpoint still fails loudly in
+    :func:`restore`.
+    """
+    if not any(name.endswith(EMA_SUFFIX) for name in assignments):
+        return dict(assignments)
+    if has_moving_averages(checkpoint_path):
+        return dict(assignments)
+    logging.info(
+        "Checkpoint %s holds no %s shadows (saved without moving averages, like the released "
+        "ALP checkpoints): reading the averaged variables from their plain names",
+        checkpoint_path, EMA_SUFFIX,
+    )
+    return {name.removesuffix(EMA_SUFFIX): variable for name, variable in assignments.items()}
+
+
+def _hints(
+    assignments: Mapping[str, tf.Variable],
+    shapes: Mapping[str, list[int]],
+    missing: list[str],
+    mismatched: list[str],
+    what: str,
+) -> list[str]:
+    """Names the usual causes of a misfit: no shadows, another class count, another model."""
+    hints = []
+    if any(name.endswith(EMA_SUFFIX) for name in missing) and not any(
+        name.endswith(EMA_SUFFIX) for name in shapes
+    ):
+        hints.append(
+            f"the checkpoint holds no {EMA_SUFFIX} shadows (saved without moving averages, like "
+            "the released ALP checkpoints): use --moving_average_decay=-1"
+        )
+    plain = {name.removesuffix(EMA_SUFFIX) for name in assignments}
+    if not any(name in shapes for name in plain):
+        model_scopes = sorted({_scope(name) for name in plain})
+        checkpoint_scopes = sorted({_scope(name) for name in shapes} - {""})
+        if set(model_scopes) != set(checkpoint_scopes):
+            hints.append(
+                f"none of the variables is in the checkpoint, which holds another model "
+                f"(scopes {', '.join(checkpoint_scopes[:_MAX_LISTED]) or 'none'}; the {what} "
+                f"has {', '.join(model_scopes)}): check --model_name"
+            )
+    for name in mismatched:
+        if name.removesuffix(EMA_SUFFIX).endswith("/logits/biases"):
+            theirs, ours = shapes[name][-1], assignments[name].shape[-1]
+            hints.append(
+                f"the checkpoint was trained for {theirs} classes and the {what} has {ours} "
+                "(ImageNet: 1001, Tiny ImageNet: 200): choose the matching --dataset, or, to "
+                "fine-tune across data sets, exclude the logits scope with "
+                "--finetune_exclude_pretrained_scopes"
+            )
+            break
+    return hints
+
+
 def restore(
     assignments: Mapping[str, tf.Variable],
     checkpoint_path: str,
@@ -151,35 +255,35 @@ def restore(
       what: what is being restored, for error messages.
 
     Raises:
-      CheckpointError: listing the first missing names and the first shape mismatches, before
-        any variable is changed; a checkpoint never loads partially.
+      CheckpointError: listing the first missing names (with the shapes the variables have)
+        and the first shape mismatches, and naming the likely cause (a checkpoint without
+        moving averages, another class count, another model), before any variable is
+        changed; a checkpoint never loads partially.
     """
-    try:
-        reader = tf.train.load_checkpoint(checkpoint_path)
-    except (tf.errors.OpError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {checkpoint_path}: {exc}") from None
+    reader = _reader(checkpoint_path)
     shapes = reader.get_variable_to_shape_map()
     missing = [name for name in assignments if name not in shapes]
-    mismatched = []
-    for name, variable in assignments.items():
-        if name in shapes and list(shapes[name]) != variable.shape.as_list():
-            mismatched.append(
-                f"{name}: checkpoint {list(shapes[name])} vs {what} {variable.shape.as_list()}"
-            )
+    mismatched = [name for name, variable in assignments.items()
+                  if name in shapes and list(shapes[name]) != variable.shape.as_list()]
     if missing or mismatched:
         parts = [f"checkpoint {checkpoint_path} does not fit the {what}"]
         if missing:
+            listed = [f"{name} {assignments[name].shape.as_list()}" for name in missing]
             parts.append(
                 f"{len(missing)} of {len(assignments)} variables missing: "
-                + _describe(missing, len(missing))
+                + _describe(listed, len(listed))
             )
         if mismatched:
-            parts.append(
-                f"{len(mismatched)} shape mismatches: " + _describe(mismatched, len(mismatched))
-            )
-        scopes = sorted({name.split("/", 1)[0] for name in shapes if "/" in name})
+            listed = [
+                f"{name}: checkpoint {list(shapes[name])} vs {what} "
+                f"{assignments[name].shape.as_list()}"
+                for name in mismatched
+            ]
+            parts.append(f"{len(listed)} shape mismatches: " + _describe(listed, len(listed)))
+        scopes = sorted({_scope(name) for name in shapes} - {""})
         if scopes:
             parts.append("checkpoint scopes: " + ", ".join(scopes[:_MAX_LISTED]))
+        parts.extend(_hints(assignments, shapes, missing, mismatched, what))
         raise CheckpointError(". ".join(parts))
     for name, variable in assignments.items():
         value = reader.get_tensor(name)

@@ -3,7 +3,10 @@
 The challenge's ``common_corruptions`` attack corrupted each image with 17 ImageNet-C
 corruptions at severity 1 and kept, per image, the corruption with the largest wrong-class
 logit. Ten of them are implemented here with ImageNet-C's parameters, written in numpy and
-PIL (no imagenet-c, scikit-image or OpenCV dependency); the blurs that need OpenCV or Wand
+TensorFlow (no imagenet-c, PIL, scikit-image or OpenCV dependency at run time: JPEG goes
+through TF's libjpeg, as PIL's does, and ``pixelate``'s box resizes are TF's area resize,
+close to PIL's BOX filter but not bit-equal);
+the blurs that need OpenCV or Wand
 (defocus, glass, motion, zoom), fog, frost, snow, spatter and elastic are not.
 
 Like the challenge, images go through uint8 (``floor(x * 255)``) before corrupting.
@@ -11,12 +14,10 @@ Like the challenge, images go through uint8 (``floor(x * 255)``) before corrupti
 
 from __future__ import annotations
 
-import io
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 from adversarial_logit_pairing.errors import ConfigError
 
@@ -118,9 +119,8 @@ def contrast(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarr
 
 def jpeg_compression(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     del rng
-    buffer = io.BytesIO()
-    Image.fromarray(x).save(buffer, "JPEG", quality=_JPEG_QUALITY[severity - 1])
-    return _unit(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    encoded = tf.io.encode_jpeg(x, quality=_JPEG_QUALITY[severity - 1])
+    return _unit(tf.io.decode_jpeg(encoded, channels=3).numpy())
 
 
 def pixelate(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
@@ -128,9 +128,10 @@ def pixelate(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarr
     del rng
     c = _PIXELATE[severity - 1]
     height, width = x.shape[:2]
-    image = Image.fromarray(x)
-    image = image.resize((max(1, int(width * c)), max(1, int(height * c))), Image.BOX)
-    return _unit(np.asarray(image.resize((width, height), Image.BOX)))
+    small = tf.image.resize(x, (max(1, int(height * c)), max(1, int(width * c))), method="area")
+    small = tf.cast(tf.clip_by_value(tf.round(small), 0, 255), tf.uint8)  # PIL keeps uint8
+    restored = tf.image.resize(small, (height, width), method="area")
+    return _unit(tf.clip_by_value(tf.round(restored), 0, 255).numpy().astype(np.uint8))
 
 
 CORRUPTIONS: dict[str, Corruption] = {

@@ -92,6 +92,7 @@ def test_tfrecord_conversion_round_trips_images_labels_and_ids(tmp_path, data_di
         assert features["image/encoded"].bytes_list.value[0] == f.read()
 
 
+@pytest.mark.slow
 def test_convert_command_writes_one_tfrecord_per_split(tmp_path, data_dir):
     out = str(tmp_path / "converted")
     proc = subprocess.run(

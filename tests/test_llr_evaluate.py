@@ -47,6 +47,7 @@ def _hand_computed_clean_accuracies(setup):
     return correct[answered].mean(), correct.mean(), int(answered.sum())
 
 
+@pytest.mark.slow
 def test_evaluate_command_runs_every_attack_on_real_jpeg_photos(setup):
     """Default module flags (the tfhub.dev URLs), served by a seeded cache."""
     cache = str(setup["root"] / "tfhub_cache")
@@ -108,6 +109,7 @@ def _one_line_error(proc):
     return errors[0]
 
 
+@pytest.mark.slow
 def test_evaluate_command_reports_a_bad_module_handle_in_one_line(setup, tmp_path):
     not_a_module = tmp_path / "plain_dir"
     not_a_module.mkdir()
@@ -119,6 +121,7 @@ def test_evaluate_command_reports_a_bad_module_handle_in_one_line(setup, tmp_pat
     assert "not a TF1 Hub module" in line and line.endswith("(--latents_module)")
 
 
+@pytest.mark.slow
 def test_evaluate_command_reports_a_folder_without_class_folders_in_one_line(setup, tmp_path):
     (tmp_path / "test" / "birds").mkdir(parents=True)
     line = _one_line_error(_evaluate(

@@ -1,0 +1,279 @@
+"""Exports a trained checkpoint as a TF2 SavedModel and as a TF-Hub model (``export.py``).
+
+The checkpoint is read exactly as ``eval.py`` reads it (``evaluation.restore_assignments``):
+``moving_average_decay > 0`` takes the ``<name>/ExponentialMovingAverage`` shadows (with
+``trainable_scopes``: only those scopes' variables, as for a fine-tuned checkpoint), ``-1``
+the plain variables (the released ALP checkpoints have no shadows). The export is one
+SavedModel directory offering, by ``export_format``:
+
+* ``saved_model``: the ``serving_default`` signature, ``images`` float32 [N, H, W, 3] in the
+  dataset's range (-1, 1) -> ``logits`` [N, K] and ``probabilities`` (softmax) [N, K]. H and W
+  are free (ResNet v2 ends in a global mean pool) unless ``image_size`` fixes both. The
+  images must be preprocessed as the eval pipeline does (central crop, bicubic resize to the
+  training size, rescale to [-1, 1]); for ImageNet class 0 is the background class.
+* ``hub``: TF Hub's reusable SavedModel API, so ``hub.load(dir)(images)`` gives the logits and
+  ``hub.KerasLayer(dir)`` works in tf-keras: ``__call__(images, training=False)``,
+  ``variables``, ``trainable_variables`` (weights, biases, gamma, beta; fine-tuning with
+  ``training=True`` also moves the batch-norm statistics, as training does) and an empty
+  ``regularization_losses`` (the weight decay of training is an hparam, not part of the model).
+* ``both`` (default): the two in one directory.
+
+``assets.extra/alp_export.json`` records where the weights came from and how to feed the
+model. The directory is written under a temporary sibling name and renamed into place when
+complete; a non-empty ``export_dir`` is replaced only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import uuid
+from typing import Optional
+
+import tensorflow as tf
+from absl import logging
+
+from adversarial_logit_pairing import checkpoints, evaluation, model_lib
+from adversarial_logit_pairing.datasets import dataset_factory, imagenet_input, tiny_imagenet_input
+from adversarial_logit_pairing.errors import CheckpointError, ConfigError
+from adversarial_logit_pairing.models import ImageClassifier, get_model_config
+
+FORMATS = ("saved_model", "hub", "both")
+SIGNATURE_KEY = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY  # "serving_default"
+INPUT_KEY = "images"
+METADATA_PATH = os.path.join("assets.extra", "alp_export.json")
+
+_DATASET_CLASSES = {
+    "imagenet": imagenet_input.NUM_CLASSES,
+    "tiny_imagenet": tiny_imagenet_input.NUM_CLASSES,
+}
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """Plain-data mirror of ``export.py``'s flags."""
+
+    checkpoint_path: str
+    export_dir: str
+    model_name: str = "resnet_v2_50"
+    dataset: Optional[str] = None
+    num_classes: Optional[int] = None
+    moving_average_decay: float = 0.9999
+    trainable_scopes: Optional[str] = None
+    image_size: Optional[int] = None
+    export_format: str = "both"
+    overwrite: bool = False
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What ``export`` wrote."""
+
+    export_dir: str
+    checkpoint_path: str
+    global_step: Optional[int]
+    num_classes: int
+    moving_average: bool
+
+
+def resolve_num_classes(model_name: str, checkpoint_path: str, num_classes: Optional[int],
+                        dataset: Optional[str]) -> int:
+    """The width of the logits: ``num_classes``, else ``dataset``'s, else the checkpoint's.
+
+    The checkpoint's count is read from ``<scope>/logits/biases`` (or its shadow), the head
+    of TF-Slim's ResNets.
+
+    Raises:
+      ConfigError: an unknown data set, a class count that disagrees with the data set's, or
+        nothing to take the count from.
+    """
+    if dataset is not None and dataset not in _DATASET_CLASSES:
+        raise ConfigError(f"--dataset={dataset}: unknown data set; known data sets: "
+                          f"{', '.join(dataset_factory.DATASETS)}")
+    if num_classes is not None:
+        if num_classes < 1:
+            raise ConfigError(f"--num_classes={num_classes}: must be positive")
+        if dataset is not None and num_classes != _DATASET_CLASSES[dataset]:
+            raise ConfigError(f"--num_classes={num_classes} disagrees with --dataset={dataset} "
+                              f"({_DATASET_CLASSES[dataset]} classes); give one of them")
+        return num_classes
+    if dataset is not None:
+        return _DATASET_CLASSES[dataset]
+    scope = get_model_config(model_name).name
+    shapes = tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()
+    for name in (f"{scope}/logits/biases", f"{scope}/logits/biases{checkpoints.EMA_SUFFIX}"):
+        if name in shapes and len(shapes[name]) == 1:
+            logging.info("%d classes, from %s in %s", shapes[name][0], name, checkpoint_path)
+            return int(shapes[name][0])
+    raise ConfigError(
+        f"cannot tell the number of classes: {checkpoint_path} holds no {scope}/logits/biases; "
+        "give --num_classes or --dataset"
+    )
+
+
+def restore_model(checkpoint_path: str, model_name: str, num_classes: int,
+                  moving_average_decay: float,
+                  trainable_scopes: Optional[str] = None) -> ImageClassifier:
+    """Builds ``model_name`` and loads a checkpoint prefix into it as ``eval.py`` does.
+
+    Raises:
+      ConfigError: unknown model.
+      CheckpointError: the checkpoint does not fit (see ``checkpoints.restore``), or moving
+        averages were asked of a checkpoint saved without them.
+    """
+    model = model_lib.get_model(model_name, num_classes)
+    assignments = evaluation.restore_assignments(model, moving_average_decay, trainable_scopes)
+    wants_shadows = any(name.endswith(checkpoints.EMA_SUFFIX) for name in assignments)
+    if wants_shadows and not checkpoints.has_moving_averages(checkpoint_path):
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path} holds no {checkpoints.EMA_SUFFIX} shadows (saved "
+            "without moving averages, like the released ALP checkpoints): export it with "
+            "--moving_average_decay=-1"
+        )
+    checkpoints.restore(assignments, checkpoint_path,
+                        what=f"{model_name} ({num_classes} classes) export model")
+    return model
+
+
+def build_export_module(model: ImageClassifier, image_size: Optional[int] = None,
+                        export_format: str = "both") -> tf.Module:
+    """The object ``tf.saved_model.save`` writes: signature and/or Hub API over ``model``.
+
+    Returns a ``tf.train.Checkpoint`` (a trackable that, unlike ``tf.Module``, accepts the
+    ``variables`` and ``trainable_variables`` attributes the Hub API asks for).
+
+    Raises:
+      ConfigError: unknown format or a non-positive image size.
+    """
+    if export_format not in FORMATS:
+        raise ConfigError(f"--format={export_format}: expected one of {', '.join(FORMATS)}")
+    if image_size is not None and image_size < 1:
+        raise ConfigError(f"--image_size={image_size}: must be positive (or unset: any size)")
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=INPUT_KEY)
+    root = tf.train.Checkpoint()
+    root.model = model
+
+    if export_format in ("saved_model", "both"):
+        @tf.function(input_signature=[spec])
+        def serve(images):
+            logits = model(images, is_training=False)
+            return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+        root.serve = serve
+    if export_format in ("hub", "both"):
+        @tf.function
+        def call(images, training=False):
+            return model(images, is_training=training)
+
+        # hub.KerasLayer passes a Python bool: both variants have to be in the SavedModel.
+        for training in (False, True):
+            call.get_concrete_function(spec, training=training)
+        root.__call__ = call
+        root.variables = list(model.variables)
+        root.trainable_variables = list(model.trainable_variables)
+        root.regularization_losses = []
+    return root
+
+
+def _prepare_destination(export_dir: str, overwrite: bool) -> None:
+    if not tf.io.gfile.exists(export_dir):
+        return
+    if not tf.io.gfile.isdir(export_dir):
+        raise ConfigError(f"--export_dir={export_dir}: exists and is not a directory")
+    if tf.io.gfile.listdir(export_dir) and not overwrite:
+        raise ConfigError(f"--export_dir={export_dir}: directory is not empty; pass "
+                          "--overwrite to replace it")
+
+
+def write_export(root: tf.Module, export_dir: str, metadata: dict,
+                 overwrite: bool = False) -> str:
+    """Saves ``root`` (with ``metadata`` as JSON) into ``export_dir``, atomically.
+
+    The SavedModel is written into a temporary sibling directory, then renamed into place; an
+    existing directory is moved aside first and deleted last, so ``export_dir`` is always
+    either the old export or the complete new one.
+
+    Raises:
+      ConfigError: ``export_dir`` is a file, or a non-empty directory without ``overwrite``.
+    """
+    export_dir = export_dir.rstrip("/") or export_dir
+    _prepare_destination(export_dir, overwrite)
+    parent = os.path.dirname(os.path.abspath(export_dir))
+    tf.io.gfile.makedirs(parent)
+    token = uuid.uuid4().hex[:8]
+    tmp_dir = f"{export_dir}.tmp-{token}"
+    old_dir = f"{export_dir}.old-{token}"
+    signatures = {SIGNATURE_KEY: root.serve} if hasattr(root, "serve") else None
+    try:
+        tf.saved_model.save(root, tmp_dir, signatures=signatures)
+        with tf.io.gfile.GFile(os.path.join(tmp_dir, METADATA_PATH), "w") as f:
+            f.write(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        if tf.io.gfile.exists(export_dir):
+            tf.io.gfile.rename(export_dir, old_dir)
+        tf.io.gfile.rename(tmp_dir, export_dir)
+    finally:
+        if tf.io.gfile.exists(tmp_dir):
+            tf.io.gfile.rmtree(tmp_dir)
+    if tf.io.gfile.exists(old_dir):
+        tf.io.gfile.rmtree(old_dir)
+    return export_dir
+
+
+def export(config: ExportConfig) -> ExportResult:
+    """Runs ``export.py``: checkpoint -> SavedModel / Hub model in ``config.export_dir``.
+
+    Raises:
+      ConfigError: bad flags or an occupied export directory.
+      MissingDataError: no checkpoint at ``config.checkpoint_path``.
+      CheckpointError: the checkpoint does not fit the model.
+    """
+    if not config.export_dir:
+        raise ConfigError("--export_dir has to be provided")
+    if config.export_format not in FORMATS:
+        raise ConfigError(f"--format={config.export_format}: expected one of "
+                          f"{', '.join(FORMATS)}")
+    # Refuse early, before minutes of loading, when the destination is taken.
+    _prepare_destination(config.export_dir, config.overwrite)
+    start = time.time()
+    prefix = checkpoints.resolve_checkpoint(config.checkpoint_path, "--checkpoint_path")
+    num_classes = resolve_num_classes(config.model_name, prefix, config.num_classes,
+                                      config.dataset)
+    model = restore_model(prefix, config.model_name, num_classes, config.moving_average_decay,
+                          config.trainable_scopes)
+    use_ema = bool(config.moving_average_decay) and config.moving_average_decay > 0
+    step = checkpoints.checkpoint_step(prefix)
+    root = build_export_module(model, config.image_size, config.export_format)
+    low, high = dataset_factory.BOUNDS
+    metadata = {
+        "model_name": config.model_name,
+        "num_classes": num_classes,
+        "background_class": num_classes == imagenet_input.NUM_CLASSES,
+        "input": {
+            "key": INPUT_KEY,
+            "dtype": "float32",
+            "shape": [None, config.image_size, config.image_size, 3],
+            "range": [low, high],
+        },
+        "outputs": ["logits", "probabilities"],
+        "format": config.export_format,
+        "signature": SIGNATURE_KEY if config.export_format != "hub" else None,
+        "checkpoint_path": prefix,
+        "global_step": step,
+        "moving_average": use_ema,
+        "moving_average_decay": config.moving_average_decay,
+        "trainable_scopes": config.trainable_scopes,
+    }
+    logging.info("Writing the %s export of %s (global step %s, %s) to %s",
+                 config.export_format, prefix, step,
+                 "moving averages" if use_ema else "plain variables", config.export_dir)
+    write_export(root, config.export_dir, metadata, config.overwrite)
+    logging.info("Exported %s in %.1fs", config.export_dir, time.time() - start)
+    return ExportResult(config.export_dir, prefix, step, num_classes, use_ema)
+
+
+def read_metadata(export_dir: str) -> dict:
+    """The ``alp_export.json`` an export carries (model, classes, input range, source)."""
+    with tf.io.gfile.GFile(os.path.join(export_dir, METADATA_PATH)) as f:
+        return json.load(f)

@@ -235,8 +235,6 @@ class BatchNorm(Layer):
         y, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
             x, gamma, beta, epsilon=self.epsilon, is_training=True
         )
-        n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-        batch_variance = batch_variance * (n - 1) / n
         rate = 1.0 - self.decay
         for moving, batch in ((self.moving_mean, batch_mean),
                               (self.moving_variance, batch_variance)):

@@ -153,11 +153,14 @@ def test_training_crops_change_between_epochs_while_eval_passes_repeat(
         name, tiny_dir, imagenet_dir):
     data_dir = tiny_dir if name == "tiny_imagenet" else imagenet_dir
     train, *_ = dataset_factory.get_dataset(name, "train", 6, 16, True, data_dir)
-    images, labels = collect(train, 4)  # 4 epochs of 6 records, one label per record
+    images, labels = collect(train, 8)  # about 8 epochs of 6 records, one label per record
     for label in np.unique(labels):
         copies = images[labels == label]
-        assert len(copies) >= 2
-        assert not np.allclose(copies[0], copies[1], atol=1e-3), f"record {label}"
+        assert len(copies) >= 3
+        # Two draws may coincide (the whole-image fallback with the same flip); all of them
+        # coinciding over the epochs would mean the crop is not random.
+        distinct = {tuple(np.round(copy, 2).ravel()) for copy in copies}
+        assert len(distinct) >= 2, f"record {label}"
 
     evaluation, *_ = dataset_factory.get_dataset(name, "validation", 1, 16, False, data_dir)
     pass_one, pass_two = collect(evaluation, 100), collect(evaluation, 100)

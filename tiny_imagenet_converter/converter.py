@@ -18,10 +18,10 @@ if __package__ in (None, ""):
     # Run as a script: make the repository root importable without installing the package.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
+from adversarial_logit_pairing.cli import run_program  # noqa: E402
 from adversarial_logit_pairing.datasets import tiny_imagenet_conversion  # noqa: E402
-from adversarial_logit_pairing.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -32,25 +32,16 @@ flags.DEFINE_string("imagenet_synsets_path", "",
 
 
 def main(argv: list[str]) -> None:
-    """Runs the conversion; a user error ends the program with a one-line message."""
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        counts = tiny_imagenet_conversion.convert_tiny_imagenet(
-            FLAGS.input_dir, FLAGS.output_dir, FLAGS.imagenet_synsets_path or None)
-    except UserError as exc:
-        _fail(str(exc))
+    """Runs the conversion (``run_program`` turns a user error into a one-line message)."""
+    del argv
+    counts = tiny_imagenet_conversion.convert_tiny_imagenet(
+        FLAGS.input_dir, FLAGS.output_dir, FLAGS.imagenet_synsets_path or None)
     logging.info("Wrote %s", ", ".join(f"{count} {split}" for split, count in counts.items()))
-
-
-def _fail(message: str) -> None:
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def run() -> None:
     """Console-script entry point (alp-convert-tiny-imagenet)."""
-    app.run(main)
+    run_program(main, "converter.py")
 
 
 if __name__ == "__main__":

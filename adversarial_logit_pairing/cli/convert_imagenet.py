@@ -11,13 +11,11 @@ Replaces TF-Slim's TF1-only build_imagenet_data.py. Example::
 The record layout is described in adversarial_logit_pairing/datasets/imagenet_conversion.py.
 """
 
-import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from adversarial_logit_pairing.cli import run_program
 from adversarial_logit_pairing.datasets import imagenet_conversion
-from adversarial_logit_pairing.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -41,35 +39,26 @@ flags.DEFINE_integer("num_threads", 8, "Threads converting images in parallel")
 
 
 def main(argv: list[str]) -> None:
-    """Runs the conversion; a user error ends the program with a one-line message."""
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        counts = imagenet_conversion.convert_imagenet(
-            output_dir=FLAGS.output_dir,
-            labels_file=FLAGS.labels_file,
-            train_dir=FLAGS.train_dir,
-            validation_dir=FLAGS.validation_dir,
-            validation_labels_file=FLAGS.validation_labels_file,
-            bounding_box_dir=FLAGS.bounding_box_dir,
-            imagenet_metadata_file=FLAGS.imagenet_metadata_file,
-            train_shards=FLAGS.train_shards,
-            validation_shards=FLAGS.validation_shards,
-            num_threads=FLAGS.num_threads,
-        )
-    except UserError as exc:
-        _fail(str(exc))
+    """Runs the conversion (``run_program`` turns a user error into a one-line message)."""
+    del argv
+    counts = imagenet_conversion.convert_imagenet(
+        output_dir=FLAGS.output_dir,
+        labels_file=FLAGS.labels_file,
+        train_dir=FLAGS.train_dir,
+        validation_dir=FLAGS.validation_dir,
+        validation_labels_file=FLAGS.validation_labels_file,
+        bounding_box_dir=FLAGS.bounding_box_dir,
+        imagenet_metadata_file=FLAGS.imagenet_metadata_file,
+        train_shards=FLAGS.train_shards,
+        validation_shards=FLAGS.validation_shards,
+        num_threads=FLAGS.num_threads,
+    )
     logging.info("Wrote %s", ", ".join(f"{count} {split}" for split, count in counts.items()))
-
-
-def _fail(message: str) -> None:
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def run() -> None:
     """Console-script entry point (alp-convert-imagenet)."""
-    app.run(main)
+    run_program(main, "convert_imagenet.py")
 
 
 if __name__ == "__main__":

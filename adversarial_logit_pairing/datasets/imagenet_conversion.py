@@ -35,6 +35,7 @@ import tensorflow as tf
 from absl import logging
 
 from adversarial_logit_pairing.datasets import tf_error_text, tfrecord_files
+from adversarial_logit_pairing.datasets.wnid_lists import read_lines, read_wnid_list
 from adversarial_logit_pairing.errors import ConfigError, DataError, MissingDataError
 
 # build_imagenet_data.py shuffled the file list with this seed before sharding.
@@ -61,21 +62,7 @@ def read_synsets(labels_file: str) -> list[str]:
       MissingDataError: the file does not exist.
       DataError: a wnid appears twice, or the file is empty.
     """
-    lines = _read_lines(labels_file, "--labels_file")
-    synsets: list[str] = []
-    seen: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        wnid = line.strip()
-        if not wnid:
-            continue
-        if wnid in seen:
-            raise DataError(f"{labels_file}, line {number}: wnid {wnid} repeats line "
-                            f"{seen[wnid]}")
-        seen[wnid] = number
-        synsets.append(wnid)
-    if not synsets:
-        raise DataError(f"{labels_file}: no wnid in --labels_file")
-    return synsets
+    return read_wnid_list(labels_file, "--labels_file")
 
 
 def read_metadata(metadata_file: str) -> dict[str, str]:
@@ -86,7 +73,7 @@ def read_metadata(metadata_file: str) -> dict[str, str]:
       DataError: a non-empty line without a tab.
     """
     texts = {}
-    for number, line in enumerate(_read_lines(metadata_file, "--imagenet_metadata_file"), 1):
+    for number, line in enumerate(read_lines(metadata_file, "--imagenet_metadata_file"), 1):
         line = line.rstrip("\r\n")
         if not line.strip():
             continue
@@ -143,7 +130,7 @@ def find_validation_images(validation_dir: str, validation_labels_file: str,
     if not tf.io.gfile.isdir(validation_dir):
         raise MissingDataError(f"--validation_dir={validation_dir}: no such directory")
     labels = {wnid: index + 1 for index, wnid in enumerate(synsets)}
-    lines = _read_lines(validation_labels_file, "--validation_labels_file")
+    lines = read_lines(validation_labels_file, "--validation_labels_file")
     wnids = []
     for number, line in enumerate(lines, start=1):
         wnid = line.strip()
@@ -436,13 +423,6 @@ def convert_imagenet(*, output_dir: str, labels_file: str, train_dir: str | None
 def _image_files(folder: str) -> list[str]:
     return sorted(os.path.join(folder, name) for name in tf.io.gfile.listdir(folder)
                   if name.lower().endswith(IMAGE_EXTENSIONS))
-
-
-def _read_lines(path: str, flag: str) -> list[str]:
-    if not tf.io.gfile.exists(path):
-        raise MissingDataError(f"{flag}={path}: no such file")
-    with tf.io.gfile.GFile(path, "r") as f:
-        return f.read().splitlines()
 
 
 def _clip01(value: float) -> float:

@@ -32,6 +32,7 @@ import tensorflow as tf
 from absl import logging
 
 from adversarial_logit_pairing.datasets import tf_error_text, tfrecord_files
+from adversarial_logit_pairing.datasets.wnid_lists import read_wnid_list
 from adversarial_logit_pairing.errors import ConfigError, DataError, MissingDataError
 
 # Fixed so that a rerun writes the same train.tfrecord (the original used an unseeded shuffle).
@@ -49,33 +50,6 @@ class AnnotatedImage:
     source: str
     wnid: str | None = None
     box: tuple[int, int, int, int] | None = None
-
-
-def read_wnid_list(path: str, what: str) -> list[str]:
-    """Non-empty stripped lines of a wnid list; the label of a wnid is its position.
-
-    Raises:
-      MissingDataError: the file does not exist.
-      DataError: a wnid repeats or the list is empty.
-    """
-    if not tf.io.gfile.exists(path):
-        raise MissingDataError(f"{path}: no such file ({what})")
-    with tf.io.gfile.GFile(path, "r") as f:
-        lines = f.read().splitlines()
-    wnids: list[str] = []
-    first_line: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        wnid = line.strip()
-        if not wnid:
-            continue
-        if wnid in first_line:
-            raise DataError(f"{path}, line {number}: wnid {wnid} repeats line "
-                            f"{first_line[wnid]}")
-        first_line[wnid] = number
-        wnids.append(wnid)
-    if not wnids:
-        raise DataError(f"{path}: no wnid in {what}")
-    return wnids
 
 
 def read_annotations(annotations_file: str, images_dir: str,

@@ -1,0 +1,38 @@
+"""train.py and eval.py expose every flag of the original scripts (seen by --helpfull)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ORIGINAL_FLAGS = {
+    "train.py": [
+        "max_steps", "output_dir", "ps_tasks", "task", "master", "model_name", "dataset",
+        "dataset_image_size", "num_summary_images", "save_summaries_steps",
+        "save_summaries_secs", "save_model_steps", "hparams", "replicas_to_aggregate",
+        "worker_replicas", "moving_average_decay", "finetune_checkpoint_path",
+        "finetune_exclude_pretrained_scopes", "finetune_trainable_scopes",
+        "imagenet_data_dir", "tiny_imagenet_data_dir",
+    ],
+    "eval.py": [
+        "train_dir", "checkpoint_path", "output_file", "eval_name", "master", "model_name",
+        "adv_method", "dataset", "dataset_image_size", "hparams", "split_name",
+        "moving_average_decay", "eval_interval_secs", "num_examples", "eval_once",
+        "trainable_scopes", "imagenet_data_dir", "tiny_imagenet_data_dir",
+    ],
+}
+
+
+@pytest.mark.parametrize("script", sorted(ORIGINAL_FLAGS))
+def test_helpfull_lists_every_original_flag(script):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), "--helpfull"],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = set(re.findall(r"^\s+--(?:\[no\])?(\w+):", proc.stdout, flags=re.M))
+    missing = [flag for flag in ORIGINAL_FLAGS[script] if flag not in listed]
+    assert not missing, f"{script} --helpfull lacks {missing}"

@@ -1,4 +1,4 @@
-"""Evaluates checkpoints on clean or adversarial inputs (the original eval.py).
+r"""Evaluates checkpoints on clean or adversarial inputs (the original eval.py).
 
 Example:
   python eval.py --checkpoint_path=/tmp/alp --dataset=tiny_imagenet \

@@ -1,8 +1,8 @@
-"""Exports a checkpoint as a TF2 SavedModel with a serving signature and as a TF-Hub model.
+r"""Exports a checkpoint as a TF2 SavedModel with a serving signature and as a TF-Hub model.
 
 Example (a released checkpoint, saved without moving averages):
-  python export.py --checkpoint_path=/data/tiny_imagenet_alp05_2018_06_26.ckpt \
-      --dataset=tiny_imagenet --moving_average_decay=-1 --export_dir=/tmp/tiny_alp_export
+  python export.py --checkpoint_path=checkpoints/tiny_imagenet_alp05 \
+      --dataset=tiny_imagenet --moving_average_decay=-1 --export_dir=/tmp/tiny_alp05_export
 """
 
 import os

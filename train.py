@@ -1,4 +1,4 @@
-"""Trains a model with clean, adversarial or logit-paired training (the original train.py).
+r"""Trains a model with clean, adversarial or logit-paired training (the original train.py).
 
 Example (ALP on Tiny ImageNet):
   python train.py --output_dir=/tmp/alp --dataset=tiny_imagenet \

@@ -233,7 +233,7 @@ def _hints(
         if name.removesuffix(EMA_SUFFIX).endswith("/logits/biases"):
             theirs, ours = shapes[name][-1], assignments[name].shape[-1]
             hints.append(
-                f"the checkpoint was trained for {theirs} classes and the {what} has {ours} "
+                f"the checkpoint was trained for {theirs} classes, the {what} has {ours} "
                 "(ImageNet: 1001, Tiny ImageNet: 200): choose the matching --dataset, or, to "
                 "fine-tune across data sets, exclude the logits scope with "
                 "--finetune_exclude_pretrained_scopes"
@@ -283,7 +283,9 @@ def restore(
         scopes = sorted({_scope(name) for name in shapes} - {""})
         if scopes:
             parts.append("checkpoint scopes: " + ", ".join(scopes[:_MAX_LISTED]))
-        parts.extend(_hints(assignments, shapes, missing, mismatched, what))
+        hints = _hints(assignments, shapes, missing, mismatched, what)
+        if hints:
+            parts.append("Likely cause: " + "; ".join(hints))
         raise CheckpointError(". ".join(parts))
     for name, variable in assignments.items():
         value = reader.get_tensor(name)

@@ -138,7 +138,7 @@ def restore_model(checkpoint_path: str, model_name: str, num_classes: int,
 
 
 def build_export_module(model: ImageClassifier, image_size: Optional[int] = None,
-                        export_format: str = "both") -> tf.Module:
+                        export_format: str = "both") -> tf.train.Checkpoint:
     """The object ``tf.saved_model.save`` writes: signature and/or Hub API over ``model``.
 
     Returns a ``tf.train.Checkpoint`` (a trackable that, unlike ``tf.Module``, accepts the
@@ -187,27 +187,29 @@ def _prepare_destination(export_dir: str, overwrite: bool) -> None:
                           "--overwrite to replace it")
 
 
-def write_export(root: tf.Module, export_dir: str, metadata: dict,
+def write_export(root: tf.train.Checkpoint, export_dir: str, metadata: dict,
                  overwrite: bool = False) -> str:
     """Saves ``root`` (with ``metadata`` as JSON) into ``export_dir``, atomically.
 
     The SavedModel is written into a temporary sibling directory, then renamed into place; an
-    existing directory is moved aside first and deleted last, so ``export_dir`` is always
-    either the old export or the complete new one.
+    existing directory is moved aside first and deleted last, so ``export_dir`` never holds a
+    partial export (if the final rename fails, the old one is left as ``<dir>.old-*``).
 
     Raises:
       ConfigError: ``export_dir`` is a file, or a non-empty directory without ``overwrite``.
     """
     export_dir = export_dir.rstrip("/") or export_dir
     _prepare_destination(export_dir, overwrite)
-    parent = os.path.dirname(os.path.abspath(export_dir))
-    tf.io.gfile.makedirs(parent)
+    parent = os.path.dirname(export_dir)
+    if parent:
+        tf.io.gfile.makedirs(parent)
     token = uuid.uuid4().hex[:8]
     tmp_dir = f"{export_dir}.tmp-{token}"
     old_dir = f"{export_dir}.old-{token}"
     signatures = {SIGNATURE_KEY: root.serve} if hasattr(root, "serve") else None
     try:
         tf.saved_model.save(root, tmp_dir, signatures=signatures)
+        tf.io.gfile.makedirs(os.path.dirname(os.path.join(tmp_dir, METADATA_PATH)))
         with tf.io.gfile.GFile(os.path.join(tmp_dir, METADATA_PATH), "w") as f:
             f.write(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         if tf.io.gfile.exists(export_dir):
@@ -265,9 +267,9 @@ def export(config: ExportConfig) -> ExportResult:
         "moving_average_decay": config.moving_average_decay,
         "trainable_scopes": config.trainable_scopes,
     }
-    logging.info("Writing the %s export of %s (global step %s, %s) to %s",
-                 config.export_format, prefix, step,
-                 "moving averages" if use_ema else "plain variables", config.export_dir)
+    logging.info("Exporting %s (global step %s, %s) as format '%s' to %s", prefix, step,
+                 "moving averages" if use_ema else "plain variables", config.export_format,
+                 config.export_dir)
     write_export(root, config.export_dir, metadata, config.overwrite)
     logging.info("Exported %s in %.1fs", config.export_dir, time.time() - start)
     return ExportResult(config.export_dir, prefix, step, num_classes, use_ema)

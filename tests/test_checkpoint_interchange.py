@@ -8,8 +8,6 @@ programs on the other. Images are the eval pipeline's own output, fed to both.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,8 +17,8 @@ from adversarial_logit_pairing import checkpoints, model_lib, training
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import CheckpointError
 from tests import data_builders, slim_reference
+from tests.program_runs import run_concurrently
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "resnet_v2_50"
 EMA = checkpoints.EMA_SUFFIX
 NUM_IMAGES = 4
@@ -32,20 +30,13 @@ pytestmark = [
 ]
 
 
-def _run(script, *flags, check=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *flags],
-                          capture_output=True, text=True, env=env, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+def _eval_flags(predictions_file, *flags):
+    """eval.py on the whole (4-image) validation split, writing --predictions_file."""
+    return ("eval.py", [f"--model_name={MODEL}", f"--hparams=eval_batch_size={NUM_IMAGES}",
+                        f"--predictions_file={predictions_file}", *flags])
 
 
-def _eval_predictions(tmp_path, name, *flags):
-    """eval.py on the whole (4-image) validation split; its --predictions_file contents."""
-    path = str(tmp_path / f"{name}.npz")
-    _run("eval.py", f"--model_name={MODEL}", f"--hparams=eval_batch_size={NUM_IMAGES}",
-         f"--predictions_file={path}", *flags)
+def _predictions(path):
     with np.load(path) as data:
         return {key: data[key] for key in data.files}
 
@@ -136,28 +127,23 @@ def _spread_logits(values, logits, gain=10.0):
 @pytest.fixture(scope="module")
 def slim_checkpoints(tmp_path_factory, tiny_dir, imagenet_dir):
     """num_classes -> Slim run: a Saver-written checkpoint and Slim's logits on eval images."""
-    datasets = {200: ("tiny_imagenet", tiny_dir, 64), 1001: ("imagenet", imagenet_dir, 64)}
     made = {}
-
-    def make(num_classes):
-        if num_classes not in made:
-            dataset, data_dir, size = datasets[num_classes]
-            images, labels = _eval_images(dataset, data_dir, size)
-            shapes = slim_reference.slim_variable_shapes(MODEL, num_classes)
-            values = slim_reference.random_variable_values(shapes, seed=num_classes)
-            first = slim_reference.run_slim_resnet_v2(MODEL, num_classes, images,
-                                                      is_training=False, values=values)
-            values = _spread_logits(values, first.logits)
-            directory = tmp_path_factory.mktemp(f"slim_{num_classes}")
-            prefix = str(directory / "model.ckpt")
-            run = slim_reference.run_slim_resnet_v2(MODEL, num_classes, images, is_training=False,
-                                                    values=values, save_path=prefix)
-            made[num_classes] = dict(prefix=prefix, directory=str(directory), values=values,
-                                     logits=run.logits, labels=labels, dataset=dataset,
-                                     data_dir=data_dir, image_size=size)
-        return made[num_classes]
-
-    return make
+    for num_classes, dataset, data_dir in ((200, "tiny_imagenet", tiny_dir),
+                                           (1001, "imagenet", imagenet_dir)):
+        images, labels = _eval_images(dataset, data_dir, 64)
+        shapes = slim_reference.slim_variable_shapes(MODEL, num_classes)
+        values = slim_reference.random_variable_values(shapes, seed=num_classes)
+        first = slim_reference.run_slim_resnet_v2(MODEL, num_classes, images,
+                                                  is_training=False, values=values)
+        values = _spread_logits(values, first.logits)
+        directory = tmp_path_factory.mktemp(f"slim_{num_classes}")
+        prefix = str(directory / "model.ckpt")
+        run = slim_reference.run_slim_resnet_v2(MODEL, num_classes, images, is_training=False,
+                                                values=values, save_path=prefix)
+        made[num_classes] = dict(prefix=prefix, directory=str(directory), values=values,
+                                 logits=run.logits, labels=labels, dataset=dataset,
+                                 data_dir=data_dir, image_size=64)
+    return made
 
 
 def _data_flags(case):
@@ -167,34 +153,98 @@ def _data_flags(case):
 
 # ---- 1. Slim -> us ----------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def slim_checkpoint_predictions(tmp_path_factory, slim_checkpoints):
+    """num_classes -> eval.py's predictions for the Slim-written checkpoint."""
+    out = tmp_path_factory.mktemp("slim_eval")
+    runs = {}
+    for num_classes, case in slim_checkpoints.items():
+        # The state file Saver writes makes the directory resolve to its checkpoint; use the
+        # directory for one case and the prefix for the other.
+        checkpoint = case["directory"] if num_classes == 200 else case["prefix"]
+        runs[num_classes] = _eval_flags(out / f"{num_classes}.npz",
+                                        f"--checkpoint_path={checkpoint}",
+                                        "--moving_average_decay=-1", *_data_flags(case))
+    run_concurrently(runs, str(out))
+    return {num_classes: _predictions(out / f"{num_classes}.npz") for num_classes in runs}
+
+
 @pytest.mark.parametrize("num_classes", [200, 1001], ids=["tiny_imagenet_200", "imagenet_1001"])
 def test_eval_py_reproduces_slim_logits_from_a_slim_written_checkpoint(
-        tmp_path, slim_checkpoints, num_classes):
-    case = slim_checkpoints(num_classes)
-    # The state file Saver writes makes the directory resolve to its checkpoint; use the
-    # directory for one case and the prefix for the other.
-    checkpoint = case["directory"] if num_classes == 200 else case["prefix"]
-    ours = _eval_predictions(tmp_path, "slim", f"--checkpoint_path={checkpoint}",
-                             "--moving_average_decay=-1", *_data_flags(case))
+        slim_checkpoints, slim_checkpoint_predictions, num_classes):
+    case = slim_checkpoints[num_classes]
+    ours = slim_checkpoint_predictions[num_classes]
     np.testing.assert_array_equal(ours["labels"], case["labels"])
     assert ours["logits"].shape == (NUM_IMAGES, num_classes)
     np.testing.assert_array_equal(ours["predictions"], np.argmax(case["logits"], axis=-1))
     np.testing.assert_allclose(ours["logits"], case["logits"], rtol=0, atol=1e-4)
     # Images get different top-1 classes, so equal predictions are not an accident.
     assert len(set(ours["predictions"].tolist())) > 1
+    # Batch-norm statistics far from a fresh network's 0 and 1, so they are really read.
+    stored = _checkpoint_values(case["prefix"])
+    means = np.concatenate([v for k, v in stored.items() if k.endswith("moving_mean")])
+    variances = np.concatenate([v for k, v in stored.items() if k.endswith("moving_variance")])
+    assert np.abs(means).mean() > 0.3 and np.abs(variances - 1).mean() > 0.3
 
 
 # ---- 2. us -> Slim ----------------------------------------------------------------------------
 
+FINETUNE_FLAGS = [
+    f"--finetune_exclude_pretrained_scopes={MODEL}/logits",
+    f"--finetune_trainable_scopes={MODEL}/logits,{MODEL}/postnorm",
+]
+
+
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_dir):
-    """train.py, 2 steps of resnet_v2_50 on 32x32 Tiny ImageNet with the moving average on."""
-    out = str(tmp_path_factory.mktemp("trained"))
-    _run("train.py", f"--output_dir={out}", f"--model_name={MODEL}", "--dataset=tiny_imagenet",
-         f"--tiny_imagenet_data_dir={tiny_dir}", "--dataset_image_size=32",
-         "--hparams=batch_size=2", "--max_steps=2", "--moving_average_decay=0.9999",
-         "--save_model_steps=100", "--save_summaries_steps=0")
+def train_runs(tmp_path_factory, tiny_dir, slim_checkpoints):
+    """Output directories of two train.py runs (2 steps of resnet_v2_50, 32x32 Tiny ImageNet).
+
+    "ema": the moving average on, starting from the 200-class Slim values (a fresh network's
+    moving statistics make inference-mode logits explode through 50 layers), given under
+    plain and shadow names as a checkpoint trained with the moving average holds them.
+    "finetune": the README's fine-tuning from the 1001-class Slim checkpoint; it has no
+    shadows, so the moving average is off.
+    """
+    source = {}
+    for name, value in slim_checkpoints[200]["values"].items():
+        source[name] = tf.Variable(value)
+        source[name + EMA] = tf.Variable(value)
+    source_dir = str(tmp_path_factory.mktemp("source"))
+    checkpoints.save(source, source_dir, step=0)
+    common = [f"--model_name={MODEL}", "--dataset=tiny_imagenet",
+              f"--tiny_imagenet_data_dir={tiny_dir}", "--dataset_image_size=32",
+              "--max_steps=2", "--save_summaries_steps=0"]
+    out = {name: str(tmp_path_factory.mktemp(name)) for name in ("ema", "finetune")}
+    run_concurrently({
+        "ema": ("train.py", [
+            f"--output_dir={out['ema']}", *common, "--hparams=batch_size=2,learning_rate=0.001",
+            "--moving_average_decay=0.9999", "--save_model_steps=100",
+            f"--finetune_checkpoint_path={source_dir}"]),
+        "finetune": ("train.py", [
+            f"--output_dir={out['finetune']}", *common, "--hparams=batch_size=2",
+            "--moving_average_decay=-1", "--save_model_steps=1",
+            f"--finetune_checkpoint_path={slim_checkpoints[1001]['directory']}",
+            *FINETUNE_FLAGS]),
+    }, str(tmp_path_factory.mktemp("train_logs")))
     return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(train_runs):
+    return train_runs["ema"]
+
+
+@pytest.fixture(scope="module")
+def trained_predictions(tmp_path_factory, tiny_dir, trained_run):
+    """moving_average_decay -> eval.py's predictions for the train.py checkpoint."""
+    out = tmp_path_factory.mktemp("trained_eval")
+    runs = {decay: _eval_flags(out / f"{decay}.npz", f"--checkpoint_path={trained_run}",
+                               f"--moving_average_decay={decay}", "--dataset=tiny_imagenet",
+                               f"--tiny_imagenet_data_dir={tiny_dir}",
+                               "--dataset_image_size=32")
+            for decay in (-1.0, 0.9999)}
+    run_concurrently(runs, str(out))
+    return {decay: _predictions(out / f"{decay}.npz") for decay in runs}
 
 
 def test_train_py_checkpoint_lists_the_original_names(trained_run):
@@ -209,15 +259,14 @@ def test_train_py_checkpoint_lists_the_original_names(trained_run):
 
 @pytest.mark.parametrize("decay", [-1.0, 0.9999], ids=["plain_variables", "moving_averages"])
 def test_slim_restores_train_py_checkpoint_and_reproduces_eval_py(
-        tmp_path, tiny_dir, trained_run, decay):
+        tiny_dir, trained_run, trained_predictions, decay):
     images, labels = _eval_images("tiny_imagenet", tiny_dir, 32)
     prefix = tf.train.latest_checkpoint(trained_run)
     slim_logits, read = _slim_logits_from_checkpoint(
         prefix, 200, images, moving_average_decay=decay if decay > 0 else None)
-    ours = _eval_predictions(tmp_path, "ours", f"--checkpoint_path={trained_run}",
-                             f"--moving_average_decay={decay}", "--dataset=tiny_imagenet",
-                             f"--tiny_imagenet_data_dir={tiny_dir}", "--dataset_image_size=32")
+    ours = trained_predictions[decay]
     np.testing.assert_array_equal(ours["labels"], labels)
+    assert np.isfinite(slim_logits).all() and np.abs(slim_logits).max() < 100
     np.testing.assert_array_equal(ours["predictions"], np.argmax(slim_logits, axis=-1))
     np.testing.assert_allclose(ours["logits"], slim_logits, rtol=0, atol=1e-4)
     if decay > 0:
@@ -231,23 +280,13 @@ def test_slim_restores_train_py_checkpoint_and_reproduces_eval_py(
 
 # ---- 3. Fine-tuning from a Slim-written 1001-class checkpoint ---------------------------------
 
-FINETUNE_FLAGS = [
-    f"--finetune_exclude_pretrained_scopes={MODEL}/logits",
-    f"--finetune_trainable_scopes={MODEL}/logits,{MODEL}/postnorm",
-]
 TRAINABLE_LEAVES = ("weights", "biases", "gamma", "beta")
 
 
 def test_finetuning_tiny_imagenet_from_an_imagenet_slim_checkpoint(
-        tmp_path, tiny_dir, slim_checkpoints):
-    source = slim_checkpoints(1001)
-    out = str(tmp_path / "finetune")
-    # Slim checkpoints have no shadows: fine-tuning reads them with the average off.
-    _run("train.py", f"--output_dir={out}", f"--model_name={MODEL}", "--dataset=tiny_imagenet",
-         f"--tiny_imagenet_data_dir={tiny_dir}", "--dataset_image_size=32",
-         "--hparams=batch_size=2", "--max_steps=2", "--moving_average_decay=-1",
-         "--save_model_steps=1", "--save_summaries_steps=0",
-         f"--finetune_checkpoint_path={source['directory']}", *FINETUNE_FLAGS)
+        slim_checkpoints, train_runs):
+    source = slim_checkpoints[1001]
+    out = train_runs["finetune"]
     start = _checkpoint_values(os.path.join(out, "model.ckpt-0"))
     after = _checkpoint_values(os.path.join(out, "model.ckpt-2"))
 
@@ -284,7 +323,7 @@ def test_finetuning_with_moving_average_reads_plain_names_of_a_checkpoint_withou
     saved without any (like the released ones) fails with a hint, and
     ``checkpoints.plain_names_without_shadows`` maps the request back to the plain names.
     """
-    source = slim_checkpoints(1001)
+    source = slim_checkpoints[1001]
     model = model_lib.get_model(MODEL, 200, seed=0)
     trainable = model_lib.filter_trainable_variables(f"{MODEL}/logits,{MODEL}/postnorm",
                                                      model.trainable_variables)
@@ -305,10 +344,27 @@ def test_finetuning_with_moving_average_reads_plain_names_of_a_checkpoint_withou
 
 @pytest.fixture(scope="module")
 def resnet_v2_101_checkpoint(tmp_path_factory):
+    """TF-Slim's resnet_v2_101 graph saved by a Saver without running it (zeros suffice)."""
     prefix = str(tmp_path_factory.mktemp("slim_101") / "model.ckpt")
-    one_image = np.zeros((1, 32, 32, 3), np.float32)
-    slim_reference.run_slim_resnet_v2("resnet_v2_101", 1001, one_image, is_training=False,
-                                      save_path=prefix)
+
+    def zeros_in_own_collection(getter, *args, **kwargs):
+        # Zeros instead of 42M truncated-normal draws; a private collection spares the
+        # legacy layers' scan of all global variables (see slim_reference).
+        kwargs.update(initializer=v1.zeros_initializer(), regularizer=None,
+                      collections=["resnet_v2_101"], trainable=False)
+        return getter(*args, **kwargs)
+
+    with tf.Graph().as_default() as graph:
+        images = v1.placeholder(tf.float32, [None, 32, 32, 3])
+        with v1.variable_scope("", custom_getter=zeros_in_own_collection):
+            with slim_reference.tf_slim.arg_scope(
+                    slim_reference.slim_resnet_v2.resnet_arg_scope()):
+                slim_reference.slim_resnet_v2.resnet_v2_101(images, 1001, is_training=False)
+        variables = graph.get_collection("resnet_v2_101")
+        saver = v1.train.Saver(variables)
+        with v1.Session() as session:
+            session.run(v1.variables_initializer(variables))
+            saver.save(session, prefix, write_meta_graph=False)
     return prefix
 
 
@@ -316,37 +372,36 @@ DROPPED = (f"{MODEL}/block3/unit_2/bottleneck_v2/conv2/weights",
            f"{MODEL}/postnorm/moving_variance")
 
 
-def _unfitting_case(kind, slim_checkpoints, resnet_v2_101_checkpoint, tmp_path):
-    """(checkpoint, data case, strings the one-line error must contain)."""
-    if kind == "wrong_class_count":
-        source = slim_checkpoints(1001)
-        case = slim_checkpoints(200)
-        return source["prefix"], case, [
-            f"{MODEL}/logits/weights: checkpoint [1, 1, 2048, 1001] vs",
-            "[1, 1, 2048, 200]", "trained for 1001 classes"]
-    case = slim_checkpoints(200)
-    if kind == "wrong_model":
-        return resnet_v2_101_checkpoint, case, [
-            f"{MODEL}/conv1/weights [7, 7, 3, 64]", "resnet_v2_101", "check --model_name"]
-    # missing_variables: the Slim checkpoint without two of its tensors.
-    values = _checkpoint_values(case["prefix"])
+@pytest.fixture(scope="module")
+def unfitting_runs(tmp_path_factory, slim_checkpoints, resnet_v2_101_checkpoint):
+    """kind -> (eval.py's run, strings its one-line error must contain)."""
+    tiny = slim_checkpoints[200]
+    values = _checkpoint_values(tiny["prefix"])
     kept = {name: tf.Variable(value) for name, value in values.items() if name not in DROPPED}
-    prefix = checkpoints.save(kept, str(tmp_path / "partial"), step=1)
-    return prefix, case, [f"2 of {len(values)} variables missing",
-                          f"{DROPPED[0]} [3, 3, 256, 256]", f"{DROPPED[1]} [2048]"]
+    partial = checkpoints.save(kept, str(tmp_path_factory.mktemp("partial")), step=1)
+    cases = {
+        "wrong_class_count": (slim_checkpoints[1001]["prefix"], [
+            f"{MODEL}/logits/weights: checkpoint [1, 1, 2048, 1001] vs",
+            "[1, 1, 2048, 200]", "trained for 1001 classes"]),
+        "wrong_model": (resnet_v2_101_checkpoint, [
+            f"{MODEL}/conv1/weights [7, 7, 3, 64]", "resnet_v2_101", "check --model_name"]),
+        "missing_variables": (partial, [
+            f"2 of {len(values)} variables missing", f"{DROPPED[0]} [3, 3, 256, 256]",
+            f"{DROPPED[1]} [2048]"]),
+    }
+    runs = {kind: ("eval.py", [f"--checkpoint_path={checkpoint}", f"--model_name={MODEL}",
+                               "--moving_average_decay=-1",
+                               f"--hparams=eval_batch_size={NUM_IMAGES}", *_data_flags(tiny)])
+            for kind, (checkpoint, _) in cases.items()}
+    results = run_concurrently(runs, str(tmp_path_factory.mktemp("unfitting")), check=False)
+    return {kind: (results[kind], expected) for kind, (_, expected) in cases.items()}
 
 
 @pytest.mark.parametrize("kind", ["wrong_class_count", "wrong_model", "missing_variables"])
-def test_eval_py_rejects_an_unfitting_checkpoint_in_one_line(
-        tmp_path, slim_checkpoints, resnet_v2_101_checkpoint, kind):
-    checkpoint, case, expected = _unfitting_case(kind, slim_checkpoints,
-                                                 resnet_v2_101_checkpoint, tmp_path)
-    proc = _run("eval.py", f"--checkpoint_path={checkpoint}", f"--model_name={MODEL}",
-                "--moving_average_decay=-1", f"--hparams=eval_batch_size={NUM_IMAGES}",
-                *_data_flags(case), check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("eval.py: error: checkpoint "), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+def test_eval_py_rejects_an_unfitting_checkpoint_in_one_line(unfitting_runs, kind):
+    run, expected = unfitting_runs[kind]
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.last_line.startswith("eval.py: error: checkpoint "), run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
     for text in expected:
-        assert text in lines[-1], (text, lines[-1])
+        assert text in run.last_line, (text, run.last_line)

@@ -91,3 +91,83 @@ def test_resolving_a_missing_checkpoint_names_the_flag(tmp_path):
         checkpoints.resolve_checkpoint(str(tmp_path), "--checkpoint_path")
     with pytest.raises(MissingDataError, match="--finetune_checkpoint_path"):
         checkpoints.resolve_checkpoint(str(tmp_path / "nope"), "--finetune_checkpoint_path")
+
+
+def _model_like(num_classes=10, scope="net"):
+    """A few variables named as a Slim classifier's, with a logits head of num_classes."""
+    return {
+        f"{scope}/conv1/weights": tf.Variable(tf.ones([3, 3, 3, 4])),
+        f"{scope}/logits/weights": tf.Variable(tf.ones([1, 1, 4, num_classes])),
+        f"{scope}/logits/biases": tf.Variable(tf.ones([num_classes])),
+    }
+
+
+def test_missing_shadows_are_named_as_the_cause(tmp_path):
+    prefix = checkpoints.save(_model_like(), str(tmp_path), step=1)
+    wanted = {name + checkpoints.EMA_SUFFIX: v for name, v in _model_like().items()}
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.restore(wanted, prefix)
+    message = str(info.value)
+    assert "net/conv1/weights/ExponentialMovingAverage [3, 3, 3, 4]" in message
+    assert "holds no /ExponentialMovingAverage shadows" in message
+    assert "--moving_average_decay=-1" in message
+    assert "another model" not in message
+
+
+def test_another_class_count_is_named_as_the_cause(tmp_path):
+    prefix = checkpoints.save(_model_like(num_classes=1001), str(tmp_path), step=1)
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.restore(_model_like(num_classes=200), prefix, what="eval model")
+    message = str(info.value)
+    assert "net/logits/biases: checkpoint [1001] vs eval model [200]" in message
+    assert "trained for 1001 classes, the eval model has 200" in message
+    assert "\n" not in message
+
+
+def test_another_model_is_named_as_the_cause(tmp_path):
+    prefix = checkpoints.save(_model_like(scope="resnet_v2_101"), str(tmp_path), step=1)
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.restore(_model_like(scope="resnet_v2_50"), prefix)
+    message = str(info.value)
+    assert "3 of 3 variables missing: resnet_v2_50/conv1/weights [3, 3, 3, 4]" in message
+    assert "another model (scopes resnet_v2_101; the model has resnet_v2_50)" in message
+
+
+def test_shadow_names_fall_back_to_plain_names_only_without_any_shadow(tmp_path):
+    plain_dir, mixed_dir = tmp_path / "plain", tmp_path / "mixed"
+    source = _model_like()
+    plain = checkpoints.save(source, str(plain_dir), step=1)
+    shadowed = dict(source)
+    shadowed["net/conv1/weights" + checkpoints.EMA_SUFFIX] = tf.Variable(tf.zeros([3, 3, 3, 4]))
+    mixed = checkpoints.save(shadowed, str(mixed_dir), step=1)
+    target = {name: tf.Variable(tf.zeros(v.shape)) for name, v in source.items()}
+    wanted = {"net/conv1/weights" + checkpoints.EMA_SUFFIX: target["net/conv1/weights"],
+              "net/logits/biases": target["net/logits/biases"]}
+
+    assert checkpoints.has_moving_averages(mixed) and not checkpoints.has_moving_averages(plain)
+    # A checkpoint with shadows keeps the request as it is.
+    assert checkpoints.plain_names_without_shadows(wanted, mixed) == wanted
+    mapped = checkpoints.plain_names_without_shadows(wanted, plain)
+    assert set(mapped) == {"net/conv1/weights", "net/logits/biases"}
+    checkpoints.restore(mapped, plain)
+    np.testing.assert_array_equal(target["net/conv1/weights"].numpy(), np.ones([3, 3, 3, 4]))
+
+
+def _save_without_state_file(prefix):
+    """A TF1 Saver checkpoint without the 'checkpoint' file, like an unpacked release."""
+    with tf.Graph().as_default():
+        variable = tf.compat.v1.get_variable("net/w", initializer=tf.constant([1.0, 2.0]))
+        saver = tf.compat.v1.train.Saver([variable])
+        with tf.compat.v1.Session() as session:
+            session.run(variable.initializer)
+            saver.save(session, prefix, write_state=False, write_meta_graph=False)
+
+
+def test_directory_without_state_file_resolves_to_its_only_checkpoint(tmp_path):
+    _save_without_state_file(str(tmp_path / "released.ckpt"))
+    assert not (tmp_path / "checkpoint").exists()
+    prefix = checkpoints.resolve_checkpoint(str(tmp_path), "--checkpoint_path")
+    assert prefix == str(tmp_path / "released.ckpt")
+    _save_without_state_file(str(tmp_path / "other.ckpt"))
+    with pytest.raises(MissingDataError, match="2 checkpoints .*other.ckpt; released.ckpt"):
+        checkpoints.resolve_checkpoint(str(tmp_path), "--checkpoint_path")

@@ -130,24 +130,19 @@ def _pgd_graph(
 _COMPILED: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
-def _compiled_pgd(model_fn: ModelFn, settings: tuple) -> Callable:
+def _compiled(model_fn: ModelFn, key: tuple, graph_fn: Callable) -> Callable:
+    """The tf.function of ``graph_fn`` cached for ``model_fn`` under ``key``.
+
+    One function serves seeded and unseeded calls: tf.function traces ``seed=None`` apart
+    from a seed tensor, and each once per input signature.
+    """
     try:
         per_model = _COMPILED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable (e.g. a bound method); compile without caching
         per_model = {}
-    fn = per_model.get(settings)
+    fn = per_model.get(key)
     if fn is None:
-        bounds, eps, step_size, num_iter, targeted = settings
-
-        def attack(x, labels, seed):
-            return _pgd_graph(x, bounds, model_fn, eps, step_size, num_iter, labels, targeted, seed)
-
-        def attack_unseeded(x, labels):
-            return _pgd_graph(x, bounds, model_fn, eps, step_size, num_iter, labels, targeted, None)
-
-        fn = (tf.function(attack, reduce_retracing=True),
-              tf.function(attack_unseeded, reduce_retracing=True))
-        per_model[settings] = fn
+        fn = per_model[key] = tf.function(graph_fn, reduce_retracing=True)
     return fn
 
 
@@ -192,10 +187,45 @@ def pgd(
             x, (lo, hi), model_fn, float(eps), float(step_size), int(num_iter), labels,
             bool(targeted), seed,
         )
-    seeded, unseeded = _compiled_pgd(model_fn, settings)
-    if seed is None:
-        return unseeded(x, labels)
-    return seeded(x, labels, seed)
+    compiled = _compiled(
+        model_fn, ("pgd", settings),
+        lambda x, labels, seed: _pgd_graph(x, (lo, hi), model_fn, *settings[1:4], labels,
+                                           settings[4], seed),
+    )
+    return compiled(x, labels, seed)
+
+
+def _attack_graph(
+    x: tf.Tensor,
+    bounds: tuple[float, float],
+    model_fn: ModelFn,
+    spec: AttackSpec,
+    seed: Optional[tf.Tensor],
+) -> tf.Tensor:
+    """Labels from the model's prediction (or a random target), then PGD; traced in a graph."""
+    lo, hi = bounds
+    scale = (hi - lo) / 255.0
+    start_seed = target_seed = None
+    if seed is not None:
+        start_seed, target_seed = _split_seed(seed)
+    logits = model_fn(x)
+    if spec.method == "pgd":
+        labels = tf.argmax(logits, axis=-1)
+    elif spec.method == "pgdll":
+        labels = tf.argmin(logits, axis=-1)
+    else:
+        num_classes = tf.shape(logits, out_type=tf.int64)[-1]
+        batch = tf.shape(logits, out_type=tf.int64)[:1]
+        if target_seed is None:
+            labels = tf.random.uniform(batch, 0, num_classes, dtype=tf.int64)
+        else:
+            labels = tf.random.stateless_uniform(
+                batch, seed=target_seed, minval=0, maxval=num_classes, dtype=tf.int64
+            )
+    return _pgd_graph(
+        x, (lo, hi), model_fn, spec.eps * scale, spec.step * scale, spec.num_iter,
+        tf.stop_gradient(labels), spec.method != "pgd", start_seed,
+    )
 
 
 def generate_adversarial_examples(
@@ -206,6 +236,10 @@ def generate_adversarial_examples(
     seed: Seed = None,
 ) -> tf.Tensor:
     """Generates adversarial examples as described by an original attack string.
+
+    Inside a ``tf.function`` the attack is traced into the caller's graph. Called eagerly, it
+    runs a tf.function cached per (model_fn, description, bounds) that traces once per input
+    signature, so repeated eager calls with the same model and shapes never retrace.
 
     Args:
       x: clean images [N, H, W, C] within ``bounds``.
@@ -224,33 +258,15 @@ def generate_adversarial_examples(
     spec = parse_attack_description(attack_description)
     if spec.is_clean:
         return x
-    lo, hi = float(bounds[0]), float(bounds[1])
-    scale = (hi - lo) / 255.0
-    start_seed = target_seed = None
+    bounds = (float(bounds[0]), float(bounds[1]))
     if seed is not None:
-        start_seed, target_seed = _split_seed(tf.cast(tf.convert_to_tensor(seed), tf.int64))
-    logits = model_fn(x)
-    if spec.method == "pgd":
-        labels = tf.argmax(logits, axis=-1)
-    elif spec.method == "pgdll":
-        labels = tf.argmin(logits, axis=-1)
-    else:
-        num_classes = tf.shape(logits, out_type=tf.int64)[-1]
-        batch = tf.shape(logits, out_type=tf.int64)[:1]
-        if target_seed is None:
-            labels = tf.random.uniform(batch, 0, num_classes, dtype=tf.int64)
-        else:
-            labels = tf.random.stateless_uniform(
-                batch, seed=target_seed, minval=0, maxval=num_classes, dtype=tf.int64
-            )
-    return pgd(
-        x,
-        (lo, hi),
-        model_fn,
-        eps=spec.eps * scale,
-        step_size=spec.step * scale,
-        num_iter=spec.num_iter,
-        labels=tf.stop_gradient(labels),
-        targeted=spec.method != "pgd",
-        seed=start_seed,
+        seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+    if not tf.executing_eagerly():
+        return _attack_graph(x, bounds, model_fn, spec, seed)
+    # Compiling the label pass with the loop matters: run eagerly, a ResNet forward is
+    # hundreds of separately dispatched ops.
+    compiled = _compiled(
+        model_fn, ("attack", spec, bounds),
+        lambda x, seed: _attack_graph(x, bounds, model_fn, spec, seed),
     )
+    return compiled(x, seed)

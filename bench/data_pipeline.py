@@ -7,10 +7,10 @@ shards; real ImageNet files average ~110 KB), then times the training pipelines 
 
   python bench/data_pipeline.py [--work_dir=/tmp/alp_bench] [--num_batches=40]
 
-The column 'ALP step images/s' is filled by
-``adversarial_logit_pairing.training.alp_step_images_per_second(dataset_name, image_size,
-batch_size)`` when the training module provides it, else 'n/a'. A ratio
-'pipeline / step' above 1 means the input pipeline keeps up with training on this machine.
+The column 'ALP step images/s' is the speed of the paper's ALP step on resnet_v2_50
+(``pgdll_16_2_10``, lp 0.5) at the pipeline's image size and batch, measured by
+``bench/_steps.alp_step_images_per_second``. A ratio 'pipeline / step' above 1 means the
+input pipeline keeps up with training on this machine.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ def _example(features: dict) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
-def write_tiny_imagenet(directory: str, count: int, rng: np.random.Generator) -> float:
-    """train.tfrecord of ``count`` 64x64 JPEG records; returns the mean JPEG size in bytes."""
+def write_tiny_imagenet(directory: str, count: int, rng: np.random.Generator,
+                        filename: str = "train.tfrecord") -> float:
+    """``filename`` with ``count`` 64x64 JPEG records; returns the mean JPEG size in bytes."""
     images = [_jpeg(synthetic_photo(64, 64, rng)) for _ in range(_DISTINCT_IMAGES)]
-    with tf.io.TFRecordWriter(os.path.join(directory, "train.tfrecord")) as writer:
+    with tf.io.TFRecordWriter(os.path.join(directory, filename)) as writer:
         for i in range(count):
             writer.write(_example({
                 "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
@@ -122,12 +123,10 @@ def pipeline_images_per_second(dataset_name: str, data_dir: str, image_size: int
     return num_batches * batch_size / (time.perf_counter() - start)
 
 
-def alp_step_rate(dataset_name: str, image_size: int, batch_size: int) -> float | None:
-    """Images/s of one ALP training step, if the training module can measure it."""
-    try:
-        from adversarial_logit_pairing.training import alp_step_images_per_second
-    except ImportError:
-        return None
+def alp_step_rate(dataset_name: str, image_size: int, batch_size: int) -> float:
+    """Images/s of the ALP training step that this pipeline would feed."""
+    from bench._steps import alp_step_images_per_second
+
     return float(alp_step_images_per_second(dataset_name, image_size, batch_size))
 
 

@@ -15,6 +15,9 @@ import dataclasses
 import numbers
 from typing import Callable, Optional
 
+import tensorflow as tf
+
+from adversarial_logit_pairing import precision
 from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.models import resnet_v2
 from adversarial_logit_pairing.models.layers import ImageClassifier
@@ -50,7 +53,7 @@ class ModelConfig:
     num_classes: int
 
 
-Builder = Callable[[ModelConfig, int, Optional[int]], ImageClassifier]
+Builder = Callable[[ModelConfig, int, Optional[int], tf.DType], ImageClassifier]
 
 
 def _slim_resnet(name: str, image_size: int = 224) -> tuple[Builder, ModelConfig]:
@@ -92,7 +95,12 @@ def get_model_config(name: str) -> ModelConfig:
         ) from None
 
 
-def create_model(name: str, num_classes: int, seed: Optional[int] = None) -> ImageClassifier:
+def create_model(
+    name: str,
+    num_classes: int,
+    seed: Optional[int] = None,
+    compute_dtype: precision.DTypeLike = "float32",
+) -> ImageClassifier:
     """Builds a registered model with all its variables (call under a strategy scope if any).
 
     Args:
@@ -100,14 +108,19 @@ def create_model(name: str, num_classes: int, seed: Optional[int] = None) -> Ima
       num_classes: width of the logits (may differ from the config's default, e.g. 200 for
         Tiny ImageNet).
       seed: makes the initial weights a deterministic function of (seed, variable name).
+      compute_dtype: 'float32', 'bfloat16' or 'float16': the dtype of convolutions and
+        activations. Variables (hence checkpoints) are float32 in every case and the logits
+        are returned float32; see ``adversarial_logit_pairing.precision``.
 
     Raises:
-      ConfigError: (a ValueError) for an unknown name or a non-positive ``num_classes``.
+      ConfigError: (a ValueError) for an unknown name, a non-positive ``num_classes`` or an
+        unknown ``compute_dtype``.
     """
     config = get_model_config(name)
     integral = isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool)
     if not integral or num_classes < 1:
         raise ConfigError(f"model {name!r}: num_classes must be a positive integer, "
                           f"got {num_classes!r}")
+    dtype = precision.resolve_compute_dtype(compute_dtype)
     builder = _REGISTRY[name][0]
-    return builder(config, int(num_classes), seed)
+    return builder(config, int(num_classes), seed, dtype)

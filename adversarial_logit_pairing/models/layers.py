@@ -172,9 +172,11 @@ class Conv2D(Layer):
             if pad_total:
                 x = tf.pad(x, [[0, 0], [pad_begin, pad_end], [pad_begin, pad_end], [0, 0]])
             padding = "VALID"
-        y = tf.nn.conv2d(x, self.weights, strides=self.stride, padding=padding)
+        # Weights are float32 variables; a reduced-precision model casts them at use, so the
+        # convolution runs in the input's dtype (see adversarial_logit_pairing.precision).
+        y = tf.nn.conv2d(x, _as(self.weights, x.dtype), strides=self.stride, padding=padding)
         if self.biases is not None:
-            y = tf.nn.bias_add(y, self.biases)
+            y = tf.nn.bias_add(y, _as(self.biases, x.dtype))
         return y
 
 
@@ -222,8 +224,10 @@ class BatchNorm(Layer):
         )
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
-        gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], x.dtype)
-        beta = self.beta if self.beta is not None else tf.zeros([self.channels], x.dtype)
+        # The fused op normalises a float16/bfloat16 ``x`` with float32 scale, offset and
+        # statistics (and returns float32 batch statistics), so those are never cast.
+        gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], tf.float32)
+        beta = self.beta if self.beta is not None else tf.zeros([self.channels], tf.float32)
         if not is_training:
             y, _, _ = tf.compat.v1.nn.fused_batch_norm(
                 x, gamma, beta,
@@ -252,13 +256,17 @@ class ImageClassifier(tf.Module):
       scope: the TF1 variable scope every variable name starts with (e.g. 'resnet_v2_50').
       num_classes: width of the logits.
       config: the ``ModelConfig`` of the registered name (input size, crop, range, ...).
+      compute_dtype: the tf.DType activations are computed in (float32, bfloat16, float16);
+        variables are float32 whatever it is, and logits are returned float32.
     """
 
-    def __init__(self, scope: str, num_classes: int, config: ModelConfig):
+    def __init__(self, scope: str, num_classes: int, config: ModelConfig,
+                 compute_dtype: tf.DType = tf.float32):
         super().__init__(name=_module_name(scope))
         self.scope = scope
         self.num_classes = num_classes
         self.config = config
+        self.compute_dtype = tf.as_dtype(compute_dtype)
         self._layers: list[Layer] = []
 
     def _track(self, layer: Layer) -> Layer:
@@ -290,6 +298,11 @@ class ImageClassifier(tf.Module):
         the moving statistics in place; False uses (and changes) nothing else.
         """
         raise NotImplementedError
+
+
+def _as(variable: tf.Variable, dtype: tf.DType) -> tf.Tensor:
+    """The variable's value in ``dtype``; no cast op in float32 (keeps the graph as before)."""
+    return variable if variable.dtype == dtype else tf.cast(variable, dtype)
 
 
 def _module_name(scope: str) -> str:

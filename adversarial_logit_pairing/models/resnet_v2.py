@@ -122,8 +122,9 @@ class ResNetV2(ImageClassifier):
         num_classes: int,
         config: ModelConfig,
         seed: Optional[int] = None,
+        compute_dtype: tf.DType = tf.float32,
     ):
-        super().__init__(scope, num_classes, config)
+        super().__init__(scope, num_classes, config, compute_dtype)
         factory = VariableFactory(seed)
         self.root = self._track(
             Conv2D(f"{scope}/conv1", 3, spec.root_depth, 7, factory, stride=2, use_bias=True)
@@ -148,17 +149,20 @@ class ResNetV2(ImageClassifier):
         )
 
     def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:
-        net = tf.cast(images, tf.float32)
+        net = tf.cast(images, self.compute_dtype)
         net = self.root(net)
         # SAME max-pooling pads with -inf (bottom/right first), unlike an explicit zero pad.
         net = tf.nn.max_pool2d(net, 3, 2, "SAME")
         for unit in self.units:
             net = unit(net, is_training)
         net = tf.nn.relu(self.postnorm(net, is_training))
-        net = tf.reduce_mean(net, axis=[1, 2], keepdims=True)
+        # Pool and classify in float32 whatever the compute dtype: a bfloat16 sum over 64
+        # positions loses digits, and the head costs next to nothing.
+        net = tf.reduce_mean(tf.cast(net, tf.float32), axis=[1, 2], keepdims=True)
         return tf.squeeze(self.logits(net), axis=[1, 2])
 
 
-def build(config: ModelConfig, num_classes: int, seed: Optional[int] = None) -> ResNetV2:
+def build(config: ModelConfig, num_classes: int, seed: Optional[int] = None,
+          compute_dtype: tf.DType = tf.float32) -> ResNetV2:
     """Registry builder: the ResNet v2 named ``config.name`` (its TF1 scope is the name)."""
-    return ResNetV2(SPECS[config.name], config.name, num_classes, config, seed)
+    return ResNetV2(SPECS[config.name], config.name, num_classes, config, seed, compute_dtype)

@@ -1,0 +1,149 @@
+"""The computations the bench scripts time, built from library pieces.
+
+* ``input_gradient_fn``: ONE input-gradient pass (forward + backward to the input, inference
+  mode) of a model: the unit of every bound. A PGD step cannot cost less.
+* ``attack_fn``: the project's attack as a user calls it, eagerly
+  (``adversarial_attack.generate_adversarial_examples``).
+* ``make_train_step``: the ALP training step as ``training.train`` runs it (attack in inference
+  mode; one training-mode pass over ``[clean; adversarial]``; ``training.alp_losses``; the
+  TF1 RMSProp of ``model_lib.get_optimizer``; the moving average), without data or checkpoints.
+* ``alp_step_images_per_second``: what ``bench/data_pipeline.py`` compares its pipelines with.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from adversarial_logit_pairing import adversarial_attack, model_lib  # noqa: E402
+from adversarial_logit_pairing.models import ImageClassifier, create_model  # noqa: E402
+from adversarial_logit_pairing.moving_average import ExponentialMovingAverage  # noqa: E402
+
+BOUNDS = (-1.0, 1.0)
+NUM_CLASSES = {"tiny_imagenet": 200, "imagenet": 1001}
+
+
+def images_and_labels(batch: int, size: int, num_classes: int,
+                      seed: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random images in BOUNDS and random labels (speed does not depend on the values)."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(BOUNDS[0], BOUNDS[1], (batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, batch).astype(np.int64)
+    return tf.constant(images), tf.constant(labels)
+
+
+def build_model(name: str, num_classes: int, compute_dtype: str = "float32") -> ImageClassifier:
+    return create_model(name, num_classes, seed=0, compute_dtype=compute_dtype)
+
+
+def inference(model: ImageClassifier) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The attack's view of a model; one object per model so the attack cache hits."""
+    return lambda x: model(x, is_training=False)
+
+
+def input_gradient_fn(model: ImageClassifier) -> Callable:
+    """Compiled gradient of the summed cross-entropy w.r.t. the input (inference mode)."""
+
+    @tf.function
+    def gradient(images, labels):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            logits = model(images, is_training=False)
+            loss = tf.reduce_sum(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        return tape.gradient(loss, images)
+
+    return gradient
+
+
+def forward_fn(model: ImageClassifier) -> Callable:
+    """Compiled inference-mode logits."""
+    return tf.function(lambda images: model(images, is_training=False))
+
+
+def attack_fn(model: ImageClassifier, description: str) -> Callable:
+    """The project's attack called eagerly, as a user would (its tf.function is cached)."""
+    model_fn = inference(model)
+
+    def attack(images, seed=(1, 2)):
+        return adversarial_attack.generate_adversarial_examples(
+            images, BOUNDS, model_fn, description, seed=seed)
+
+    return attack
+
+
+def make_train_step(model: ImageClassifier, attack: str = "pgdll_16_2_10",
+                    lp_weight: float = 0.5, num_classes: int = 200,
+                    moving_average_decay: float = 0.9999) -> Callable:
+    """A compiled ALP (or clean, ``attack='clean'``) training step as ``training.train``'s."""
+    from adversarial_logit_pairing.training import alp_losses
+
+    hparams = model_lib.default_hparams().parse(
+        f"train_adv_method={attack},train_lp_weight={lp_weight}")
+    spec = adversarial_attack.parse_attack_description(attack)
+    trainable = list(model.trainable_variables)
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    learning_rate, _ = model_lib.get_lr_schedule(hparams, 100_000, 1)
+    optimizer = model_lib.get_optimizer(hparams, learning_rate)
+    optimizer.build(trainable)
+    ema = ExponentialMovingAverage(moving_average_decay, model.variables_by_name)
+    model_fn = inference(model)
+
+    @tf.function
+    def step(images, labels):
+        one_hot = tf.one_hot(labels, num_classes)
+        inputs = images
+        if not spec.is_clean:
+            seed = tf.stack([tf.constant(0, tf.int64), global_step])
+            adv = adversarial_attack.generate_adversarial_examples(
+                images, BOUNDS, model_fn, attack, seed=seed)
+            inputs = tf.concat([images, adv], axis=0)
+            one_hot = tf.concat([one_hot, one_hot], axis=0)
+        with tf.GradientTape() as tape:
+            logits = model(inputs, is_training=True)
+            losses = alp_losses(logits, one_hot, trainable, hparams, paired=not spec.is_clean)
+        grads = tape.gradient(losses["total_loss"], trainable)
+        optimizer.apply_gradients(list(zip(grads, trainable)), global_step)
+        ema.apply(global_step)
+        return losses["total_loss"]
+
+    return step
+
+
+def make_training_pass(model: ImageClassifier, num_classes: int) -> Callable:
+    """The bound's training part: one training-mode forward/backward to the weights, no update."""
+    trainable = list(model.trainable_variables)
+
+    @tf.function
+    def training_pass(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, is_training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=labels, logits=logits))
+        return tape.gradient(loss, trainable)
+
+    return training_pass
+
+
+def alp_step_images_per_second(dataset_name: str, image_size: int, batch_size: int,
+                               model_name: Optional[str] = None,
+                               compute_dtype: str = "float32", repetitions: int = 3) -> float:
+    """Images/s of the paper's ALP step (pgdll_16_2_10, lp 0.5) for ``dataset_name``'s model.
+
+    resnet_v2_50 (the paper's network for both data sets) unless ``model_name`` says otherwise.
+    """
+    from bench._timing import median_seconds
+
+    num_classes = NUM_CLASSES[dataset_name]
+    model = build_model(model_name or "resnet_v2_50", num_classes, compute_dtype)
+    step = make_train_step(model, num_classes=num_classes)
+    images, labels = images_and_labels(batch_size, image_size, num_classes)
+    seconds = median_seconds(lambda: step(images, labels), repetitions=repetitions, warmup=1)
+    return batch_size / seconds

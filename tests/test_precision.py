@@ -1,0 +1,216 @@
+"""The compute-precision option: float32 state, low-precision compute, loss scaling for float16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from adversarial_logit_pairing import adversarial_attack, model_lib, precision
+from adversarial_logit_pairing.errors import ConfigError
+from adversarial_logit_pairing.models import create_model
+from adversarial_logit_pairing.models.layers import BatchNorm
+from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
+from adversarial_logit_pairing.training import alp_losses
+from tests.data_builders import class_pattern_image
+
+MODEL = "resnet_v2_tiny"
+SIZE = 32
+NUM_CLASSES = 10
+LOW = ["bfloat16", "float16"]
+
+
+def _pattern_batch(count: int, seed: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Learnable images (class = colour and stripe direction) in [-1, 1], with labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, count)
+    images = np.stack([class_pattern_image(int(k), NUM_CLASSES, SIZE, rng) for k in labels])
+    return tf.constant(images.astype(np.float32) / 127.5 - 1.0), tf.constant(labels)
+
+
+def _copy_weights(source, target) -> None:
+    for name, variable in target.variables_by_name.items():
+        variable.assign(source.variables_by_name[name])
+
+
+@pytest.fixture(scope="module")
+def trained_float32_model():
+    """resnet_v2_tiny trained briefly on pattern images, its moving statistics calibrated.
+
+    Random weights would make almost every image fall in one or two classes, where agreement
+    between precisions says little; this model's predictions depend on the image.
+    """
+    tf.keras.utils.set_random_seed(0)
+    model = create_model(MODEL, NUM_CLASSES, seed=0)
+    batch_norms = [m for m in model.submodules if isinstance(m, BatchNorm)]
+    optimizer = tf.keras.optimizers.Adam(3e-3)
+    variables = list(model.trainable_variables)
+
+    @tf.function
+    def train_step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, is_training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=labels, logits=logits))
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+
+    for step in range(40):
+        train_step(*_pattern_batch(32, seed=step))
+    # One training-mode pass at decay 0 sets the moving statistics to a large batch's.
+    for bn in batch_norms:
+        bn.decay = 0.0
+    model(_pattern_batch(256, seed=999)[0], is_training=True)
+    for bn in batch_norms:
+        bn.decay = 0.997
+    return model
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_model_computes_in_its_dtype_with_float32_state_and_logits(dtype):
+    model = create_model(MODEL, NUM_CLASSES, seed=0, compute_dtype=dtype)
+    assert model.compute_dtype == tf.as_dtype(dtype)
+    assert all(v.dtype == tf.float32 for v in model.variables)
+    images = tf.TensorSpec([4, SIZE, SIZE, 3], tf.float32)
+    for is_training in (False, True):
+        graph = tf.function(lambda x, t=is_training: model(x, is_training=t)).get_concrete_function(
+            images).graph
+        convs = [op for op in graph.get_operations() if op.type == "Conv2D"]
+        norms = [op for op in graph.get_operations() if op.type.startswith("FusedBatchNorm")]
+        assert convs and norms
+        # Every convolution but the float32 logits head runs in the low dtype.
+        assert sum(op.get_attr("T") == tf.as_dtype(dtype) for op in convs) == len(convs) - 1
+        # Batch norm: activations in the low dtype, scale/offset/statistics float32.
+        assert all(op.get_attr("T") == tf.as_dtype(dtype) for op in norms)
+        assert all(op.get_attr("U") == tf.float32 for op in norms)
+        assert graph.outputs[0].dtype == tf.float32
+
+
+def test_float32_model_has_no_casts_of_its_weights():
+    model = create_model(MODEL, NUM_CLASSES, seed=0)
+    graph = tf.function(lambda x: model(x, is_training=False)).get_concrete_function(
+        tf.TensorSpec([2, SIZE, SIZE, 3], tf.float32)).graph
+    assert model.compute_dtype == tf.float32
+    assert not [op for op in graph.get_operations() if op.type == "Cast"]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_keeps_top1_agreement_with_float32_on_same_weights(
+        trained_float32_model, dtype):
+    low = create_model(MODEL, NUM_CLASSES, seed=1, compute_dtype=dtype)
+    _copy_weights(trained_float32_model, low)
+    images, labels = _pattern_batch(512, seed=12345)
+    reference = trained_float32_model(images, is_training=False).numpy()
+    logits = low(images, is_training=False)
+    assert logits.dtype == tf.float32
+    predicted = reference.argmax(-1)
+    # The comparison means something: the float32 model is right far above chance (10%),
+    # and the low-precision logits really differ from float32's.
+    assert np.mean(predicted == labels.numpy()) > 0.5
+    assert len(np.unique(predicted)) >= 8
+    assert np.abs(logits.numpy() - reference).max() > 1e-4
+    assert np.mean(logits.numpy().argmax(-1) == predicted) >= 0.99
+
+
+def test_attack_in_bfloat16_stays_in_box_and_raises_the_loss(trained_float32_model):
+    model = create_model(MODEL, NUM_CLASSES, seed=1, compute_dtype="bfloat16")
+    _copy_weights(trained_float32_model, model)
+    images, _ = _pattern_batch(32, seed=7)
+    adv = adversarial_attack.generate_adversarial_examples(
+        images, (-1.0, 1.0), lambda x: model(x, is_training=False), "pgd_8_2_5", seed=(1, 2))
+    assert adv.dtype == tf.float32
+    eps = 8 * 2.0 / 255
+    assert np.abs(adv.numpy() - images.numpy()).max() <= eps + 1e-6
+    # Judge the attack with the float32 model, an independent referee of the same weights.
+    logits = trained_float32_model(images, is_training=False)
+    predicted = tf.argmax(logits, -1)
+
+    def xent(x):
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=predicted, logits=trained_float32_model(x, is_training=False)).numpy()
+
+    assert np.mean(xent(adv) > xent(images)) > 0.9
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_training_step_keeps_loss_gradients_optimizer_and_average_float32(dtype):
+    model = create_model(MODEL, NUM_CLASSES, seed=0, compute_dtype=dtype)
+    hparams = model_lib.default_hparams().parse("train_lp_weight=0.5")
+    trainable = list(model.trainable_variables)
+    optimizer = model_lib.get_optimizer(hparams, lambda step: 0.01)
+    optimizer.build(trainable)
+    ema = ExponentialMovingAverage(0.99, model.variables_by_name)
+    global_step = tf.Variable(0, dtype=tf.int64)
+    images, labels = _pattern_batch(8, seed=3)
+    one_hot = tf.one_hot(tf.concat([labels, labels], 0), NUM_CLASSES)
+    adv = adversarial_attack.generate_adversarial_examples(
+        images, (-1.0, 1.0), lambda x: model(x, is_training=False), "pgdll_8_2_2", seed=(0, 1))
+    with tf.GradientTape() as tape:
+        logits = model(tf.concat([images, adv], 0), is_training=True)
+        losses = alp_losses(logits, one_hot, trainable, hparams, paired=True)
+    grads = tape.gradient(losses["total_loss"], trainable)
+    optimizer.apply_gradients(list(zip(grads, trainable)), global_step)
+    ema.apply(global_step)
+    assert all(value.dtype == tf.float32 for value in losses.values())
+    assert np.isfinite(losses["total_loss"].numpy())
+    assert all(g.dtype == tf.float32 and np.all(np.isfinite(g.numpy())) for g in grads)
+    assert all(v.dtype == tf.float32 for v in model.variables)
+    assert all(v.dtype == tf.float32 for v in optimizer.variables_by_name().values()
+               if v.dtype.is_floating)
+    assert all(v.dtype == tf.float32 for v in ema.variables_by_name().values())
+
+
+@pytest.mark.parametrize("bad", ["float64", "int8", "half", "fp16"])
+def test_unknown_compute_dtype_is_a_config_error_naming_the_argument(bad):
+    with pytest.raises(ConfigError, match="compute_dtype"):
+        create_model(MODEL, NUM_CLASSES, compute_dtype=bad)
+    with pytest.raises(ConfigError, match="--compute_dtype"):
+        precision.resolve_compute_dtype(bad, what="--compute_dtype")
+
+
+def test_only_float16_needs_loss_scaling():
+    assert precision.needs_loss_scaling("float16")
+    assert not precision.needs_loss_scaling("bfloat16")
+    assert not precision.needs_loss_scaling(None)
+
+
+def test_loss_scale_halves_on_overflow_and_doubles_after_growth_interval():
+    scale = precision.LossScale(initial_scale=8.0, growth_interval=3)
+    finite = [tf.constant([1.0, 2.0])]
+    assert not bool(scale.update([tf.constant([1.0, np.inf])]))
+    assert float(scale.current) == 4.0
+    assert not bool(scale.update([tf.constant([np.nan]), None]))
+    assert float(scale.current) == 2.0
+    for expected in (2.0, 2.0, 4.0, 4.0, 4.0, 8.0):
+        assert bool(scale.update(finite))
+        assert float(scale.current) == expected
+    # Never below min_scale.
+    floor = precision.LossScale(initial_scale=1.0)
+    floor.update([tf.constant(np.inf)])
+    assert float(floor.current) == 1.0
+
+
+def test_loss_scale_rescues_float16_gradients_that_would_underflow():
+    """A tiny loss: its float16 backward pass flushes to zero unless the loss is scaled."""
+    reference_model = create_model(MODEL, NUM_CLASSES, seed=0)
+    half_model = create_model(MODEL, NUM_CLASSES, seed=1, compute_dtype="float16")
+    _copy_weights(reference_model, half_model)
+    images, labels = _pattern_batch(4, seed=5)
+    weight = half_model.variables_by_name[f"{MODEL}/block1/unit_1/bottleneck_v2/conv1/weights"]
+    tiny = 1e-7  # a loss this small makes the float16 backward values subnormal or zero
+
+    def gradient(model, variable, loss_scale=None):
+        with tf.GradientTape() as tape:
+            logits = model(images, is_training=False)
+            loss = tiny * tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=labels, logits=logits))
+            if loss_scale is not None:
+                loss = loss_scale.scale(loss)
+        grad = tape.gradient(loss, variable)
+        return grad if loss_scale is None else loss_scale.unscale([grad])[0]
+
+    reference = gradient(reference_model,
+                         reference_model.variables_by_name[weight.name[:-2]]).numpy()
+    unscaled = gradient(half_model, weight).numpy()
+    scaled = gradient(half_model, weight, precision.LossScale()).numpy()
+    assert np.count_nonzero(unscaled) < 0.1 * reference.size
+    np.testing.assert_allclose(scaled, reference, atol=0.05 * np.abs(reference).max())

@@ -30,6 +30,11 @@ setup(
             "scikit-learn",
         ],
         "demo": ["scikit-learn"],
+        # Peers of bench/attack.py; cleverhans 4 declares dependencies that its tf2 attacks
+        # do not import (tensorflow-probability, matplotlib, ...), so install it with
+        # `pip install --no-deps cleverhans==4.0.0` next to this extra.
+        "bench": ["adversarial-robustness-toolbox>=1.20", "tqdm", "scipy", "scikit-learn",
+                  "six", "tf-keras"],
     },
     entry_points={
         "console_scripts": [

@@ -4,15 +4,22 @@ Two modes, as the original:
 
 * ``--checkpoint_path``: evaluate one checkpoint once; ``--output_file`` gets the line
   ``eval_name,accuracy,top5`` (fractions with 3 decimals) appended.
-* ``--train_dir``: continuous evaluation; every new checkpoint of the directory is evaluated
-  once, with ``Accuracy`` and ``Top5`` summaries written under ``train_dir/eval_name`` at the
-  checkpoint's global step; ``--eval_once`` stops after the first. ``--output_file`` gets a
-  line per evaluated checkpoint here too (the original used it only in single mode).
+* ``--train_dir``: continuous evaluation; every checkpoint the directory lists is evaluated
+  exactly once, oldest first, with ``Accuracy`` and ``Top5`` summaries written under
+  ``train_dir/eval_name`` at the checkpoint's global step; ``--eval_once`` evaluates the newest
+  one and stops. ``--output_file`` gets a line per evaluated checkpoint here too (the original
+  used it only in single mode). The original jumped to the newest checkpoint and skipped the
+  ones written meanwhile; here a checkpoint is skipped only when training deletes it (beyond
+  its ``max_to_keep``) before or while it is evaluated, so evaluation lags training by at
+  most that many checkpoints and a deleted checkpoint never stops it.
 
 The original counts ``int(num_examples / eval_batch_size)`` full batches; a split that ends
 sooner stops the evaluation cleanly and the log gives the count actually evaluated.
 Adversarial evaluation uses a fixed seed per batch, so the same checkpoint gives the same
-numbers on every run.
+numbers on every run (with the same number of replicas).
+
+Under a strategy (``--strategy=mirrored`` or ``tpu``), ``eval_batch_size`` stays the global
+batch, so the same examples are counted as on one device; each replica gets its share.
 """
 
 from __future__ import annotations
@@ -27,7 +34,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing import adversarial_attack, checkpoints, model_lib, summaries
+from adversarial_logit_pairing import (
+    adversarial_attack,
+    checkpoints,
+    distribution,
+    model_lib,
+    summaries,
+)
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import CheckpointError, ConfigError, DataError
 from adversarial_logit_pairing.training import data_dir_for
@@ -112,10 +125,18 @@ def validate(config: EvalConfig) -> model_lib.HParams:
 class Evaluator:
     """Holds the model, data and compiled eval step; evaluates checkpoints one at a time."""
 
-    def __init__(self, config: EvalConfig):
+    def __init__(self, config: EvalConfig, strategy: Optional[tf.distribute.Strategy] = None):
         self.config = config
         hparams = validate(config)
+        self.strategy = strategy = strategy or tf.distribute.get_strategy()
         self.batch_size = hparams.eval_batch_size
+        replicas = strategy.num_replicas_in_sync
+        if distribution.num_workers(strategy) > 1:
+            raise ConfigError("--strategy=multi_worker is for training; run eval.py as one "
+                              "process (--strategy=default or mirrored) beside the cluster")
+        if self.batch_size % replicas:
+            raise ConfigError(f"eval_batch_size={self.batch_size} must be a multiple of the "
+                              f"{replicas} replicas (it is the global evaluation batch)")
         self.data_dir = data_dir_for(config.dataset, config.imagenet_data_dir,
                                      config.tiny_imagenet_data_dir)
         self.dataset, split_size, num_classes, self.bounds = dataset_factory.get_dataset(
@@ -131,16 +152,16 @@ class Evaluator:
                 f"--num_examples={self.num_examples} is smaller than one batch "
                 f"(eval_batch_size={self.batch_size}); nothing to evaluate"
             )
-        self.model = model_lib.get_model(config.model_name, num_classes)
+        with strategy.scope():
+            self.model = model_lib.get_model(config.model_name, num_classes)
         self.assignments = restore_assignments(
             self.model, config.moving_average_decay, config.trainable_scopes
         )
         adv_method = config.adv_method or "clean"
         model = self.model
 
-        @tf.function
-        def eval_step(images, labels, batch_index):
-            seed = tf.stack([tf.constant(0, tf.int64), batch_index])
+        def replica_step(images, labels, batch_index):
+            seed = distribution.replica_seed(tf.stack([tf.constant(0, tf.int64), batch_index]))
             inputs = adversarial_attack.generate_adversarial_examples(
                 images, self.bounds, lambda x: model(x, is_training=False), adv_method,
                 seed=seed,
@@ -150,8 +171,17 @@ class Evaluator:
             correct = tf.equal(tf.argmax(logits, axis=-1), labels)
             in_top5 = tf.math.in_top_k(labels, tf.cast(logits, tf.float32),
                                        k=min(5, num_classes))
-            return (tf.reduce_sum(tf.cast(correct, tf.int64)),
-                    tf.reduce_sum(tf.cast(in_top5, tf.int64)), logits)
+            counts = tf.stack([tf.reduce_sum(tf.cast(correct, tf.int64)),
+                               tf.reduce_sum(tf.cast(in_top5, tf.int64))])
+            return counts, logits
+
+        @tf.function
+        def eval_step(images, labels, batch_index):
+            counts, logits = strategy.run(replica_step, args=(images, labels, batch_index))
+            counts = strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
+            # Replica i holds the i-th slice of the global batch.
+            logits = tf.concat(strategy.experimental_local_results(logits), axis=0)
+            return counts[0], counts[1], logits
 
         self._eval_step = eval_step
 
@@ -166,17 +196,21 @@ class Evaluator:
         correct = top5 = seen = 0
         all_logits, all_labels = [], []
         start = time.time()
-        for batch_index, (images, labels) in enumerate(self.dataset.take(self.num_batches)):
+        batches = self.strategy.experimental_distribute_dataset(
+            self.dataset.take(self.num_batches))
+        for batch_index, (images, labels) in enumerate(batches):
             try:
                 c, t, logits = self._eval_step(images, labels, tf.constant(batch_index, tf.int64))
             except tf.errors.InvalidArgumentError as exc:
-                raise DataError(f"evaluation failed on batch {batch_index}: {exc.message}") from None
+                raise DataError(
+                    f"evaluation failed on batch {batch_index}: {exc.message}") from None
             correct += int(c)
             top5 += int(t)
             if self.config.predictions_file:
                 all_logits.append(logits.numpy())
-                all_labels.append(labels.numpy())
-            seen += int(images.shape[0])
+                all_labels.append(np.concatenate(
+                    [x.numpy() for x in self.strategy.experimental_local_results(labels)]))
+            seen += self.batch_size
             if (batch_index + 1) % 10 == 0 or batch_index + 1 == self.num_batches:
                 elapsed = time.time() - start
                 rate = seen / max(elapsed, 1e-9)
@@ -226,8 +260,43 @@ def append_result_line(output_file: str, eval_name: str, result: EvalResult) -> 
         f.write(f"{eval_name},{result.accuracy:.3f},{result.top5:.3f}\n")
 
 
-def run(config: EvalConfig) -> list[EvalResult]:
+def pending_checkpoints(train_dir: str, after_step: Optional[int]) -> list[tuple[int, str]]:
+    """(step, prefix) of the complete checkpoints ``train_dir`` lists, newer than ``after_step``.
+
+    Oldest first. A checkpoint counts once its ``.index`` exists (the writer renames it into
+    place last) and the ``checkpoint`` state file lists it.
+    """
+    if not tf.io.gfile.isdir(train_dir):
+        return []
+    try:
+        state = tf.train.get_checkpoint_state(train_dir)
+    except (tf.errors.OpError, ValueError) as exc:
+        logging.warning("Cannot read the checkpoint state of %s: %s", train_dir, exc)
+        return []
+    if state is None:
+        return []
+    found = {}
+    for prefix in [*state.all_model_checkpoint_paths, state.model_checkpoint_path]:
+        if not prefix:
+            continue
+        if not os.path.isabs(prefix):
+            prefix = os.path.join(train_dir, prefix)
+        if prefix in found.values() or not tf.io.gfile.exists(prefix + ".index"):
+            continue
+        tail = prefix.rsplit("-", 1)[-1]
+        step = int(tail) if tail.isdigit() else checkpoints.checkpoint_step(prefix)
+        if step is not None and (after_step is None or step > after_step):
+            found[step] = prefix
+    return sorted(found.items())
+
+
+def run(config: EvalConfig,
+        strategy: Optional[tf.distribute.Strategy] = None) -> list[EvalResult]:
     """Runs ``eval.py``'s single-checkpoint or continuous mode; returns the results.
+
+    Args:
+      config: the flags of eval.py.
+      strategy: where to evaluate (default: the current strategy).
 
     Raises:
       ConfigError: neither or both of ``train_dir`` and ``checkpoint_path``.
@@ -240,41 +309,43 @@ def run(config: EvalConfig) -> list[EvalResult]:
     validate(config)
     if config.checkpoint_path:
         prefix = checkpoints.resolve_checkpoint(config.checkpoint_path, "--checkpoint_path")
-        result = Evaluator(config).evaluate(prefix)
+        result = Evaluator(config, strategy).evaluate(prefix)
         if config.output_file:
             append_result_line(config.output_file, config.eval_name, result)
         return [result]
 
-    evaluator = Evaluator(config)
+    evaluator = Evaluator(config, strategy)
     output_dir = os.path.join(config.train_dir, config.eval_name)
     tf.io.gfile.makedirs(output_dir)
     writer = tf.summary.create_file_writer(output_dir)
     results: list[EvalResult] = []
-    evaluated: set = set()
+    last_step: Optional[int] = None
     last_new = time.time()
     while True:
-        prefix = checkpoints.latest_checkpoint(config.train_dir)
-        if prefix is not None and prefix not in evaluated:
-            evaluated.add(prefix)
-            last_new = time.time()
+        pending = pending_checkpoints(config.train_dir, last_step)
+        if config.eval_once:
+            pending = pending[-1:]
+        for step, prefix in pending:
+            last_step, last_new = step, time.time()
             try:
                 result = evaluator.evaluate(prefix)
-            except (tf.errors.NotFoundError, CheckpointError) as exc:
-                # Training may delete old checkpoints while we read them; wait for the next.
+            except (tf.errors.NotFoundError, CheckpointError, ValueError) as exc:
+                # Training deletes old checkpoints, possibly while we read them: skip it.
                 if tf.io.gfile.exists(prefix + ".index"):
                     raise
                 logging.warning("Checkpoint %s disappeared while evaluating: %s", prefix, exc)
                 continue
             results.append(result)
             with writer.as_default():
-                summaries.scalar("Accuracy", result.accuracy, result.global_step or 0)
-                summaries.scalar("Top5", result.top5, result.global_step or 0)
+                summaries.scalar("Accuracy", result.accuracy, step)
+                summaries.scalar("Top5", result.top5, step)
             writer.flush()
             if config.output_file:
                 append_result_line(config.output_file, config.eval_name, result)
-            if config.eval_once:
-                break
-            continue
+        if config.eval_once and results:
+            break
+        if pending:
+            continue  # more may have arrived while evaluating
         if config.timeout_secs is not None and time.time() - last_new > config.timeout_secs:
             logging.info("No new checkpoint in %s for %.0fs; stopping", config.train_dir,
                          config.timeout_secs)

@@ -13,19 +13,40 @@ summaries, checkpoint). The step follows the original ``train.py``:
   + ``weight_decay * sum(l2_loss(v))`` over the trainable variables;
 * the optimizer step increments ``global_step``; then the TF1-style moving average of all model
   variables (weights and batch-norm statistics) is updated with ``num_updates = global_step``.
+
+Distribution (``train(config, strategy)``, see ``distribution``): ``batch_size`` is per replica,
+so every replica attacks and trains on its own ``batch_size`` clean images; the optimizer
+applies the mean of the replicas' gradients once, the learning rate is multiplied by the
+replicas in sync and the steps per epoch divided by them (what ``--replicas_to_aggregate`` did
+for the original's SyncReplicasOptimizer), and the moving average follows that one update.
+Batch norm uses each replica's own statistics, as the original's workers did, unless
+``sync_batch_norm``. Only the chief writes summaries and checkpoints; the other workers take
+part in every checkpoint (reading batch-norm statistics is a collective under
+MultiWorkerMirroredStrategy) by writing it to a temporary directory they delete.
+
+Fault tolerance: a checkpoint becomes the latest only when complete (``checkpoints.save``), so
+a run killed at any moment and restarted with the same command resumes from the last complete
+checkpoint with its global step, model, moving averages and optimizer slots.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing import adversarial_attack, checkpoints, model_lib, summaries
+from adversarial_logit_pairing import (
+    adversarial_attack,
+    checkpoints,
+    distribution,
+    model_lib,
+    summaries,
+)
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import ConfigError, DataError, TrainingDivergedError
 from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
@@ -54,6 +75,8 @@ class TrainConfig:
     tiny_imagenet_data_dir: Optional[str] = None
     seed: int = 0
     max_checkpoints_to_keep: int = 5
+    sync_batch_norm: bool = False
+    jit_compile: bool = False
 
 
 @dataclasses.dataclass
@@ -71,7 +94,8 @@ def data_dir_for(dataset: str, imagenet_data_dir: Optional[str],
     return tiny_imagenet_data_dir if dataset == "tiny_imagenet" else imagenet_data_dir
 
 
-def smoothed_cross_entropy(one_hot: tf.Tensor, logits: tf.Tensor, label_smoothing: float) -> tf.Tensor:
+def smoothed_cross_entropy(one_hot: tf.Tensor, logits: tf.Tensor,
+                           label_smoothing: float) -> tf.Tensor:
     """``tf.compat.v1.losses.softmax_cross_entropy`` with label smoothing: batch mean."""
     if label_smoothing > 0:
         num_classes = tf.cast(tf.shape(one_hot)[-1], one_hot.dtype)
@@ -142,35 +166,211 @@ def finetune_assignments(model, checkpoint_path: str, exclude_scopes, trainable_
     return assignments
 
 
-def train(config: TrainConfig) -> TrainResult:
+SCALAR_OUTPUTS = ("loss_xent", "loss_lp", "loss_wd", "total_loss", "learning_rate")
+
+# Errors by which a multi-worker job learns that a peer died or stopped answering.
+_CLUSTER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                   tf.errors.AbortedError, tf.errors.CancelledError)
+
+
+def learning_rate_replicas(num_replicas_in_sync: int, replicas_to_aggregate: int) -> int:
+    """The factor of the learning rate (and divisor of the steps per epoch).
+
+    The original multiplied by ``--replicas_to_aggregate``, the gradients its
+    SyncReplicasOptimizer averaged per update; under a strategy the replicas in sync play that
+    role. On one device ``replicas_to_aggregate`` keeps its effect.
+
+    Raises:
+      ConfigError: ``replicas_to_aggregate`` contradicts the replicas in sync.
+    """
+    if replicas_to_aggregate < 1:
+        raise ConfigError(f"--replicas_to_aggregate={replicas_to_aggregate}: must be >= 1")
+    if num_replicas_in_sync == 1:
+        return replicas_to_aggregate
+    if replicas_to_aggregate not in (1, num_replicas_in_sync):
+        raise ConfigError(
+            f"--replicas_to_aggregate={replicas_to_aggregate}: the strategy keeps "
+            f"{num_replicas_in_sync} replicas in sync, and they set the learning-rate scale; "
+            "drop the flag")
+    return num_replicas_in_sync
+
+
+def make_train_step(
+    strategy: tf.distribute.Strategy,
+    model,
+    trainable: list,
+    optimizer,
+    ema: Optional[ExponentialMovingAverage],
+    global_step: tf.Variable,
+    hparams: model_lib.HParams,
+    num_classes: int,
+    bounds: tuple[float, float],
+    seed: int = 0,
+    num_summary_images: int = 0,
+    jit_compile: bool = False,
+) -> Callable:
+    """The compiled training step: ``train_step(images, labels) -> outputs``.
+
+    ``images`` and ``labels`` are one batch of ``strategy.experimental_distribute_dataset``
+    (per replica ``batch_size`` clean images), or plain tensors without a strategy. Each
+    replica attacks its images, runs ``[clean; adversarial]`` in training mode and computes its
+    losses; the optimizer applies the mean gradient, then the moving average is updated.
+
+    Returns:
+      A ``tf.function``; its outputs hold the loss terms and ``learning_rate`` averaged over
+      the replicas (float32 scalars) and, when ``num_summary_images > 0``, the first
+      ``images``/``adv_images`` of this process's first replica.
+    """
+    attack = adversarial_attack.parse_attack_description(hparams.train_adv_method)
+    learning_rate = optimizer.learning_rate
+    names: list[str] = []  # the scalars step_fn stacks, known once it is traced
+
+    def forward_backward(images, labels):
+        one_hot = tf.one_hot(labels, num_classes)
+        adv_images = None
+        if attack.is_clean:
+            inputs = images
+        else:
+            step_seed = distribution.replica_seed(
+                tf.stack([tf.constant(seed, tf.int64), tf.cast(global_step, tf.int64)]))
+            adv_images = adversarial_attack.generate_adversarial_examples(
+                images, bounds, lambda x: model(x, is_training=False),
+                hparams.train_adv_method, seed=step_seed,
+            )
+            inputs = tf.concat([images, adv_images], axis=0)
+            one_hot = tf.concat([one_hot, one_hot], axis=0)
+        with tf.GradientTape() as tape:
+            logits = model(inputs, is_training=True)
+            losses = alp_losses(logits, one_hot, trainable, hparams,
+                                paired=not attack.is_clean)
+        grads = tape.gradient(losses["total_loss"], trainable)
+        return grads, losses, adv_images
+
+    tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+    compile_whole_step = jit_compile and strategy.num_replicas_in_sync == 1 and not tpu
+    if jit_compile and strategy.num_replicas_in_sync > 1 and not tpu:
+        # XLA cannot span devices, and the update reaches every replica's copy: compile each
+        # replica's attack, forward and backward pass, and apply the update outside.
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def step_fn(images, labels):
+        grads, losses, adv_images = forward_backward(images, labels)
+        current_lr = learning_rate(global_step) if callable(learning_rate) else learning_rate
+        losses["learning_rate"] = tf.cast(current_lr, tf.float32)
+        optimizer.apply_gradients(list(zip(grads, trainable)), global_step)
+        if ema is not None:
+            ema.apply(global_step)
+        names[:] = [name for name in SCALAR_OUTPUTS if name in losses]
+        scalars = tf.stack([tf.cast(losses[name], tf.float32) for name in names])
+        images_out = {}
+        if num_summary_images:
+            images_out["images"] = images[:num_summary_images]
+            if adv_images is not None:
+                images_out["adv_images"] = adv_images[:num_summary_images]
+        return scalars, images_out
+
+    def train_step(images, labels):
+        scalars, images_out = strategy.run(step_fn, args=(images, labels))
+        # One all-reduce for all scalars; every worker takes part in it.
+        scalars = strategy.reduce(tf.distribute.ReduceOp.MEAN, scalars, axis=None)
+        outputs = dict(zip(names, tf.unstack(scalars, num=len(names))))
+        for name, value in images_out.items():
+            outputs[name] = strategy.experimental_local_results(value)[0]
+        return outputs
+
+    # TPUStrategy compiles the replica computation with XLA itself.
+    return tf.function(train_step, jit_compile=True if compile_whole_step else None)
+
+
+def shard_policy(dataset_name: str, data_dir: Optional[str],
+                 workers: int) -> tf.data.experimental.AutoShardPolicy:
+    """How each worker of a multi-worker job gets its own share of the training data.
+
+    By files when there are enough of them (ImageNet's 1024 shards), otherwise by records:
+    every worker then reads the whole file and keeps every ``workers``-th batch.
+    """
+    # dataset_factory has no public listing of a split's files yet.
+    files = dataset_factory._input_module(dataset_name).data_files("train", data_dir)
+    if len(files) >= workers:
+        return tf.data.experimental.AutoShardPolicy.FILE
+    return tf.data.experimental.AutoShardPolicy.DATA
+
+
+def _remove_stale_temporaries(output_dir: str) -> None:
+    """Deletes what a run killed in the middle of a checkpoint write left behind.
+
+    The checkpoint writer stages files in ``.tmp-model.ckpt-*`` directories; a kill leaves
+    them (never referenced by the ``checkpoint`` pointer) and nothing else removes them.
+    """
+    pattern = os.path.join(output_dir, f".tmp-{checkpoints.CHECKPOINT_BASENAME}-*")
+    for path in tf.io.gfile.glob(pattern):
+        logging.info("Removing %s, left by an interrupted checkpoint write", path)
+        tf.io.gfile.rmtree(path)
+
+
+def train(config: TrainConfig,
+          strategy: Optional[tf.distribute.Strategy] = None) -> TrainResult:
     """Trains ``config.model_name`` on ``config.dataset`` until ``config.max_steps``.
 
     Resumes from the latest checkpoint of ``config.output_dir`` when there is one; otherwise
     initialises from ``config.finetune_checkpoint_path`` when given.
 
+    Args:
+      config: the flags of train.py.
+      strategy: where to train (``distribution.create_strategy``); None: the current one
+        (the default strategy unless called under ``strategy.scope()``).
+
     Raises:
       ConfigError, DataError, CheckpointError: bad flags, data or checkpoints.
       TrainingDivergedError: the loss became NaN or infinite.
+      ClusterError: another worker of a multi-worker job died or stopped answering.
     """
     if not config.output_dir:
         raise ConfigError("--output_dir has to be provided")
     hparams = model_lib.default_hparams().parse(config.hparams)
-    attack = adversarial_attack.parse_attack_description(hparams.train_adv_method)
+    adversarial_attack.parse_attack_description(hparams.train_adv_method)
     logging.info("User provided hparams: %s", config.hparams)
     logging.info("All hyper parameters: %s", hparams)
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    if (config.jit_compile and config.sync_batch_norm and replicas > 1
+            and not isinstance(strategy, tf.distribute.TPUStrategy)):
+        raise ConfigError("--jit_compile with --sync_batch_norm needs --strategy=tpu: on other "
+                          "devices XLA compiles each replica alone, and synchronised batch norm "
+                          "talks to the others in the middle of the step")
+    lr_replicas = learning_rate_replicas(replicas, config.replicas_to_aggregate)
+    chief = distribution.is_chief(strategy)
+    # Non-chief workers write their share of each checkpoint here and delete it.
+    save_dir = config.output_dir if chief else distribution.worker_temp_dir(
+        config.output_dir, strategy)
     tf.io.gfile.makedirs(config.output_dir)
-    strategy = tf.distribute.get_strategy()
+    if chief:
+        _remove_stale_temporaries(config.output_dir)
+    elif tf.io.gfile.exists(save_dir):
+        tf.io.gfile.rmtree(save_dir)
+    if replicas > 1:
+        logging.info("%d replicas in sync: global batch %d, learning rate x%d",
+                     replicas, hparams.batch_size * replicas, lr_replicas)
 
-    # ---- Data -------------------------------------------------------------------------------
+    # ---- Data: batch_size clean images per replica --------------------------------------------
     data_dir = data_dir_for(config.dataset, config.imagenet_data_dir, config.tiny_imagenet_data_dir)
     dataset, examples_per_epoch, num_classes, bounds = dataset_factory.get_dataset(
-        config.dataset, "train", hparams.batch_size, config.dataset_image_size,
+        config.dataset, "train", hparams.batch_size * replicas, config.dataset_image_size,
         is_training=True, data_dir=data_dir,
     )
+    workers = distribution.num_workers(strategy)
+    if workers > 1:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = shard_policy(
+            config.dataset, data_dir, workers)
+        dataset = dataset.with_options(options)
+    dataset = strategy.experimental_distribute_dataset(dataset)
 
     # ---- Model, optimizer, moving averages ---------------------------------------------------
     with strategy.scope():
         model = model_lib.get_model(config.model_name, num_classes, seed=config.seed)
+        if config.sync_batch_norm:
+            distribution.use_cross_replica_batch_norm(model)
         trainable = model_lib.filter_trainable_variables(
             config.finetune_trainable_scopes, model.trainable_variables
         )
@@ -182,7 +382,7 @@ def train(config: TrainConfig) -> TrainResult:
         trainable_names = {model_lib.variable_name(v) for v in trainable}
         global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         learning_rate, steps_per_epoch = model_lib.get_lr_schedule(
-            hparams, examples_per_epoch, config.replicas_to_aggregate
+            hparams, examples_per_epoch, lr_replicas
         )
         optimizer = model_lib.get_optimizer(hparams, learning_rate)
         optimizer.build(trainable)
@@ -209,114 +409,107 @@ def train(config: TrainConfig) -> TrainResult:
     if resume_from is not None:
         logging.info("Resuming from %s", resume_from)
         checkpoints.restore(saved, resume_from, what="training state")
+    step = int(global_step.numpy())
+    distribution.check_same_on_all_workers(strategy, step, "global step to resume from")
 
     # ---- The compiled training step ----------------------------------------------------------
     num_images = max(0, config.num_summary_images)
+    train_step = make_train_step(
+        strategy, model, trainable, optimizer, ema, global_step, hparams, num_classes, bounds,
+        seed=config.seed, num_summary_images=num_images, jit_compile=config.jit_compile,
+    )
 
-    def step_fn(images, labels):
-        one_hot = tf.one_hot(labels, num_classes)
-        adv_images = None
-        if attack.is_clean:
-            inputs = images
-        else:
-            seed = tf.stack([tf.constant(config.seed, tf.int64), global_step])
-            adv_images = adversarial_attack.generate_adversarial_examples(
-                images, bounds, lambda x: model(x, is_training=False),
-                hparams.train_adv_method, seed=seed,
-            )
-            inputs = tf.concat([images, adv_images], axis=0)
-            one_hot = tf.concat([one_hot, one_hot], axis=0)
-        with tf.GradientTape() as tape:
-            logits = model(inputs, is_training=True)
-            losses = alp_losses(logits, one_hot, trainable, hparams,
-                                paired=not attack.is_clean)
-        grads = tape.gradient(losses["total_loss"], trainable)
-        losses["learning_rate"] = tf.cast(learning_rate(global_step), tf.float32)
-        optimizer.apply_gradients(list(zip(grads, trainable)), global_step)
-        if ema is not None:
-            ema.apply(global_step)
-        outputs = dict(losses)
-        outputs["images"] = images[:num_images]
-        if adv_images is not None:
-            outputs["adv_images"] = adv_images[:num_images]
-        return outputs
-
-    @tf.function
-    def train_step(images, labels):
-        return strategy.run(step_fn, args=(images, labels))
+    def save_checkpoint() -> str:
+        path = checkpoints.save(saved, save_dir, step, config.max_checkpoints_to_keep)
+        if not chief:
+            tf.io.gfile.rmtree(save_dir)
+        return path
 
     # ---- The loop ----------------------------------------------------------------------------
-    writer = tf.summary.create_file_writer(config.output_dir)
-    step = int(global_step.numpy())
-    last_checkpoint = resume_from
+    writer = (tf.summary.create_file_writer(config.output_dir) if chief
+              else tf.summary.create_noop_writer())
+    last_checkpoint = resume_from if chief else None
+    last_saved_step = step if resume_from is not None else None
     if resume_from is None:
-        last_checkpoint = checkpoints.save(saved, config.output_dir, step,
-                                           config.max_checkpoints_to_keep)
+        last_checkpoint, last_saved_step = save_checkpoint(), step
     iterator = iter(dataset)
     last_summary_time = None
     last_summary_step = None
     start_step, start_time = step, time.time()
     outputs: dict = {}
-    while config.max_steps < 0 or step < config.max_steps:
-        # -- step
-        try:
-            images, labels = next(iterator)
-        except tf.errors.InvalidArgumentError as exc:
-            where = dataset_factory.locate_bad_record(config.dataset, "train", data_dir)
-            raise DataError(
-                f"bad training record: {where or 'unknown record'} ({exc.message.splitlines()[0]})"
-            ) from None
-        tick = time.time()
-        outputs = train_step(images, labels)
-        total_loss = float(outputs["total_loss"])
-        step = int(global_step.numpy())
+    try:
+        while config.max_steps < 0 or step < config.max_steps:
+            # -- step
+            try:
+                images, labels = next(iterator)
+            except tf.errors.InvalidArgumentError as exc:
+                where = dataset_factory.locate_bad_record(config.dataset, "train", data_dir)
+                raise DataError(
+                    f"bad training record: {where or 'unknown record'} "
+                    f"({exc.message.splitlines()[0]})"
+                ) from None
+            tick = time.time()
+            outputs = train_step(images, labels)
+            total_loss = float(outputs["total_loss"])
+            step = int(global_step.numpy())
 
-        # -- log
-        if not math.isfinite(total_loss):
-            raise TrainingDivergedError(
-                f"loss is {total_loss} at global step {step}; lower the learning rate "
-                "(--hparams=learning_rate=...) or check the data"
+            # -- log
+            if not math.isfinite(total_loss):
+                raise TrainingDivergedError(
+                    f"loss is {total_loss} at global step {step}; lower the learning rate "
+                    "(--hparams=learning_rate=...) or check the data"
+                )
+            elapsed = time.time() - start_time
+            rate = (step - start_step) * hparams.batch_size * replicas / max(elapsed, 1e-9)
+            eta = ""
+            if config.max_steps > 0 and step > start_step:
+                remaining = (config.max_steps - step) * elapsed / (step - start_step)
+                eta = f", ETA {remaining:.0f}s"
+            logging.info(
+                "global_step %d: total_loss = %.4f (%.3f s/step, %.1f examples/s%s)",
+                step, total_loss, time.time() - tick, rate, eta,
             )
-        elapsed = time.time() - start_time
-        rate = (step - start_step) * hparams.batch_size / max(elapsed, 1e-9)
-        eta = ""
-        if config.max_steps > 0 and step > start_step:
-            remaining = (config.max_steps - step) * elapsed / (step - start_step)
-            eta = f", ETA {remaining:.0f}s"
-        logging.info(
-            "global_step %d: total_loss = %.4f (%.3f s/step, %.1f examples/s%s)",
-            step, total_loss, time.time() - tick, rate, eta,
-        )
 
-        # -- summaries
-        if config.save_summaries_secs:
-            due = last_summary_time is None or (
-                time.time() - last_summary_time >= config.save_summaries_secs)
-        else:
-            every = config.save_summaries_steps or 0
-            due = every > 0 and (last_summary_step is None or step - last_summary_step >= every)
-        if due:
-            with writer.as_default():
-                for name in ("loss_xent", "loss_lp", "loss_wd", "total_loss", "learning_rate"):
-                    if name in outputs:
-                        summaries.scalar(name, outputs[name], step)
-                summaries.scalar("current_epoch", step / steps_per_epoch, step)
-                for name in ("images", "adv_images"):
-                    if num_images and name in outputs:
-                        shown = (outputs[name] - bounds[0]) / (bounds[1] - bounds[0])
-                        summaries.image(name, shown, step, max_outputs=num_images)
-            writer.flush()
-            last_summary_time, last_summary_step = time.time(), step
+            # -- summaries (host-side writes of values every worker already has)
+            if config.save_summaries_secs:
+                due = last_summary_time is None or (
+                    time.time() - last_summary_time >= config.save_summaries_secs)
+            else:
+                every = config.save_summaries_steps or 0
+                due = every > 0 and (last_summary_step is None
+                                     or step - last_summary_step >= every)
+            if due and chief:
+                with writer.as_default():
+                    for name in SCALAR_OUTPUTS:
+                        if name in outputs:
+                            summaries.scalar(name, outputs[name], step)
+                    summaries.scalar("current_epoch", step / steps_per_epoch, step)
+                    for name in ("images", "adv_images"):
+                        if num_images and name in outputs:
+                            shown = (outputs[name] - bounds[0]) / (bounds[1] - bounds[0])
+                            summaries.image(name, shown, step, max_outputs=num_images)
+                writer.flush()
+            if due:
+                last_summary_time, last_summary_step = time.time(), step
 
-        # -- checkpoint
-        if config.save_model_steps > 0 and step % config.save_model_steps == 0:
-            last_checkpoint = checkpoints.save(saved, config.output_dir, step,
-                                               config.max_checkpoints_to_keep)
+            # -- checkpoint (every worker: reading synchronised variables is collective)
+            if config.save_model_steps > 0 and step % config.save_model_steps == 0:
+                last_checkpoint, last_saved_step = save_checkpoint(), step
 
-    if last_checkpoint is None or checkpoints.checkpoint_step(last_checkpoint) != step:
-        last_checkpoint = checkpoints.save(saved, config.output_dir, step,
-                                           config.max_checkpoints_to_keep)
-    writer.close()
+        if last_saved_step != step:
+            last_checkpoint, last_saved_step = save_checkpoint(), step
+    except _CLUSTER_ERRORS as exc:
+        if distribution.num_workers(strategy) < 2:
+            raise
+        raise distribution.ClusterError(
+            f"lost contact with another worker at global step {step} "
+            f"({distribution.describe_op_error(exc)}); restart every worker with the same command "
+            f"to resume from the last checkpoint (global step {last_saved_step})"
+        ) from None
+    finally:
+        writer.close()
+    if not chief:
+        last_checkpoint = checkpoints.latest_checkpoint(config.output_dir)
     logging.info("Training finished at global step %d; checkpoint %s", step, last_checkpoint)
     return TrainResult(step, last_checkpoint,
                        {k: float(v) for k, v in outputs.items() if getattr(v, "shape", None) == ()})

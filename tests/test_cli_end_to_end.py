@@ -95,12 +95,14 @@ def test_eval_on_a_split_smaller_than_requested_reports_the_count(tmp_path, data
         ("train.py", ["--dataset=cifar"], "cifar"),
         ("train.py", ["--tiny_imagenet_data_dir=/nonexistent/tiny"], "--tiny_imagenet_data_dir"),
         ("train.py", ["--ps_tasks=2"], "--ps_tasks"),
+        ("train.py", ["--strategy=multi_worker"], "TF_CONFIG"),
         ("eval.py", ["--adv_method=pgdll_x"], "pgdll_x"),
         ("eval.py", [], "--train_dir"),
         ("eval.py", ["--train_dir=/tmp/a", "--checkpoint_path=/tmp/b"], "--checkpoint_path"),
     ],
 )
-def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, data_dir, script, flags, culprit):
+def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, data_dir, script, flags,
+                                                         culprit):
     base = [f"--tiny_imagenet_data_dir={data_dir}", "--dataset=tiny_imagenet",
             "--model_name=resnet_v2_tiny", "--dataset_image_size=32"]
     if script == "train.py":

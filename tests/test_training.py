@@ -86,7 +86,8 @@ def test_finetuning_reads_shadows_excludes_and_restricts_scopes(tmp_path, data_d
     start = _values(training.train(config).checkpoint_path)
     ema = "/ExponentialMovingAverage"
     # Excluded: freshly initialised, not the source's values.
-    assert not np.allclose(start[f"{SCOPE}/logits/weights"], source_values[f"{SCOPE}/logits/weights"])
+    assert not np.allclose(start[f"{SCOPE}/logits/weights"],
+                           source_values[f"{SCOPE}/logits/weights"])
     # Trainable and not excluded: the source's moving-average shadow.
     np.testing.assert_array_equal(start[f"{SCOPE}/postnorm/gamma"],
                                   source_values[f"{SCOPE}/postnorm/gamma" + ema])
@@ -116,7 +117,8 @@ def test_finetuning_from_an_unfitting_checkpoint_fails_clearly(tmp_path, data_di
 
 
 def test_nan_loss_stops_training_with_an_error(tmp_path, data_dir):
-    config = _config(tmp_path, data_dir, hparams="batch_size=8,learning_rate=1e30,optimizer=momentum",
+    config = _config(tmp_path, data_dir,
+                     hparams="batch_size=8,learning_rate=1e30,optimizer=momentum",
                      max_steps=20, moving_average_decay=-1)
     with pytest.raises(TrainingDivergedError, match="loss is (nan|inf)"):
         training.train(config)

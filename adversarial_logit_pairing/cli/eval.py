@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import flags, logging
 
+from adversarial_logit_pairing import distribution
 from adversarial_logit_pairing.cli import run_program
 from adversarial_logit_pairing.errors import ConfigError
 
@@ -21,7 +22,9 @@ flags.DEFINE_string("output_file", None,
                     "File to append 'eval_name,accuracy,top5' to (one line per evaluated "
                     "checkpoint).")
 flags.DEFINE_string("eval_name", "default", "Name for eval subdirectory.")
-flags.DEFINE_string("master", "", "TensorFlow master (TF1 sessions); only '' is accepted.")
+flags.DEFINE_string("master", "",
+                    "TensorFlow master (TF1). With --strategy=tpu: the TPU address (same as "
+                    "--tpu); otherwise only '' is accepted.")
 flags.DEFINE_string("model_name", "resnet_v2_50", "Name of the model.")
 flags.DEFINE_string("adv_method", "clean",
                     "Method which is used to generate adversarial examples.")
@@ -51,15 +54,21 @@ flags.DEFINE_string("predictions_file", None,
 flags.DEFINE_float("timeout_secs", None,
                    "Continuous mode: stop when no new checkpoint appeared for this long "
                    "(default: wait forever, as the original).")
+distribution.define_flags()
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
     from adversarial_logit_pairing import evaluation
 
-    if FLAGS.master:
-        raise ConfigError(f"--master={FLAGS.master!r}: TF1 sessions do not exist in "
-                          "TensorFlow 2; leave it empty")
+    dist_config = distribution.apply_legacy_flags(distribution.config_from_flags(FLAGS),
+                                                  master=FLAGS.master)
+    if dist_config.strategy == "multi_worker":
+        raise ConfigError("--strategy=multi_worker is for training; run eval.py as one process "
+                          "(--strategy=default or mirrored) beside the cluster, on the chief's "
+                          "--output_dir")
+    logging.set_verbosity(logging.INFO)
+    strategy = distribution.create_strategy(dist_config)
     config = evaluation.EvalConfig(
         train_dir=FLAGS.train_dir,
         checkpoint_path=FLAGS.checkpoint_path,
@@ -81,8 +90,7 @@ def main(argv: Sequence[str]) -> None:
         timeout_secs=FLAGS.timeout_secs,
         predictions_file=FLAGS.predictions_file,
     )
-    logging.set_verbosity(logging.INFO)
-    evaluation.run(config)
+    evaluation.run(config, strategy)
 
 
 def run() -> None:

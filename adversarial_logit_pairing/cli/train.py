@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import flags, logging
 
+from adversarial_logit_pairing import distribution
 from adversarial_logit_pairing.cli import run_program
-from adversarial_logit_pairing.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -17,9 +17,13 @@ flags.DEFINE_string("output_dir", None,
                     "with the same directory resumes from its latest checkpoint.")
 flags.DEFINE_integer("ps_tasks", 0,
                      "Number of parameter servers. TF1 parameter-server training does not exist "
-                     "in this port: only 0 is accepted.")
-flags.DEFINE_integer("task", 0, "Task ID for running distributed training (only 0 here).")
-flags.DEFINE_string("master", "", "TensorFlow master (TF1 sessions); only '' is accepted.")
+                     "in this port: only 0 is accepted (use --strategy=multi_worker).")
+flags.DEFINE_integer("task", 0,
+                     "Task ID (TF1). With --strategy=multi_worker it must agree with TF_CONFIG's "
+                     "task index; otherwise only 0 is accepted.")
+flags.DEFINE_string("master", "",
+                    "TensorFlow master (TF1). With --strategy=tpu: the TPU address (same as "
+                    "--tpu); otherwise only '' is accepted.")
 flags.DEFINE_string("model_name", "resnet_v2_50", "Name of the model.")
 flags.DEFINE_string("dataset", "imagenet", 'Dataset: "tiny_imagenet" or "imagenet".')
 flags.DEFINE_integer("dataset_image_size", 64, "Size of the images in the dataset.")
@@ -34,9 +38,12 @@ flags.DEFINE_integer("save_model_steps", 500,
 flags.DEFINE_string("hparams", "", "Hyper parameters, e.g. 'batch_size=64,train_lp_weight=0.5'.")
 flags.DEFINE_integer("replicas_to_aggregate", 1,
                      "Number of gradients to collect before param updates: scales the learning "
-                     "rate and divides the steps per epoch, as in the original.")
+                     "rate and divides the steps per epoch, as in the original. Under a "
+                     "--strategy with several replicas, the replicas in sync do this (leave it "
+                     "at 1 or set it to their number).")
 flags.DEFINE_integer("worker_replicas", 1,
-                     "Number of worker replicas (TF1 SyncReplicasOptimizer); only 1 here.")
+                     "Number of worker replicas (TF1 SyncReplicasOptimizer). With "
+                     "--strategy=multi_worker it must agree with TF_CONFIG; otherwise only 1.")
 flags.DEFINE_float("moving_average_decay", 0.9999,
                    "The decay to use for the moving average (<= 0: no moving average).")
 flags.DEFINE_string("finetune_checkpoint_path", None,
@@ -52,24 +59,26 @@ flags.DEFINE_string("imagenet_data_dir", None,
 flags.DEFINE_string("tiny_imagenet_data_dir", None,
                     "Directory with train.tfrecord and validation.tfrecord of Tiny ImageNet.")
 flags.DEFINE_integer("seed", 0, "Seed of model initialisation and attack randomness.")
-
-
-def check_distribution_flags(ps_tasks: int, task: int, master: str, worker_replicas: int) -> None:
-    """Rejects the TF1 distribution settings this port cannot honour, saying why."""
-    if ps_tasks or task or master or worker_replicas > 1:
-        raise ConfigError(
-            f"--ps_tasks={ps_tasks} --task={task} --master={master!r} "
-            f"--worker_replicas={worker_replicas}: TF1 parameter-server / SyncReplicas "
-            "training does not exist in TensorFlow 2; run with the defaults (one process). "
-            "Multi-device training through tf.distribute is tracked separately."
-        )
+distribution.define_flags()
+flags.DEFINE_bool("sync_batch_norm", False,
+                  "Normalise with the statistics of the global batch (all replicas) instead of "
+                  "each replica's own, as the original did.")
+flags.DEFINE_bool("jit_compile", False,
+                  "Compile the training step (attack and update) with XLA; TPUs always do.")
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from adversarial_logit_pairing import training
+    from adversarial_logit_pairing import adversarial_attack, model_lib, training
 
-    check_distribution_flags(FLAGS.ps_tasks, FLAGS.task, FLAGS.master, FLAGS.worker_replicas)
+    # Cheap checks first: a multi-worker start-up waits for the whole cluster.
+    dist_config = distribution.apply_legacy_flags(
+        distribution.config_from_flags(FLAGS), ps_tasks=FLAGS.ps_tasks, task=FLAGS.task,
+        master=FLAGS.master, worker_replicas=FLAGS.worker_replicas)
+    hparams = model_lib.default_hparams().parse(FLAGS.hparams)
+    adversarial_attack.parse_attack_description(hparams.train_adv_method)
+    logging.set_verbosity(logging.INFO)
+    strategy = distribution.create_strategy(dist_config)
     config = training.TrainConfig(
         output_dir=FLAGS.output_dir,
         max_steps=FLAGS.max_steps,
@@ -89,9 +98,10 @@ def main(argv: Sequence[str]) -> None:
         imagenet_data_dir=FLAGS.imagenet_data_dir,
         tiny_imagenet_data_dir=FLAGS.tiny_imagenet_data_dir,
         seed=FLAGS.seed,
+        sync_batch_norm=FLAGS.sync_batch_norm,
+        jit_compile=FLAGS.jit_compile,
     )
-    logging.set_verbosity(logging.INFO)
-    training.train(config)
+    training.train(config, strategy)
 
 
 def run() -> None:

@@ -84,6 +84,18 @@ def resolve_checkpoint(path: str, flag_name: str) -> str:
     )
 
 
+def remove_stale_temporaries(directory: str) -> None:
+    """Deletes the staging directories of checkpoint writes that were killed midway.
+
+    ``save`` stages files in ``.tmp-model.ckpt-*`` directories; a kill leaves them behind,
+    never referenced by the ``checkpoint`` pointer.
+    """
+    pattern = os.path.join(directory, f".tmp-{CHECKPOINT_BASENAME}-*")
+    for path in tf.io.gfile.glob(pattern):
+        logging.info("Removing %s, left by an interrupted checkpoint write", path)
+        tf.io.gfile.rmtree(path)
+
+
 def checkpoint_step(prefix: str) -> Optional[int]:
     """The global step stored in a checkpoint, else the number after its last '-', else None."""
     try:

@@ -41,11 +41,10 @@ from adversarial_logit_pairing import (
     model_lib,
     summaries,
 )
+from adversarial_logit_pairing.checkpoints import EMA_SUFFIX
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import CheckpointError, ConfigError, DataError
 from adversarial_logit_pairing.training import data_dir_for
-
-EMA_SUFFIX = "/ExponentialMovingAverage"
 
 
 @dataclasses.dataclass
@@ -102,11 +101,8 @@ def restore_assignments(model, moving_average_decay: float, trainable_scopes=Non
 
 def _check_shadows(prefix: str, assignments: dict) -> None:
     """Explains the usual mistake: EMA requested for a checkpoint saved without averages."""
-    wanted = [name for name in assignments if name.endswith(EMA_SUFFIX)]
-    if not wanted:
-        return
-    reader = tf.train.load_checkpoint(prefix)
-    if not any(reader.has_tensor(name) for name in wanted):
+    wanted = any(name.endswith(EMA_SUFFIX) for name in assignments)
+    if wanted and not checkpoints.has_moving_averages(prefix):
         raise CheckpointError(
             f"checkpoint {prefix} holds no {EMA_SUFFIX} shadows (saved without moving averages, "
             "like the released ALP checkpoints): evaluate it with --moving_average_decay=-1"
@@ -198,12 +194,20 @@ class Evaluator:
         start = time.time()
         batches = self.strategy.experimental_distribute_dataset(
             self.dataset.take(self.num_batches))
-        for batch_index, (images, labels) in enumerate(batches):
+        iterator = iter(batches)
+        for batch_index in range(self.num_batches):
             try:
-                c, t, logits = self._eval_step(images, labels, tf.constant(batch_index, tf.int64))
-            except tf.errors.InvalidArgumentError as exc:
+                images, labels = next(iterator)
+            except StopIteration:
+                break
+            except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
+                where = dataset_factory.locate_bad_record(
+                    self.config.dataset, self.config.split_name, self.data_dir)
                 raise DataError(
-                    f"evaluation failed on batch {batch_index}: {exc.message}") from None
+                    f"bad {self.config.split_name} record: {where or 'unknown record'} "
+                    f"({exc.message.splitlines()[0]})"
+                ) from None
+            c, t, logits = self._eval_step(images, labels, tf.constant(batch_index, tf.int64))
             correct += int(c)
             top5 += int(t)
             if self.config.predictions_file:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Callable, Optional
 
@@ -289,23 +288,10 @@ def shard_policy(dataset_name: str, data_dir: Optional[str],
     By files when there are enough of them (ImageNet's 1024 shards), otherwise by records:
     every worker then reads the whole file and keeps every ``workers``-th batch.
     """
-    # dataset_factory has no public listing of a split's files yet.
-    files = dataset_factory._input_module(dataset_name).data_files("train", data_dir)
+    files = dataset_factory.data_files(dataset_name, "train", data_dir)
     if len(files) >= workers:
         return tf.data.experimental.AutoShardPolicy.FILE
     return tf.data.experimental.AutoShardPolicy.DATA
-
-
-def _remove_stale_temporaries(output_dir: str) -> None:
-    """Deletes what a run killed in the middle of a checkpoint write left behind.
-
-    The checkpoint writer stages files in ``.tmp-model.ckpt-*`` directories; a kill leaves
-    them (never referenced by the ``checkpoint`` pointer) and nothing else removes them.
-    """
-    pattern = os.path.join(output_dir, f".tmp-{checkpoints.CHECKPOINT_BASENAME}-*")
-    for path in tf.io.gfile.glob(pattern):
-        logging.info("Removing %s, left by an interrupted checkpoint write", path)
-        tf.io.gfile.rmtree(path)
 
 
 def train(config: TrainConfig,
@@ -345,7 +331,7 @@ def train(config: TrainConfig,
         config.output_dir, strategy)
     tf.io.gfile.makedirs(config.output_dir)
     if chief:
-        _remove_stale_temporaries(config.output_dir)
+        checkpoints.remove_stale_temporaries(config.output_dir)
     elif tf.io.gfile.exists(save_dir):
         tf.io.gfile.rmtree(save_dir)
     if replicas > 1:
@@ -395,12 +381,12 @@ def train(config: TrainConfig,
             config.finetune_checkpoint_path, "--finetune_checkpoint_path"
         )
         logging.info("Fine-tuning from %s", source)
-        checkpoints.restore(
-            finetune_assignments(model, source, config.finetune_exclude_pretrained_scopes,
-                                 trainable_names, use_ema),
-            source,
-            what=f"{config.model_name} ({num_classes} classes) for fine-tuning",
-        )
+        assignments = finetune_assignments(
+            model, source, config.finetune_exclude_pretrained_scopes, trainable_names, use_ema)
+        # The released ALP checkpoints were saved without shadows: read their plain values.
+        assignments = checkpoints.plain_names_without_shadows(assignments, source)
+        checkpoints.restore(assignments, source,
+                            what=f"{config.model_name} ({num_classes} classes) for fine-tuning")
     with strategy.scope():
         # Shadows start from the (possibly fine-tuned) current values.
         ema = (ExponentialMovingAverage(config.moving_average_decay, model.variables_by_name)
@@ -442,7 +428,8 @@ def train(config: TrainConfig,
             # -- step
             try:
                 images, labels = next(iterator)
-            except tf.errors.InvalidArgumentError as exc:
+            except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
+                # A corrupt image or a truncated file: name it (slow scan, only on failure).
                 where = dataset_factory.locate_bad_record(config.dataset, "train", data_dir)
                 raise DataError(
                     f"bad training record: {where or 'unknown record'} "

@@ -128,3 +128,17 @@ def test_trainable_scopes_that_match_nothing_are_rejected(tmp_path, data_dir):
     config = _config(tmp_path, data_dir, finetune_trainable_scopes="resnet_v2_50/logits")
     with pytest.raises(ConfigError, match="matches no variable"):
         training.train(config)
+
+
+def test_finetuning_with_moving_average_from_a_checkpoint_without_shadows(tmp_path, data_dir):
+    """The released checkpoints have no shadows: fine-tuning with the EMA on reads plain values."""
+    source = training.train(_config(tmp_path / "source", data_dir, max_steps=1,
+                                     moving_average_decay=-1))
+    source_values = _values(source.checkpoint_path)
+    config = _config(tmp_path / "finetune", data_dir, max_steps=0,
+                     finetune_checkpoint_path=source.checkpoint_path,
+                     finetune_trainable_scopes=f"{SCOPE}/logits,{SCOPE}/postnorm")
+    start = _values(training.train(config).checkpoint_path)
+    gamma = f"{SCOPE}/postnorm/gamma"
+    np.testing.assert_array_equal(start[gamma], source_values[gamma])
+    np.testing.assert_array_equal(start[gamma + "/ExponentialMovingAverage"], source_values[gamma])

@@ -37,6 +37,11 @@ def _input_module(dataset_name: str) -> ModuleType:
     return _INPUTS[dataset_name]
 
 
+def data_files(dataset_name: str, split: str, data_dir: str | None) -> list[str]:
+    """The TFRecord files of a split (raises MissingDataError naming the flag when none)."""
+    return _input_module(dataset_name).data_files(split, data_dir)
+
+
 def data_dir_flag(dataset_name: str) -> str:
     """The command-line flag that names the data directory of ``dataset_name``."""
     return _input_module(dataset_name).DATA_DIR_FLAG

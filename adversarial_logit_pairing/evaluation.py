@@ -70,6 +70,7 @@ class EvalConfig:
     tiny_imagenet_data_dir: Optional[str] = None
     timeout_secs: Optional[float] = None
     predictions_file: Optional[str] = None
+    compute_dtype: str = "float32"
 
 
 @dataclasses.dataclass
@@ -149,7 +150,8 @@ class Evaluator:
                 f"(eval_batch_size={self.batch_size}); nothing to evaluate"
             )
         with strategy.scope():
-            self.model = model_lib.get_model(config.model_name, num_classes)
+            self.model = model_lib.get_model(config.model_name, num_classes,
+                                             compute_dtype=config.compute_dtype)
         self.assignments = restore_assignments(
             self.model, config.moving_average_decay, config.trainable_scopes
         )

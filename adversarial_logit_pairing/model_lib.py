@@ -29,8 +29,12 @@ __all__ = [
 ]
 
 
-def get_model(model_name: str, num_classes: int, seed: Optional[int] = None) -> ImageClassifier:
+def get_model(model_name: str, num_classes: int, seed: Optional[int] = None,
+              compute_dtype: str = "float32") -> ImageClassifier:
     """Builds a registered model; the result is called as ``model_fn(images, is_training)``.
+
+    ``compute_dtype`` ('float32', 'bfloat16', 'float16') is the dtype of its convolutions and
+    activations; variables and logits stay float32.
 
     The model owns its variables (named as in TF-Slim), so calling it twice shares weights,
     as the original's ``reuse=tf.AUTO_REUSE`` did.
@@ -38,7 +42,7 @@ def get_model(model_name: str, num_classes: int, seed: Optional[int] = None) -> 
     Raises:
       ConfigError: (a ValueError) for an unknown model name.
     """
-    return create_model(model_name, num_classes, seed=seed)
+    return create_model(model_name, num_classes, seed=seed, compute_dtype=compute_dtype)
 
 
 def parse_scopes(scopes: Union[None, str, Iterable[str]]) -> list[str]:

@@ -44,6 +44,7 @@ from adversarial_logit_pairing import (
     checkpoints,
     distribution,
     model_lib,
+    precision,
     summaries,
 )
 from adversarial_logit_pairing.datasets import dataset_factory
@@ -76,6 +77,7 @@ class TrainConfig:
     max_checkpoints_to_keep: int = 5
     sync_batch_norm: bool = False
     jit_compile: bool = False
+    compute_dtype: str = "float32"
 
 
 @dataclasses.dataclass
@@ -207,6 +209,7 @@ def make_train_step(
     seed: int = 0,
     num_summary_images: int = 0,
     jit_compile: bool = False,
+    loss_scale: Optional[precision.LossScale] = None,
 ) -> Callable:
     """The compiled training step: ``train_step(images, labels) -> outputs``.
 
@@ -219,6 +222,10 @@ def make_train_step(
       A ``tf.function``; its outputs hold the loss terms and ``learning_rate`` averaged over
       the replicas (float32 scalars) and, when ``num_summary_images > 0``, the first
       ``images``/``adv_images`` of this process's first replica.
+
+    With a ``loss_scale`` (float16 compute), the loss is scaled before differentiation and
+    the gradients unscaled after; a step whose gradients overflow is skipped (the global step
+    still counts it) and the scale shrinks.
     """
     attack = adversarial_attack.parse_attack_description(hparams.train_adv_method)
     learning_rate = optimizer.learning_rate
@@ -242,7 +249,12 @@ def make_train_step(
             logits = model(inputs, is_training=True)
             losses = alp_losses(logits, one_hot, trainable, hparams,
                                 paired=not attack.is_clean)
-        grads = tape.gradient(losses["total_loss"], trainable)
+            objective = losses["total_loss"]
+            if loss_scale is not None:
+                objective = loss_scale.scale(objective)
+        grads = tape.gradient(objective, trainable)
+        if loss_scale is not None:
+            grads = loss_scale.unscale(grads)
         return grads, losses, adv_images
 
     tpu = isinstance(strategy, tf.distribute.TPUStrategy)
@@ -256,7 +268,18 @@ def make_train_step(
         grads, losses, adv_images = forward_backward(images, labels)
         current_lr = learning_rate(global_step) if callable(learning_rate) else learning_rate
         losses["learning_rate"] = tf.cast(current_lr, tf.float32)
-        optimizer.apply_gradients(list(zip(grads, trainable)), global_step)
+        if loss_scale is None:
+            optimizer.apply_gradients(list(zip(grads, trainable)), global_step)
+        else:
+            def apply():
+                optimizer.apply_gradients(list(zip(grads, trainable)), global_step)
+                return tf.constant(True)
+
+            def skip():
+                global_step.assign_add(1)
+                return tf.constant(False)
+
+            tf.cond(loss_scale.update(grads), apply, skip)
         if ema is not None:
             ema.apply(global_step)
         names[:] = [name for name in SCALAR_OUTPUTS if name in losses]
@@ -354,7 +377,8 @@ def train(config: TrainConfig,
 
     # ---- Model, optimizer, moving averages ---------------------------------------------------
     with strategy.scope():
-        model = model_lib.get_model(config.model_name, num_classes, seed=config.seed)
+        model = model_lib.get_model(config.model_name, num_classes, seed=config.seed,
+                                    compute_dtype=config.compute_dtype)
         if config.sync_batch_norm:
             distribution.use_cross_replica_batch_norm(model)
         trainable = model_lib.filter_trainable_variables(
@@ -372,6 +396,13 @@ def train(config: TrainConfig,
         )
         optimizer = model_lib.get_optimizer(hparams, learning_rate)
         optimizer.build(trainable)
+        loss_scale = None
+        if precision.needs_loss_scaling(config.compute_dtype):
+            if strategy.num_replicas_in_sync > 1:
+                raise ConfigError(
+                    "--compute_dtype=float16 (loss scaling) runs on one device only for now; "
+                    "use bfloat16 with several replicas")
+            loss_scale = precision.LossScale()
 
     # ---- Restore: resume, or fine-tune from another run's checkpoint -------------------------
     use_ema = bool(config.moving_average_decay) and config.moving_average_decay > 0
@@ -392,6 +423,9 @@ def train(config: TrainConfig,
         ema = (ExponentialMovingAverage(config.moving_average_decay, model.variables_by_name)
                if use_ema else None)
     saved = checkpoint_variables(model, global_step, optimizer, ema)
+    if loss_scale is not None:
+        saved["loss_scale/current"] = loss_scale.current
+        saved["loss_scale/good_steps"] = loss_scale.good_steps
     if resume_from is not None:
         logging.info("Resuming from %s", resume_from)
         checkpoints.restore(saved, resume_from, what="training state")
@@ -403,6 +437,7 @@ def train(config: TrainConfig,
     train_step = make_train_step(
         strategy, model, trainable, optimizer, ema, global_step, hparams, num_classes, bounds,
         seed=config.seed, num_summary_images=num_images, jit_compile=config.jit_compile,
+        loss_scale=loss_scale,
     )
 
     def save_checkpoint() -> str:

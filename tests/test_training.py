@@ -142,3 +142,26 @@ def test_finetuning_with_moving_average_from_a_checkpoint_without_shadows(tmp_pa
     gamma = f"{SCOPE}/postnorm/gamma"
     np.testing.assert_array_equal(start[gamma], source_values[gamma])
     np.testing.assert_array_equal(start[gamma + "/ExponentialMovingAverage"], source_values[gamma])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_training_keeps_float32_state_and_eval_agrees(tmp_path, data_dir, dtype):
+    from adversarial_logit_pairing import evaluation
+
+    result = training.train(_config(tmp_path, data_dir, max_steps=3, compute_dtype=dtype))
+    assert np.isfinite(result.last_losses["total_loss"])
+    values = _values(result.checkpoint_path)
+    floating = {name: v.dtype for name, v in values.items() if np.issubdtype(v.dtype, np.floating)}
+    assert set(floating.values()) == {np.dtype(np.float32)}
+    assert ("loss_scale/current" in values) == (dtype == "float16")
+
+    def predictions(compute_dtype):
+        path = tmp_path / f"pred_{compute_dtype}.npz"
+        evaluation.run(evaluation.EvalConfig(
+            checkpoint_path=result.checkpoint_path, model_name=MODEL, dataset="tiny_imagenet",
+            dataset_image_size=32, hparams="eval_batch_size=8", tiny_imagenet_data_dir=data_dir,
+            compute_dtype=compute_dtype, predictions_file=str(path)))
+        return np.load(path)["predictions"]
+
+    agreement = np.mean(predictions(dtype) == predictions("float32"))
+    assert agreement >= 0.9

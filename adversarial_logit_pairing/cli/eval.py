@@ -56,6 +56,11 @@ flags.DEFINE_float("timeout_secs", None,
                    "(default: wait forever, as the original).")
 distribution.define_flags()
 
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "Dtype of convolutions and activations; variables, loss, optimizer state and "
+                  "moving averages stay float32 (bfloat16: CPUs with bf16 units and TPUs; "
+                  "float16: GPUs, with loss scaling).")
+
 
 def main(argv: Sequence[str]) -> None:
     del argv
@@ -89,6 +94,7 @@ def main(argv: Sequence[str]) -> None:
         tiny_imagenet_data_dir=FLAGS.tiny_imagenet_data_dir,
         timeout_secs=FLAGS.timeout_secs,
         predictions_file=FLAGS.predictions_file,
+        compute_dtype=FLAGS.compute_dtype,
     )
     evaluation.run(config, strategy)
 

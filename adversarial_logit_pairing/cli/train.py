@@ -66,6 +66,11 @@ flags.DEFINE_bool("sync_batch_norm", False,
 flags.DEFINE_bool("jit_compile", False,
                   "Compile the training step (attack and update) with XLA; TPUs always do.")
 
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "Dtype of convolutions and activations; variables, loss, optimizer state and "
+                  "moving averages stay float32 (bfloat16: CPUs with bf16 units and TPUs; "
+                  "float16: GPUs, with loss scaling).")
+
 
 def main(argv: Sequence[str]) -> None:
     del argv
@@ -100,6 +105,7 @@ def main(argv: Sequence[str]) -> None:
         seed=FLAGS.seed,
         sync_batch_norm=FLAGS.sync_batch_norm,
         jit_compile=FLAGS.jit_compile,
+        compute_dtype=FLAGS.compute_dtype,
     )
     training.train(config, strategy)
 

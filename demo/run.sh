@@ -8,4 +8,5 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 pip install --quiet --disable-pip-version-check -e ".[demo]"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 python demo/alp_demo.py "$@"

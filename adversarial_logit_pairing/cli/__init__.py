@@ -6,12 +6,13 @@ into a one-line message and a non-zero exit status, instead of a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 from typing import Callable
 
-from absl import app
+from absl import app, flags
 
 from adversarial_logit_pairing.errors import UserError
 
@@ -34,3 +35,14 @@ def run_program(main: Callable[[Sequence[str]], None], prog: str) -> None:
             sys.exit(EXIT_USER_ERROR)
 
     app.run(guarded)
+
+
+def config_from_flags(config_class: type, flag_values: flags.FlagValues = flags.FLAGS):
+    """A config dataclass filled from the flags of the same names.
+
+    The configs mirror the programs' flags field for field, so copying them by name keeps the
+    two from drifting apart; fields without a flag (library-only settings) keep their defaults.
+    """
+    values = {field.name: flag_values[field.name].value
+              for field in dataclasses.fields(config_class) if field.name in flag_values}
+    return config_class(**values)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from absl import flags, logging
 
 from adversarial_logit_pairing import distribution
-from adversarial_logit_pairing.cli import run_program
+from adversarial_logit_pairing.cli import config_from_flags, run_program
 from adversarial_logit_pairing.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -74,28 +74,7 @@ def main(argv: Sequence[str]) -> None:
                           "--output_dir")
     logging.set_verbosity(logging.INFO)
     strategy = distribution.create_strategy(dist_config)
-    config = evaluation.EvalConfig(
-        train_dir=FLAGS.train_dir,
-        checkpoint_path=FLAGS.checkpoint_path,
-        output_file=FLAGS.output_file,
-        eval_name=FLAGS.eval_name,
-        model_name=FLAGS.model_name,
-        adv_method=FLAGS.adv_method,
-        dataset=FLAGS.dataset,
-        dataset_image_size=FLAGS.dataset_image_size,
-        hparams=FLAGS.hparams,
-        split_name=FLAGS.split_name,
-        moving_average_decay=FLAGS.moving_average_decay,
-        eval_interval_secs=FLAGS.eval_interval_secs,
-        num_examples=FLAGS.num_examples,
-        eval_once=FLAGS.eval_once,
-        trainable_scopes=FLAGS.trainable_scopes,
-        imagenet_data_dir=FLAGS.imagenet_data_dir,
-        tiny_imagenet_data_dir=FLAGS.tiny_imagenet_data_dir,
-        timeout_secs=FLAGS.timeout_secs,
-        predictions_file=FLAGS.predictions_file,
-        compute_dtype=FLAGS.compute_dtype,
-    )
+    config = config_from_flags(evaluation.EvalConfig)
     evaluation.run(config, strategy)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from absl import flags, logging
 
 from adversarial_logit_pairing import distribution
-from adversarial_logit_pairing.cli import run_program
+from adversarial_logit_pairing.cli import config_from_flags, run_program
 
 FLAGS = flags.FLAGS
 
@@ -84,29 +84,7 @@ def main(argv: Sequence[str]) -> None:
     adversarial_attack.parse_attack_description(hparams.train_adv_method)
     logging.set_verbosity(logging.INFO)
     strategy = distribution.create_strategy(dist_config)
-    config = training.TrainConfig(
-        output_dir=FLAGS.output_dir,
-        max_steps=FLAGS.max_steps,
-        model_name=FLAGS.model_name,
-        dataset=FLAGS.dataset,
-        dataset_image_size=FLAGS.dataset_image_size,
-        num_summary_images=FLAGS.num_summary_images,
-        save_summaries_steps=FLAGS.save_summaries_steps,
-        save_summaries_secs=FLAGS.save_summaries_secs,
-        save_model_steps=FLAGS.save_model_steps,
-        hparams=FLAGS.hparams,
-        replicas_to_aggregate=FLAGS.replicas_to_aggregate,
-        moving_average_decay=FLAGS.moving_average_decay,
-        finetune_checkpoint_path=FLAGS.finetune_checkpoint_path,
-        finetune_exclude_pretrained_scopes=FLAGS.finetune_exclude_pretrained_scopes,
-        finetune_trainable_scopes=FLAGS.finetune_trainable_scopes,
-        imagenet_data_dir=FLAGS.imagenet_data_dir,
-        tiny_imagenet_data_dir=FLAGS.tiny_imagenet_data_dir,
-        seed=FLAGS.seed,
-        sync_batch_norm=FLAGS.sync_batch_norm,
-        jit_compile=FLAGS.jit_compile,
-        compute_dtype=FLAGS.compute_dtype,
-    )
+    config = config_from_flags(training.TrainConfig)
     training.train(config, strategy)
 
 

@@ -4,9 +4,9 @@
   mode) of a model: the unit of every bound. A PGD step cannot cost less.
 * ``attack_fn``: the project's attack as a user calls it, eagerly
   (``adversarial_attack.generate_adversarial_examples``).
-* ``make_train_step``: the ALP training step as ``training.train`` runs it (attack in inference
-  mode; one training-mode pass over ``[clean; adversarial]``; ``training.alp_losses``; the
-  TF1 RMSProp of ``model_lib.get_optimizer``; the moving average), without data or checkpoints.
+* ``make_train_step``: ``training.make_train_step``, the step ``train.py`` runs (attack in
+  inference mode; one training-mode pass over ``[clean; adversarial]``; the TF1 RMSProp of
+  ``model_lib.get_optimizer``; the moving average), without data or checkpoints.
 * ``alp_step_images_per_second``: what ``bench/data_pipeline.py`` compares its pipelines with.
 """
 
@@ -82,39 +82,22 @@ def attack_fn(model: ImageClassifier, description: str) -> Callable:
 def make_train_step(model: ImageClassifier, attack: str = "pgdll_16_2_10",
                     lp_weight: float = 0.5, num_classes: int = 200,
                     moving_average_decay: float = 0.9999) -> Callable:
-    """A compiled ALP (or clean, ``attack='clean'``) training step as ``training.train``'s."""
-    from adversarial_logit_pairing.training import alp_losses
+    """``training.make_train_step`` (what ``train.py`` runs each step), without data or
+    checkpoints: ALP (or clean, ``attack='clean'``) with the TF1 RMSProp and the moving average.
+    """
+    from adversarial_logit_pairing import training
 
     hparams = model_lib.default_hparams().parse(
         f"train_adv_method={attack},train_lp_weight={lp_weight}")
-    spec = adversarial_attack.parse_attack_description(attack)
     trainable = list(model.trainable_variables)
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
     learning_rate, _ = model_lib.get_lr_schedule(hparams, 100_000, 1)
     optimizer = model_lib.get_optimizer(hparams, learning_rate)
     optimizer.build(trainable)
     ema = ExponentialMovingAverage(moving_average_decay, model.variables_by_name)
-    model_fn = inference(model)
-
-    @tf.function
-    def step(images, labels):
-        one_hot = tf.one_hot(labels, num_classes)
-        inputs = images
-        if not spec.is_clean:
-            seed = tf.stack([tf.constant(0, tf.int64), global_step])
-            adv = adversarial_attack.generate_adversarial_examples(
-                images, BOUNDS, model_fn, attack, seed=seed)
-            inputs = tf.concat([images, adv], axis=0)
-            one_hot = tf.concat([one_hot, one_hot], axis=0)
-        with tf.GradientTape() as tape:
-            logits = model(inputs, is_training=True)
-            losses = alp_losses(logits, one_hot, trainable, hparams, paired=not spec.is_clean)
-        grads = tape.gradient(losses["total_loss"], trainable)
-        optimizer.apply_gradients(list(zip(grads, trainable)), global_step)
-        ema.apply(global_step)
-        return losses["total_loss"]
-
-    return step
+    step = training.make_train_step(tf.distribute.get_strategy(), model, trainable, optimizer,
+                                    ema, global_step, hparams, num_classes, BOUNDS)
+    return lambda images, labels: step(images, labels)["total_loss"]
 
 
 def make_training_pass(model: ImageClassifier, num_classes: int) -> Callable:

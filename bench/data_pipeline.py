@@ -25,10 +25,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from adversarial_logit_pairing.datasets import dataset_factory  # noqa: E402
+from bench._synthetic import write_imagenet, write_tiny_imagenet  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", None, "Where to write the synthetic data (default: a "
@@ -38,77 +38,10 @@ flags.DEFINE_integer("imagenet_records", 512, "Synthetic ImageNet training recor
 flags.DEFINE_integer("imagenet_shards", 8, "ImageNet shards to spread them over")
 flags.DEFINE_integer("batch_size", 32, "Batch size of the timed pipelines")
 flags.DEFINE_integer("num_batches", 40, "Batches timed per pipeline (after 5 warm-up ones)")
-
-# (dataset name, image size of the ALP paper's models on it)
-PIPELINES = (("tiny_imagenet", 64), ("imagenet", 224))
-_DISTINCT_IMAGES = 48  # generated pictures, reused cyclically across records
-
-
-def synthetic_photo(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """Smooth shapes plus sensor-like noise: compresses about as well as a real photo."""
-    y = np.linspace(0, 1, height)[:, None, None]
-    x = np.linspace(0, 1, width)[None, :, None]
-    image = np.zeros((height, width, 3))
-    for _ in range(6):
-        fx, fy = rng.uniform(0.5, 8, size=2)
-        image += rng.uniform(0.05, 0.2, size=3) * np.sin(
-            2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi, size=3))
-    image = 0.5 + image + rng.normal(0, 0.05, size=image.shape)
-    return np.clip(image * 255, 0, 255).astype(np.uint8)
-
-
-def _jpeg(image: np.ndarray) -> bytes:
-    return tf.io.encode_jpeg(image, quality=90).numpy()
-
-
-def _example(features: dict) -> bytes:
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
-
-
-def write_tiny_imagenet(directory: str, count: int, rng: np.random.Generator,
-                        filename: str = "train.tfrecord") -> float:
-    """``filename`` with ``count`` 64x64 JPEG records; returns the mean JPEG size in bytes."""
-    images = [_jpeg(synthetic_photo(64, 64, rng)) for _ in range(_DISTINCT_IMAGES)]
-    with tf.io.TFRecordWriter(os.path.join(directory, filename)) as writer:
-        for i in range(count):
-            writer.write(_example({
-                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
-                    value=[images[i % len(images)]])),
-                "label/tiny_imagenet": tf.train.Feature(int64_list=tf.train.Int64List(
-                    value=[i % 200])),
-            }))
-    return float(np.mean([len(image) for image in images]))
-
-
-def write_imagenet(directory: str, count: int, num_shards: int,
-                   rng: np.random.Generator) -> float:
-    """TF-Slim train shards of ``count`` photo-sized JPEGs with one object box each."""
-    images = []
-    for _ in range(_DISTINCT_IMAGES):
-        height, width = int(rng.integers(300, 500)), int(rng.integers(350, 500))
-        images.append(_jpeg(synthetic_photo(height, width, rng)))
-    for shard in range(num_shards):
-        path = os.path.join(directory, f"train-{shard:05d}-of-{num_shards:05d}")
-        with tf.io.TFRecordWriter(path) as writer:
-            for i in range(shard, count, num_shards):
-                box = sorted(rng.uniform(0, 1, size=2)), sorted(rng.uniform(0, 1, size=2))
-
-                def floats(value):
-                    return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
-
-                writer.write(_example({
-                    "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
-                        value=[images[i % len(images)]])),
-                    "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(
-                        value=[1 + i % 1000])),
-                    "image/object/bbox/xmin": floats(box[0][0]),
-                    "image/object/bbox/xmax": floats(box[0][1]),
-                    "image/object/bbox/ymin": floats(box[1][0]),
-                    "image/object/bbox/ymax": floats(box[1][1]),
-                }))
-    return float(np.mean([len(image) for image in images]))
-
-
+flags.DEFINE_string("model", "resnet_v2_50", "Model of the ALP step (the paper's resnet_v2_50)")
+flags.DEFINE_integer("imagenet_image_size", 64,
+                     "Model input size for ImageNet: 64 as the released 'ImageNet 64x64' ALP "
+                     "models and train.py's default; 224 for a full-resolution model")
 def pipeline_images_per_second(dataset_name: str, data_dir: str, image_size: int,
                                batch_size: int, num_batches: int) -> float:
     """Images/s delivered by the training pipeline after a warm-up."""
@@ -127,7 +60,8 @@ def alp_step_rate(dataset_name: str, image_size: int, batch_size: int) -> float:
     """Images/s of the ALP training step that this pipeline would feed."""
     from bench._steps import alp_step_images_per_second
 
-    return float(alp_step_images_per_second(dataset_name, image_size, batch_size))
+    return float(alp_step_images_per_second(dataset_name, image_size, batch_size,
+                                            model_name=FLAGS.model))
 
 
 def main(argv: list[str]) -> None:
@@ -136,7 +70,9 @@ def main(argv: list[str]) -> None:
     rng = np.random.default_rng(0)
     rows = []
     try:
-        for dataset_name, image_size in PIPELINES:
+        # Tiny ImageNet's models take its 64x64 images as they are.
+        for dataset_name, image_size in (("tiny_imagenet", 64),
+                                         ("imagenet", FLAGS.imagenet_image_size)):
             data_dir = os.path.join(work_dir, dataset_name)
             os.makedirs(data_dir, exist_ok=True)
             if dataset_name == "tiny_imagenet":
@@ -152,8 +88,12 @@ def main(argv: list[str]) -> None:
         if not FLAGS.work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
 
-    print(f"\nTraining input pipelines, batch {FLAGS.batch_size}, "
-          f"{os.cpu_count()} CPU cores\n")
+    from bench._timing import machine_header
+
+    print()
+    print(machine_header(f"Training input pipelines, batch {FLAGS.batch_size}, next to the "
+                         f"{FLAGS.model} ALP step (pgdll_16_2_10, lp 0.5) they feed"))
+    print()
     header = (f"{'dataset':<14} {'size':>5} {'JPEG KiB':>9} {'pipeline images/s':>19} "
               f"{'ALP step images/s':>18} {'pipeline / step':>16}")
     print(header)

@@ -127,8 +127,33 @@ def test_pgd_iterations_run_in_graph_not_in_python():
     graph = attack.get_concrete_function(x).graph
     op_types = {op.type for op in graph.get_operations()}
     assert "While" in op_types or "StatelessWhile" in op_types
-    # One call for the prediction and one trace of the loop body: not one per iteration.
-    assert model.calls <= 3
+    # One call for the prediction and the traces of the loop bodies (a few steps per
+    # iteration, and a one-step remainder loop): not one per iteration.
+    assert model.calls <= 1 + aa.STEPS_PER_ITERATION + 1 < 50
+
+
+@pytest.mark.parametrize("num_iter", [1, 4, 5, 7, 10, 12])
+def test_pgd_runs_exactly_num_iter_steps_of_the_reference_update(num_iter):
+    # The loop runs several steps per iteration plus a remainder: every NITER must still give
+    # exactly NITER steps of the update written out one at a time.
+    model, x = TwoLayerNet(), _images()
+    labels = tf.argmax(model(x), axis=-1)
+    eps, step = 0.3, 0.02
+    kwargs = dict(eps=eps, step_size=step, labels=labels, seed=(3, 4))
+    expected = aa.pgd(x, BOUNDS, model, num_iter=0, **kwargs)  # the random start alone
+    box_lo, box_hi = tf.maximum(x - eps, -1.0), tf.minimum(x + eps, 1.0)
+    for _ in range(num_iter):
+        with tf.GradientTape() as tape:
+            tape.watch(expected)
+            loss = tf.reduce_sum(_xent_tensor(model, expected, labels))
+        expected = tf.clip_by_value(
+            expected + step * tf.sign(tape.gradient(loss, expected)), box_lo, box_hi)
+    adv = aa.pgd(x, BOUNDS, model, num_iter=num_iter, **kwargs)
+    np.testing.assert_allclose(adv.numpy(), expected.numpy(), atol=1e-5)
+
+
+def _xent_tensor(model, x, labels):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=model(x))
 
 
 def test_no_gradient_flows_back_through_the_attack():

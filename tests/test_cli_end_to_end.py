@@ -116,3 +116,53 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, data_dir, scr
     error_lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert len(error_lines) == 1 and culprit in error_lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, data_dir):
+    out = str(tmp_path_factory.mktemp("trained"))
+    _run("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *COMMON,
+         "--hparams=batch_size=8", "--max_steps=1")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags,culprit",
+    [
+        (["--hparams=eval_bach_size=3"], "eval_bach_size"),
+        (["--model_name=resnet_v9"], "resnet_v9"),
+        (["--dataset=cifar"], "cifar"),
+        (["--tiny_imagenet_data_dir=/nonexistent/tiny"], "--tiny_imagenet_data_dir"),
+        (["--split_name=test"], "--split_name"),
+        (["--model_name=resnet_v2_50"], "resnet_v2_50"),  # a checkpoint of another model
+    ],
+)
+def test_eval_bad_input_with_a_real_checkpoint_gives_one_line_error(data_dir, trained_dir,
+                                                                    flags, culprit):
+    base = [f"--checkpoint_path={trained_dir}", f"--tiny_imagenet_data_dir={data_dir}",
+            *COMMON, "--hparams=eval_batch_size=8"]
+    proc = _run("eval.py", *base, *flags, check=False)
+    assert proc.returncode != 0
+    error_lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(error_lines) == 1 and culprit in error_lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_mirrored_xla_training_and_mirrored_eval_run_from_the_command_line(tmp_path, data_dir):
+    out = str(tmp_path / "train")
+    proc = _run("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}",
+                *COMMON, "--strategy=mirrored", "--cpu_devices=2", "--jit_compile",
+                "--hparams=batch_size=4,train_adv_method=pgdll_16_2_2,train_lp_weight=0.5",
+                "--max_steps=2", "--save_model_steps=2", "--save_summaries_steps=0")
+    assert tf.train.latest_checkpoint(out).endswith("model.ckpt-2")
+    assert "2 replicas" in proc.stderr, proc.stderr[-3000:]
+    results = tmp_path / "results.csv"
+    proc = _run("eval.py", f"--checkpoint_path={out}", f"--tiny_imagenet_data_dir={data_dir}",
+                *COMMON, "--strategy=mirrored", "--cpu_devices=2",
+                "--hparams=eval_batch_size=8", "--adv_method=pgd_16_2_2", "--eval_name=pgd",
+                f"--output_file={results}")
+    name, accuracy, top5 = results.read_text().strip().split(",")
+    assert name == "pgd" and 0.0 <= float(accuracy) <= float(top5) <= 1.0
+    assert "24 examples" in proc.stderr

@@ -421,9 +421,14 @@ def data_dir(tmp_path_factory):
 def _start_workers(tmp_path, name: str, flags: list[str]) -> list:
     configs = tf_configs(2)
     workers = []
-    for i, config in enumerate(configs):
-        log = tmp_path / f"{name}{i}.log"
-        workers.append((start(program("train.py", *flags), log, env={"TF_CONFIG": config}), log))
+    try:
+        for i, config in enumerate(configs):
+            log = tmp_path / f"{name}{i}.log"
+            workers.append(
+                (start(program("train.py", *flags), log, env={"TF_CONFIG": config}), log))
+    except BaseException:
+        kill_all([process for process, _ in workers])  # never leave the first one running
+        raise
     return workers
 
 

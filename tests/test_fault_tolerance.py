@@ -161,36 +161,58 @@ def test_sigkill_mid_run_then_the_same_command_resumes_and_finishes(tmp_path, da
     _check_final_checkpoint(out, 60, names)
 
 
-# Runs train.py with the checkpoint pointer update delayed at one step, after the checkpoint's
-# files are complete: the window in which a kill leaves new files that are not yet the latest.
+# Runs train.py with a pause inside the write of one checkpoint, at one of two places:
+# * after_data: right after SaveV2 wrote the checkpoint's data into its staging directory,
+#   before the files get their final names (a kill leaves a staging directory behind);
+# * before_pointer: the files are complete under their final names, but the ``checkpoint``
+#   pointer still names the previous checkpoint.
 _PAUSED_TRAIN = """
 import os, sys, time
 import tensorflow as tf
-update = tf.compat.v1.train.update_checkpoint_state
-def paused(save_dir, model_checkpoint_path, *args, **kwargs):
-    if model_checkpoint_path.endswith("-" + os.environ["PAUSE_AT_STEP"]):
-        open(os.environ["PAUSE_MARKER"], "w").close()
-        time.sleep(600)
-    return update(save_dir, model_checkpoint_path, *args, **kwargs)
-tf.compat.v1.train.update_checkpoint_state = paused
+step, marker = os.environ["PAUSE_AT_STEP"], os.environ["PAUSE_MARKER"]
+def pause():
+    open(marker, "w").close()
+    time.sleep(600)
+if os.environ["PAUSE_AT"] == "after_data":
+    save = tf.raw_ops.SaveV2
+    def paused_save(prefix, *args, **kwargs):
+        result = save(prefix=prefix, *args, **kwargs)
+        if "model.ckpt-" + step + "-" in prefix:
+            pause()
+        return result
+    tf.raw_ops.SaveV2 = paused_save
+else:
+    update = tf.compat.v1.train.update_checkpoint_state
+    def paused_update(save_dir, model_checkpoint_path, *args, **kwargs):
+        if model_checkpoint_path.endswith("-" + step):
+            pause()
+        return update(save_dir, model_checkpoint_path, *args, **kwargs)
+    tf.compat.v1.train.update_checkpoint_state = paused_update
 sys.argv = ["train.py"] + sys.argv[1:]
 from adversarial_logit_pairing.cli.train import run
 run()
 """
 
 
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, data_dir):
+@pytest.mark.parametrize("pause_at", ["after_data", "before_pointer"])
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, data_dir,
+                                                                         pause_at):
     out = tmp_path / "train"
     flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *MODEL_FLAGS, ALP,
              "--max_steps=6", "--save_model_steps=2", "--save_summaries_steps=0"]
     marker = tmp_path / "paused"
     paused_log, second_log = tmp_path / "paused.log", tmp_path / "second.log"
     paused = start([sys.executable, "-c", _PAUSED_TRAIN, *flags], paused_log,
-                   env={"PAUSE_AT_STEP": "4", "PAUSE_MARKER": str(marker)})
+                   env={"PAUSE_AT_STEP": "4", "PAUSE_MARKER": str(marker), "PAUSE_AT": pause_at})
     try:
         wait_for(marker.exists, 300, "the write of checkpoint 4", [(paused, paused_log)])
-        # Checkpoint 4's files are complete, but the pointer still names checkpoint 2.
-        assert (out / "model.ckpt-4.index").exists()
+        staged = [p for p in os.listdir(out) if p.startswith(".tmp-model.ckpt-4-")]
+        if pause_at == "after_data":
+            # The data is written, but only in the staging directory.
+            assert staged and not (out / "model.ckpt-4.index").exists()
+        else:
+            # Checkpoint 4's files are complete, but the pointer still names checkpoint 2.
+            assert not staged and (out / "model.ckpt-4.index").exists()
         assert latest_step(out) == 2
         paused.send_signal(signal.SIGKILL)
         paused.wait()
@@ -207,6 +229,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_pat
     assert second.returncode == 0, log[-3000:]
     assert f"Resuming from {out}/model.ckpt-2" in log
     assert logged_steps(log) == [3, 4, 5, 6]
+    # The final checkpoint is complete and the killed write's staging files are gone.
     _check_final_checkpoint(out, 6, names)
     # Checkpoint 4 was written again by the resumed run, and is listed now.
     state = tf.train.get_checkpoint_state(str(out))

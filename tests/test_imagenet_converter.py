@@ -175,3 +175,9 @@ def test_cli_exits_with_a_one_line_error_for_a_missing_labels_file(raw, tmp_path
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert errors == [f"convert_imagenet.py: error: --labels_file={missing}: no such file"]
+
+
+def test_existing_empty_output_dir_that_cannot_be_written_is_reported(raw, unwritable_dir):
+    with pytest.raises(DataError, match="--output_dir=.*cannot write"):
+        convert(raw, unwritable_dir)
+    assert os.listdir(unwritable_dir) == []

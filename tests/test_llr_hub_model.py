@@ -91,6 +91,7 @@ def reference_submission(latents_dir, linear_dir, images):
 def test_standin_modules_are_tf1_hub_modules_with_empty_tags_and_default_signature(modules):
     latents_dir, linear_dir = modules
     expected_inputs = {latents_dir: {"inputs", "decay_rate"}, linear_dir: {"inputs"}}
+    ops = {}
     for path, inputs in expected_inputs.items():
         with open(os.path.join(path, "tfhub_module.pb"), "rb") as f:
             assert tf1_hub_format.read_module_format(f.read()) == 3
@@ -104,8 +105,13 @@ def test_standin_modules_are_tf1_hub_modules_with_empty_tags_and_default_signatu
         assert set(signature.inputs) == inputs
         assert set(signature.outputs) == {"default"}
         assert os.path.isdir(os.path.join(path, "variables"))
-    graph_ops = {node.op for node in meta_graph.graph_def.node}
-    assert "Conv2D" in graph_ops
+        ops[path] = {(node.op, node.name) for node in meta_graph.graph_def.node}
+    # The latents network is a real convolutional network with batch norm (moving statistics,
+    # normalisation by rsqrt of the variance).
+    latents_ops = {op for op, _ in ops[latents_dir]}
+    latents_names = {name for _, name in ops[latents_dir]}
+    assert {"Conv2D", "Rsqrt"} <= latents_ops
+    assert any(name.endswith("BatchNorm/moving_variance") for name in latents_names)
 
 
 # ---- the pipeline against the reference ----------------------------------------------------

@@ -211,3 +211,9 @@ def test_png_record_decodes_to_the_source_pixels(raw, converted):
     source = next(i for i in raw["train"] if i.data == png["image/encoded"][0])
     decoded = tf.io.decode_image(png["image/encoded"][0], channels=3).numpy()
     np.testing.assert_array_equal(decoded, source.rgb)
+
+
+def test_existing_empty_output_dir_that_cannot_be_written_is_reported(raw, unwritable_dir):
+    with pytest.raises(DataError, match="--output_dir"):
+        convert_tiny_imagenet(raw["root"], unwritable_dir)
+    assert os.listdir(unwritable_dir) == []

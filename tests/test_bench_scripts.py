@@ -1,0 +1,93 @@
+"""The bench scripts run end to end and print their tables (tiny settings; no timing checked).
+
+The README's performance numbers come from these scripts at their default settings; this only
+keeps them runnable as the library changes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model=resnet_v2_tiny", "--image_size=16", "--batch_size=4"]
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script: str, *flags: str) -> str:
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", script), *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "machine: " in result.stdout and "TensorFlow " in result.stdout
+    return result.stdout
+
+
+def table_rows(output: str, header_start: str) -> list[list[str]]:
+    """The rows under the table whose header line starts with ``header_start``."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return rows
+
+
+def numbers(row: list[str]) -> list[float]:
+    return [float(cell) for cell in row if re.fullmatch(r"-?\d+(\.\d+)?", cell)]
+
+
+def test_attack_bench_prints_a_row_per_attack_and_dtype():
+    output = run_bench("attack.py", *TINY, "--repetitions=1", "--dtypes=float32",
+                       "--attacks=pgd_16_2_3,pgdll_16_2_3")
+    rows = table_rows(output, "attack")
+    assert [row[:2] for row in rows] == [["pgd_16_2_3", "float32"], ["pgdll_16_2_3", "float32"]]
+    assert all(value > 0 for row in rows for value in numbers(row))
+
+
+def test_train_step_bench_prints_alp_and_clean_rows():
+    output = run_bench("train_step.py", *TINY, "--repetitions=1", "--dtypes=float32",
+                       "--fit_steps=1")
+    rows = table_rows(output, "step")
+    assert [row[0] for row in rows] == ["ALP", "clean"]
+    assert all(numbers(row) and all(v > 0 for v in numbers(row)) for row in rows)
+
+
+def test_eval_bench_times_the_evaluator_against_its_bound():
+    output = run_bench("eval.py", "--model=resnet_v2_tiny", "--image_size=16",
+                       "--eval_batch_size=4", "--clean_examples=8", "--adv_examples=8",
+                       "--repetitions=1", "--attacks=clean,pgd_16_2_2")
+    rows = table_rows(output, "adv_method")
+    assert [row[0] for row in rows] == ["clean", "pgd_16_2_2"]
+    assert all(numbers(row)[0] == 8 for row in rows)  # images evaluated
+
+
+def test_memory_bench_measures_each_dtype_in_its_own_process():
+    output = run_bench("memory.py", *TINY, "--steps=1", "--dtypes=float32")
+    rows = table_rows(output, "dtype")
+    assert [row[0] for row in rows] == ["float32"]
+    before, peak = numbers(rows[0])[:2]
+    assert peak >= before > 0
+
+
+def test_data_pipeline_bench_compares_both_pipelines_with_the_step():
+    output = run_bench("data_pipeline.py", "--model=resnet_v2_tiny", "--tiny_records=64",
+                       "--imagenet_records=16", "--imagenet_shards=2", "--batch_size=4",
+                       "--num_batches=2", "--imagenet_image_size=32")
+    rows = table_rows(output, "dataset")
+    assert [row[:2] for row in rows] == [["tiny_imagenet", "64"], ["imagenet", "32"]]
+    assert all(value > 0 for row in rows for value in numbers(row))
+
+
+def test_gradient_profile_attributes_time_to_convolutions():
+    output = run_bench("profile_gradient.py", *TINY, "--repetitions=1")
+    families = {row[0] for row in table_rows(output, "family")}
+    assert "conv" in families  # 'conv forward' and 'conv backward (input)' split on spaces

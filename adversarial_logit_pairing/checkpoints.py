@@ -299,7 +299,20 @@ def restore(
         if hints:
             parts.append("Likely cause: " + "; ".join(hints))
         raise CheckpointError(". ".join(parts))
+    # Read every tensor before assigning any: a truncated or corrupt data file fails on some
+    # tensor in the middle (TF raises IndexError 'Read less bytes than requested' for a short
+    # file), and the variables must not be left half restored.
+    values = {}
+    for name in assignments:
+        try:
+            values[name] = reader.get_tensor(name)
+        except (tf.errors.OpError, ValueError, IndexError) as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            raise CheckpointError(
+                f"checkpoint {checkpoint_path} cannot be read at {name} "
+                f"({message.splitlines()[0] if message else type(exc).__name__}): its data file "
+                f"is truncated or corrupt; nothing of the {what} was restored"
+            ) from None
     for name, variable in assignments.items():
-        value = reader.get_tensor(name)
-        variable.assign(tf.cast(value, variable.dtype))
+        variable.assign(tf.cast(values[name], variable.dtype))
     logging.info("Restored %d variables of the %s from %s", len(assignments), what, checkpoint_path)

@@ -86,6 +86,19 @@ def test_missing_and_mismatched_variables_fail_without_partial_load(tmp_path):
                                   before["net/conv1/BatchNorm/moving_mean"])
 
 
+def test_truncated_data_file_fails_clearly_and_changes_no_variable(tmp_path):
+    prefix = checkpoints.save(_variables(0), str(tmp_path), step=1)
+    (data_file,) = tf.io.gfile.glob(prefix + ".data-*")
+    with open(data_file, "r+b") as f:  # the tensors before the cut stay readable
+        f.truncate(os.path.getsize(data_file) - 100)
+    target = _variables(9)
+    before = {k: v.numpy().copy() for k, v in target.items()}
+    with pytest.raises(CheckpointError, match="cannot be read at .*truncated or corrupt"):
+        checkpoints.restore(target, prefix)
+    for name, variable in target.items():
+        np.testing.assert_array_equal(variable.numpy(), before[name])
+
+
 def test_resolving_a_missing_checkpoint_names_the_flag(tmp_path):
     with pytest.raises(MissingDataError, match="--checkpoint_path=.*no checkpoint"):
         checkpoints.resolve_checkpoint(str(tmp_path), "--checkpoint_path")

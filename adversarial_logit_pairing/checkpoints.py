@@ -85,15 +85,22 @@ def resolve_checkpoint(path: str, flag_name: str) -> str:
 
 
 def remove_stale_temporaries(directory: str) -> None:
-    """Deletes the staging directories of checkpoint writes that were killed midway.
+    """Deletes what checkpoint writes killed midway left behind; call it before training.
 
-    ``save`` stages files in ``.tmp-model.ckpt-*`` directories; a kill leaves them behind,
-    never referenced by the ``checkpoint`` pointer.
+    ``save`` stages files in ``.tmp-model.ckpt-*`` directories, then MergeV2Checkpoints moves
+    the data file to ``model.ckpt-N.data-*`` and writes ``model.ckpt-N.index`` last. A kill
+    leaves a staging directory, or a data file without its index; neither is ever named by
+    the ``checkpoint`` pointer, and both are removed here.
     """
     pattern = os.path.join(directory, f".tmp-{CHECKPOINT_BASENAME}-*")
     for path in tf.io.gfile.glob(pattern):
         logging.info("Removing %s, left by an interrupted checkpoint write", path)
         tf.io.gfile.rmtree(path)
+    for path in tf.io.gfile.glob(os.path.join(directory, f"{CHECKPOINT_BASENAME}-*.data-*")):
+        prefix = path.rsplit(".data-", 1)[0]
+        if not tf.io.gfile.exists(prefix + ".index"):
+            logging.info("Removing %s, a data file whose checkpoint was never completed", path)
+            tf.io.gfile.remove(path)
 
 
 def checkpoint_step(prefix: str) -> Optional[int]:

@@ -184,3 +184,26 @@ def test_directory_without_state_file_resolves_to_its_only_checkpoint(tmp_path):
     _save_without_state_file(str(tmp_path / "other.ckpt"))
     with pytest.raises(MissingDataError, match="2 checkpoints .*other.ckpt; released.ckpt"):
         checkpoints.resolve_checkpoint(str(tmp_path), "--checkpoint_path")
+
+
+def test_leftovers_of_killed_writes_are_removed_and_complete_checkpoints_kept(tmp_path):
+    directory = str(tmp_path)
+    variables = _variables(0)
+    complete = checkpoints.save(variables, directory, step=1)
+    # A kill between MergeV2Checkpoints' move of the data file and its index write leaves
+    # checkpoint 2's data without an index; a kill before the merge leaves a staging dir.
+    interrupted = checkpoints.save(variables, directory, step=2)
+    os.remove(interrupted + ".index")
+    tf.compat.v1.train.update_checkpoint_state(directory, complete, [complete])  # not moved yet
+    staging = tmp_path / ".tmp-model.ckpt-3-0123abcd"
+    staging.mkdir()
+    (staging / "part.data-00000-of-00001").write_bytes(b"partial")
+    checkpoints.remove_stale_temporaries(directory)
+    left = sorted(os.listdir(directory))
+    assert not [name for name in left if name.startswith(("model.ckpt-2", ".tmp-"))], left
+    assert {"model.ckpt-1.index", "model.ckpt-1.data-00000-of-00001"} <= set(left)
+    assert tf.train.latest_checkpoint(directory) == complete
+    target = _variables(9)
+    checkpoints.restore(target, complete)
+    np.testing.assert_array_equal(target["net/conv1/weights"].numpy(),
+                                  variables["net/conv1/weights"].numpy())

@@ -531,6 +531,30 @@ def test_a_dead_worker_stops_the_chief_with_an_error_and_a_restart_resumes(tmp_p
     assert read_log(tmp_path / "second1.log")  # the restarted worker ran too
 
 
+
+@pytest.mark.slow
+def test_a_dead_chief_stops_the_other_worker_with_an_error(tmp_path, data_dir):
+    out = tmp_path / "train"
+    flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *MODEL_FLAGS, ALP,
+             "--max_steps=100", "--save_model_steps=5", "--save_summaries_steps=0",
+             "--strategy=multi_worker", "--worker_timeout_secs=120"]
+    workers = _start_workers(tmp_path, "first", flags)
+    (chief, _), (worker, worker_log) = workers
+    try:
+        wait_for(lambda: (latest_step(out) or 0) >= 5, 300, "a checkpoint after step 0",
+                 workers)
+        chief.send_signal(signal.SIGKILL)
+        chief.wait()
+        log = finish(worker, worker_log, 120)  # never a silent hang
+    finally:
+        kill_all([process for process, _ in workers])
+    assert worker.returncode != 0
+    errors = [line for line in log.splitlines() if line.startswith("train.py: error: ")]
+    assert len(errors) == 1, log[-3000:]
+    assert "restart every worker" in errors[0], errors[0]
+    # The chief's last checkpoint is complete: a restart would resume from it.
+    assert int(checkpoint_values(tf.train.latest_checkpoint(str(out)))["global_step"]) >= 5
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["mirrored"] and len(sys.argv) == 4:
         mirrored_experiment(sys.argv[2], sys.argv[3])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 from typing import Callable, Optional
 
 import numpy as np
@@ -134,8 +135,29 @@ def grid_attack(
     bordered = add_black_border(images, black_border)
     transforms = grid(limits, granularity)
 
-    @tf.function
-    def step(transform, best_images, best_loss, best_index, index):
+    step = _grid_step(model_fn)
+    n = tf.shape(images)[0]
+    best_images = images
+    best_loss = tf.fill([n], tf.constant(-np.inf, tf.float32))
+    best_index = tf.zeros([n], tf.int32)
+    for index, transform in enumerate(transforms):
+        best_images, best_loss, best_index = step(
+            bordered, labels, tf.constant(transform), best_images, best_loss, best_index,
+            tf.constant(index, tf.int32))
+        if on_transform is not None:
+            on_transform(index + 1, len(transforms))
+    return GridAttackResult(best_images, transforms[best_index.numpy()], best_loss.numpy())
+
+
+# One compiled grid step per model function, kept as long as the function lives: batch after
+# batch reuses it (traced once per input shape) instead of tracing the model again.
+_GRID_STEPS: weakref.WeakKeyDictionary[object, Callable] = weakref.WeakKeyDictionary()
+
+
+def _grid_step(model_fn: Callable[[tf.Tensor], tf.Tensor]) -> Callable:
+    """The compiled 'try one transform, keep the worse case per image' step for ``model_fn``."""
+
+    def step(bordered, labels, transform, best_images, best_loss, best_index, index):
         candidate = transform_images(bordered, transform)
         loss = margin_loss(model_fn(candidate), labels)
         better = loss > best_loss
@@ -143,17 +165,13 @@ def grid_attack(
                 tf.where(better, loss, best_loss),
                 tf.where(better, index, best_index))
 
-    n = tf.shape(images)[0]
-    best_images = images
-    best_loss = tf.fill([n], tf.constant(-np.inf, tf.float32))
-    best_index = tf.zeros([n], tf.int32)
-    for index, transform in enumerate(transforms):
-        best_images, best_loss, best_index = step(
-            tf.constant(transform), best_images, best_loss, best_index,
-            tf.constant(index, tf.int32))
-        if on_transform is not None:
-            on_transform(index + 1, len(transforms))
-    return GridAttackResult(best_images, transforms[best_index.numpy()], best_loss.numpy())
+    try:
+        compiled = _GRID_STEPS.get(model_fn)
+    except TypeError:  # not weak-referenceable: compile for this call only
+        return tf.function(step, reduce_retracing=True)
+    if compiled is None:
+        compiled = _GRID_STEPS[model_fn] = tf.function(step, reduce_retracing=True)
+    return compiled
 
 
 def random_transforms(n: int, limits=SPATIAL_LIMITS, seed=(0, 0)) -> tf.Tensor:

@@ -94,6 +94,23 @@ def test_spatial_grid_attack_finds_the_one_rotation_the_model_fails_on(photos):
     np.testing.assert_allclose(result.losses, 2 * 100.0 * 1e-4, rtol=1e-3)
 
 
+def test_spatial_grid_attack_traces_the_model_once_for_all_batches(photos):
+    images, _ = photos
+    images = tf.image.resize(images[:4], [24, 24]).numpy()
+    labels = np.array([0, 1], np.int64)
+    traces = []
+
+    def model_fn(x):
+        traces.append(1)  # runs only while tracing
+        score = tf.reduce_mean(x, axis=[1, 2, 3]) - 0.5
+        return tf.stack([-score, score], axis=1)
+
+    first = spatial.grid_attack(model_fn, images[:2], labels, granularity=(2, 2, 3))
+    second = spatial.grid_attack(model_fn, images[2:], labels, granularity=(2, 2, 3))
+    assert len(traces) == 1
+    assert first.images.shape == second.images.shape == (2, 24, 24, 3)
+
+
 # ---- SPSA ------------------------------------------------------------------------------------
 
 def _linear_model(weights):

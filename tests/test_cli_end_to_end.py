@@ -84,6 +84,14 @@ def test_eval_on_a_split_smaller_than_requested_reports_the_count(tmp_path, data
                 *COMMON, "--hparams=eval_batch_size=8", "--moving_average_decay=-1")
     # The validation file holds 24 records although Tiny ImageNet promises 10,000.
     assert "24 examples" in proc.stderr
+    # Asked for more than the file holds: a clean end, with the count actually evaluated.
+    results = tmp_path / "results.csv"
+    proc = _run("eval.py", f"--checkpoint_path={out}", f"--tiny_imagenet_data_dir={data_dir}",
+                *COMMON, "--hparams=eval_batch_size=8", "--moving_average_decay=-1",
+                "--num_examples=40", f"--output_file={results}")
+    assert "The split ended after 24 examples (3 batches), fewer than the 40 requested" in (
+        proc.stderr)
+    assert "24 examples" in proc.stderr and results.read_text().count("\n") == 1
 
 
 @pytest.mark.parametrize(

@@ -88,12 +88,28 @@ def test_finetuning_reads_shadows_excludes_and_restricts_scopes(tmp_path, data_d
     # Excluded: freshly initialised, not the source's values.
     assert not np.allclose(start[f"{SCOPE}/logits/weights"],
                            source_values[f"{SCOPE}/logits/weights"])
-    # Trainable and not excluded: the source's moving-average shadow.
+    # Trainable and not excluded: the source's moving-average shadow (which differs from the
+    # plain value after two steps, so the two reads are told apart).
+    assert not np.array_equal(source_values[f"{SCOPE}/postnorm/gamma" + ema],
+                              source_values[f"{SCOPE}/postnorm/gamma"])
     np.testing.assert_array_equal(start[f"{SCOPE}/postnorm/gamma"],
                                   source_values[f"{SCOPE}/postnorm/gamma" + ema])
     # Frozen: the source's plain value.
     frozen = f"{SCOPE}/conv1/weights"
     np.testing.assert_array_equal(start[frozen], source_values[frozen])
+    # The same for every model variable: excluded ones fresh, trainable ones in the trainable
+    # scopes from their shadows, everything else (frozen weights, all moving statistics) plain.
+    model_names = [n for n in start if n != "global_step" and not n.endswith(ema)
+                   and "/RMSProp" not in n]
+    assert len(model_names) > 20
+    for name in model_names:
+        trainable_kind = name.endswith(("weights", "biases", "gamma", "beta"))
+        if name.startswith(f"{SCOPE}/logits/"):
+            continue  # excluded: checked above
+        if trainable_kind and name.startswith(f"{SCOPE}/postnorm/"):
+            np.testing.assert_array_equal(start[name], source_values[name + ema], err_msg=name)
+        else:
+            np.testing.assert_array_equal(start[name], source_values[name], err_msg=name)
     # Only the trainable scopes get optimizer slots and change under training.
     assert f"{SCOPE}/logits/weights/RMSProp" in start and frozen + "/RMSProp" not in start
     config.max_steps = 2

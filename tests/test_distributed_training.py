@@ -494,27 +494,36 @@ def test_a_worker_whose_peers_never_start_stops_with_an_error(tmp_path, data_dir
     assert "missing: /job:worker/replica:0/task:1" in errors[0]
 
 
-@pytest.mark.slow
-def test_a_dead_worker_stops_the_chief_with_an_error_and_a_restart_resumes(tmp_path, data_dir):
+def _kill_one_of_two_workers(tmp_path, data_dir, victim: int):
+    """Two workers train (up to 100 steps); after the first checkpoint worker ``victim`` is
+    SIGKILLed. Returns the output dir, the flags, and the survivor's exit status and error lines.
+    """
     out = tmp_path / "train"
     flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *MODEL_FLAGS, ALP,
              "--max_steps=100", "--save_model_steps=5", "--save_summaries_steps=0",
              "--strategy=multi_worker", "--worker_timeout_secs=120"]
     workers = _start_workers(tmp_path, "first", flags)
-    (chief, chief_log), (worker, _) = workers
+    dead, (survivor, survivor_log) = workers[victim][0], workers[1 - victim]
     try:
         wait_for(lambda: (latest_step(out) or 0) >= 5, 300, "a checkpoint after step 0",
                  workers)
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
-        # The coordination service's heartbeats notice the death within seconds.
-        log = finish(chief, chief_log, 120)
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        # The coordination service's heartbeats notice the death within seconds: never a
+        # silent hang.
+        log = finish(survivor, survivor_log, 120)
     finally:
         kill_all([process for process, _ in workers])
-    assert chief.returncode != 0
     errors = [line for line in log.splitlines() if line.startswith("train.py: error: ")]
-    assert len(errors) == 1 and "lost contact with another worker" in errors[0], log[-3000:]
-    assert "restart every worker" in errors[0]
+    assert len(errors) == 1, log[-3000:]
+    return out, flags, survivor.returncode, errors[0]
+
+
+@pytest.mark.slow
+def test_a_dead_worker_stops_the_chief_with_an_error_and_a_restart_resumes(tmp_path, data_dir):
+    out, flags, status, error = _kill_one_of_two_workers(tmp_path, data_dir, victim=1)
+    assert status != 0
+    assert "lost contact with another worker" in error and "restart every worker" in error
     resumed = latest_step(out)
     assert resumed < 100
 
@@ -531,29 +540,14 @@ def test_a_dead_worker_stops_the_chief_with_an_error_and_a_restart_resumes(tmp_p
     assert read_log(tmp_path / "second1.log")  # the restarted worker ran too
 
 
-
 @pytest.mark.slow
 def test_a_dead_chief_stops_the_other_worker_with_an_error(tmp_path, data_dir):
-    out = tmp_path / "train"
-    flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *MODEL_FLAGS, ALP,
-             "--max_steps=100", "--save_model_steps=5", "--save_summaries_steps=0",
-             "--strategy=multi_worker", "--worker_timeout_secs=120"]
-    workers = _start_workers(tmp_path, "first", flags)
-    (chief, _), (worker, worker_log) = workers
-    try:
-        wait_for(lambda: (latest_step(out) or 0) >= 5, 300, "a checkpoint after step 0",
-                 workers)
-        chief.send_signal(signal.SIGKILL)
-        chief.wait()
-        log = finish(worker, worker_log, 120)  # never a silent hang
-    finally:
-        kill_all([process for process, _ in workers])
-    assert worker.returncode != 0
-    errors = [line for line in log.splitlines() if line.startswith("train.py: error: ")]
-    assert len(errors) == 1, log[-3000:]
-    assert "restart every worker" in errors[0], errors[0]
+    out, _, status, error = _kill_one_of_two_workers(tmp_path, data_dir, victim=0)
+    assert status != 0
+    assert "lost contact with another worker" in error and "restart every worker" in error
     # The chief's last checkpoint is complete: a restart would resume from it.
     assert int(checkpoint_values(tf.train.latest_checkpoint(str(out)))["global_step"]) >= 5
+
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["mirrored"] and len(sys.argv) == 4:

@@ -145,6 +145,20 @@ def test_deeper_resnet_v2_variables_match_slim_names_and_shapes(model_name):
     assert _shapes(model) == slim_shapes
 
 
+def test_resnet_v2_101_inference_logits_match_slim():
+    # The deeper variants differ from resnet_v2_50 only by their units per block; one of them
+    # compared by value (on small images, 10 classes, to keep it cheap) covers the table.
+    model = create_model("resnet_v2_101", 10)  # unseeded: the stateful generator is faster
+    values = slim_reference.random_variable_values(dict(_shapes(model)), seed=101)
+    images = _images(2, 32, seed=3)
+    slim = slim_reference.run_slim_resnet_v2("resnet_v2_101", 10, images, is_training=False,
+                                             values=values)
+    _assign(model, values)
+    logits = model(tf.constant(images), is_training=False).numpy()
+    assert np.ptp(slim.logits, axis=0).max() > 0.1
+    np.testing.assert_allclose(logits, slim.logits, atol=1e-4, rtol=0)
+
+
 def test_tiny_resnet_v2_runs_forward_and_backward_and_learns():
     model = create_model("resnet_v2_tiny", 10, seed=0)
     assert model.variables_by_name["resnet_v2_tiny/conv1/weights"].shape == (7, 7, 3, 16)

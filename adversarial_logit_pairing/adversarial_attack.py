@@ -146,12 +146,13 @@ def _pgd_graph(
     return tf.stop_gradient(x_adv)
 
 
-# Eager calls reuse one compiled attack per (model_fn, settings); keyed weakly on model_fn so a
-# discarded model frees its function.
+# Eager calls reuse one compiled function per (model_fn, key): the attacks here, and other
+# per-model steps such as llr.spatial's grid step; keyed weakly on model_fn so a discarded
+# model frees its functions.
 _COMPILED: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
-def _compiled(model_fn: ModelFn, key: tuple, graph_fn: Callable) -> Callable:
+def compiled_for(model_fn: ModelFn, key: tuple, graph_fn: Callable) -> Callable:
     """The tf.function of ``graph_fn`` cached for ``model_fn`` under ``key``.
 
     One function serves seeded and unseeded calls: tf.function traces ``seed=None`` apart
@@ -208,7 +209,7 @@ def pgd(
             x, (lo, hi), model_fn, float(eps), float(step_size), int(num_iter), labels,
             bool(targeted), seed,
         )
-    compiled = _compiled(
+    compiled = compiled_for(
         model_fn, ("pgd", settings),
         lambda x, labels, seed: _pgd_graph(x, (lo, hi), model_fn, *settings[1:4], labels,
                                            settings[4], seed),
@@ -286,7 +287,7 @@ def generate_adversarial_examples(
         return _attack_graph(x, bounds, model_fn, spec, seed)
     # Compiling the label pass with the loop matters: run eagerly, a ResNet forward is
     # hundreds of separately dispatched ops.
-    compiled = _compiled(
+    compiled = compiled_for(
         model_fn, ("attack", spec, bounds),
         lambda x, seed: _attack_graph(x, bounds, model_fn, spec, seed),
     )

@@ -314,11 +314,11 @@ def restore(
         try:
             values[name] = reader.get_tensor(name)
         except (tf.errors.OpError, ValueError, IndexError) as exc:
-            message = getattr(exc, "message", None) or str(exc)
+            reason = (getattr(exc, "message", None) or str(exc) or type(exc).__name__)
             raise CheckpointError(
                 f"checkpoint {checkpoint_path} cannot be read at {name} "
-                f"({message.splitlines()[0] if message else type(exc).__name__}): its data file "
-                f"is truncated or corrupt; nothing of the {what} was restored"
+                f"({reason.splitlines()[0]}): its data file is truncated or corrupt; nothing "
+                f"of the {what} was restored"
             ) from None
     for name, variable in assignments.items():
         variable.assign(tf.cast(values[name], variable.dtype))

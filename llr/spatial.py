@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import weakref
 from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
+
+from adversarial_logit_pairing import adversarial_attack
 
 SPATIAL_LIMITS = (18.0, 18.0, 30.0)  # dx and dy in pixels, angle in degrees
 GRID_GRANULARITY = (5, 5, 31)
@@ -149,13 +150,12 @@ def grid_attack(
     return GridAttackResult(best_images, transforms[best_index.numpy()], best_loss.numpy())
 
 
-# One compiled grid step per model function, kept as long as the function lives: batch after
-# batch reuses it (traced once per input shape) instead of tracing the model again.
-_GRID_STEPS: weakref.WeakKeyDictionary[object, Callable] = weakref.WeakKeyDictionary()
-
-
 def _grid_step(model_fn: Callable[[tf.Tensor], tf.Tensor]) -> Callable:
-    """The compiled 'try one transform, keep the worse case per image' step for ``model_fn``."""
+    """The compiled 'try one transform, keep the worse case per image' step for ``model_fn``.
+
+    Cached per model function with the attacks' compiled functions, so batch after batch
+    reuses it (traced once per input shape) instead of tracing the model again.
+    """
 
     def step(bordered, labels, transform, best_images, best_loss, best_index, index):
         candidate = transform_images(bordered, transform)
@@ -165,13 +165,7 @@ def _grid_step(model_fn: Callable[[tf.Tensor], tf.Tensor]) -> Callable:
                 tf.where(better, loss, best_loss),
                 tf.where(better, index, best_index))
 
-    try:
-        compiled = _GRID_STEPS.get(model_fn)
-    except TypeError:  # not weak-referenceable: compile for this call only
-        return tf.function(step, reduce_retracing=True)
-    if compiled is None:
-        compiled = _GRID_STEPS[model_fn] = tf.function(step, reduce_retracing=True)
-    return compiled
+    return adversarial_attack.compiled_for(model_fn, ("spatial_grid_step",), step)
 
 
 def random_transforms(n: int, limits=SPATIAL_LIMITS, seed=(0, 0)) -> tf.Tensor:

@@ -101,7 +101,7 @@ def resolve_num_classes(model_name: str, checkpoint_path: str, num_classes: Opti
         return num_classes
     if dataset is not None:
         return _DATASET_CLASSES[dataset]
-    scope = get_model_config(model_name).name
+    scope = get_model_config(model_name).scope
     shapes = tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()
     for name in (f"{scope}/logits/biases", f"{scope}/logits/biases{checkpoints.EMA_SUFFIX}"):
         if name in shapes and len(shapes[name]) == 1:

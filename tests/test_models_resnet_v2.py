@@ -7,6 +7,7 @@ logits, input gradients and moving-statistics updates to float32 round-off.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -21,7 +22,6 @@ import tensorflow as tf
 from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.models import (
     ImageClassifier,
-    ModelConfig,
     create_model,
     get_model_config,
     list_models,
@@ -294,10 +294,15 @@ def test_variable_names_ignore_an_enclosing_name_scope():
 def test_registry_lists_models_with_their_default_configs():
     assert {"resnet_v2_50", "resnet_v2_101", "resnet_v2_152", "resnet_v2_200",
             "resnet_v2_tiny"} <= set(list_models())
-    assert get_model_config("resnet_v2_50") == ModelConfig(
-        name="resnet_v2_50", default_image_size=224, crop_pct=0.875,
-        interpolation="bicubic", input_range=(-1.0, 1.0), num_classes=1001,
-    )
+    config = get_model_config("resnet_v2_50")
+    # TF-Slim's ResNets: 1001 classes with background, ALP's ImageNet preprocessing.
+    assert (config.scope, config.num_classes, config.background_class) == (
+        "resnet_v2_50", 1001, True)
+    assert (config.eval_crop, config.crop_fraction, config.eval_resize,
+            config.input_normalization) == ("short_side", 0.875, "bicubic", "none")
+    assert config.classifier_scopes == ("resnet_v2_50/logits",)
+    with pytest.raises(ConfigError, match="eval_crop"):
+        dataclasses.replace(config, eval_crop="corner")
     model = create_model("resnet_v2_tiny", 7)
     assert isinstance(model, ImageClassifier)
     assert (model.scope, model.num_classes) == ("resnet_v2_tiny", 7)

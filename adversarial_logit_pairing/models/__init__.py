@@ -28,29 +28,69 @@ __all__ = [
     "create_model",
     "get_model_config",
     "list_models",
+    "register_model",
 ]
+
+
+# How the evaluation crop is taken (``ModelConfig.eval_crop``), all centred with offsets
+# ``((side - crop) + 1) // 2`` unless stated:
+#   'short_side':    a square of ``int(crop_fraction * min(h, w))`` (ALP's ImageNet input).
+#   'padded_size':   a square of ``int(size / (size + 32) * min(h, w))`` for the output
+#                    ``size`` (tensorflow/tpu EfficientNet at release).
+#   'central_fraction': ``tf.image.central_crop(image, crop_fraction)``, i.e. that fraction
+#                    of EACH side (TF-Slim / adv_imagenet_models Inception preprocessing).
+EVAL_CROPS = ("short_side", "padded_size", "central_fraction")
+# Resize kernels, both the TF1 ops (``align_corners=False``, no half-pixel centres).
+RESIZE_KERNELS = ("bicubic", "bilinear")
+# Normalisation the network applies INSIDE its call to inputs in the dataset range [-1, 1]
+# (``ImageClassifier.normalize_inputs``), so attacks and EPS keep working in [-1, 1]:
+#   'none':              the network takes [-1, 1] as is (ResNet v2, Inception, AdvProp).
+#   'imagenet_mean_std': ``(255 * (x + 1) / 2 - MEAN_RGB) / STDDEV_RGB`` (standard EfficientNet).
+INPUT_NORMALIZATIONS = ("none", "imagenet_mean_std")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Defaults carried by a model name.
+    """Everything a model's registered name carries; the data path and the programs read it.
 
     Attributes:
-      name: the registered name (for TF-Slim models also the variable scope).
-      default_image_size: the input side the weights were trained at (a flag may override it;
-        ALP trains resnet_v2_50 at 64).
-      crop_pct: central-crop fraction used before resizing at evaluation.
-      interpolation: resize method name ('bicubic', 'bilinear').
-      input_range: pixel values the model expects, e.g. (-1.0, 1.0).
-      num_classes: classes of the released weights (1001 = background + ImageNet for Slim).
+      name: the registered name (``--model_name``).
+      scope: the TF1 variable scope every variable name starts with; may differ from the
+        name ('efficientnet-b0', 'InceptionV3').
+      default_image_size: the input side the released weights were trained at;
+        ``--dataset_image_size`` may differ (logged).
+      num_classes: classes of the released weights on ImageNet: 1001 when class 0 is a
+        background class (TF-Slim), else 1000.
+      background_class: whether ImageNet class 0 is the background class. ImageNet shards
+        carry labels 1..1000: kept for such a model, shifted to 0..999 otherwise.
+      eval_crop: one of ``EVAL_CROPS``.
+      crop_fraction: the fraction of 'short_side' and 'central_fraction' crops.
+      eval_resize: kernel of the evaluation resize, one of ``RESIZE_KERNELS``.
+      train_resize: kernel of the training resize, one of ``RESIZE_KERNELS``.
+      input_normalization: one of ``INPUT_NORMALIZATIONS``, applied inside the model.
+      classifier_scopes: variable-scope prefixes of the classification head(s), whose shapes
+        depend on the class count (what fine-tuning across data sets excludes).
     """
 
     name: str
+    scope: str
     default_image_size: int
-    crop_pct: float
-    interpolation: str
-    input_range: tuple[float, float]
     num_classes: int
+    background_class: bool
+    eval_crop: str
+    crop_fraction: float
+    eval_resize: str
+    train_resize: str
+    input_normalization: str
+    classifier_scopes: tuple[str, ...]
+
+    def __post_init__(self):
+        checks = (("eval_crop", EVAL_CROPS), ("eval_resize", RESIZE_KERNELS),
+                  ("train_resize", RESIZE_KERNELS), ("input_normalization", INPUT_NORMALIZATIONS))
+        for field, allowed in checks:
+            if getattr(self, field) not in allowed:
+                raise ConfigError(f"model {self.name!r}: {field}={getattr(self, field)!r}, "
+                                  f"expected one of {', '.join(allowed)}")
 
 
 Builder = Callable[[ModelConfig, int, Optional[int], tf.DType], ImageClassifier]
@@ -59,11 +99,16 @@ Builder = Callable[[ModelConfig, int, Optional[int], tf.DType], ImageClassifier]
 def _slim_resnet(name: str, image_size: int = 224) -> tuple[Builder, ModelConfig]:
     return resnet_v2.build, ModelConfig(
         name=name,
+        scope=name,
         default_image_size=image_size,
-        crop_pct=0.875,
-        interpolation="bicubic",
-        input_range=(-1.0, 1.0),
         num_classes=1001,
+        background_class=True,
+        eval_crop="short_side",
+        crop_fraction=0.875,
+        eval_resize="bicubic",
+        train_resize="bicubic",
+        input_normalization="none",
+        classifier_scopes=(f"{name}/logits",),
     )
 
 
@@ -74,6 +119,11 @@ _REGISTRY: dict[str, tuple[Builder, ModelConfig]] = {
     "resnet_v2_200": _slim_resnet("resnet_v2_200"),
     "resnet_v2_tiny": _slim_resnet("resnet_v2_tiny", image_size=32),
 }
+
+
+def register_model(builder: Builder, config: ModelConfig) -> None:
+    """Adds (or replaces) a registered name; model families call it for their table rows."""
+    _REGISTRY[config.name] = (builder, config)
 
 
 def list_models() -> list[str]:

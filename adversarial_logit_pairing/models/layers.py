@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 # TF-Slim's resnet_arg_scope defaults.
 BATCH_NORM_DECAY = 0.997
 BATCH_NORM_EPSILON = 1e-5
+# tensorflow/tpu EfficientNet's MEAN_RGB / STDDEV_RGB, on the 0..255 scale.
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class VariableFactory:
@@ -298,6 +301,20 @@ class ImageClassifier(tf.Module):
         the moving statistics in place; False uses (and changes) nothing else.
         """
         raise NotImplementedError
+
+    def normalize_inputs(self, images: tf.Tensor) -> tf.Tensor:
+        """Dataset-range images [-1, 1] -> the network's own input, in the compute dtype.
+
+        Every family's ``__call__`` starts with it. Normalisation beyond the dataset range
+        (``config.input_normalization``) is part of the model, so attacks perturb and clip in
+        [-1, 1] and EPS keeps its meaning for every model. 'none' adds no op (ResNet v2 graphs
+        are unchanged).
+        """
+        images = tf.convert_to_tensor(images)
+        if self.config.input_normalization == "imagenet_mean_std":
+            pixels = (tf.cast(images, tf.float32) + 1.0) * 127.5
+            images = (pixels - IMAGENET_MEAN_RGB) / IMAGENET_STDDEV_RGB
+        return tf.cast(images, self.compute_dtype)
 
 
 def _as(variable: tf.Variable, dtype: tf.DType) -> tf.Tensor:

@@ -149,8 +149,7 @@ class ResNetV2(ImageClassifier):
         )
 
     def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:
-        net = tf.cast(images, self.compute_dtype)
-        net = self.root(net)
+        net = self.root(self.normalize_inputs(images))
         # SAME max-pooling pads with -inf (bottom/right first), unlike an explicit zero pad.
         net = tf.nn.max_pool2d(net, 3, 2, "SAME")
         for unit in self.units:
@@ -164,5 +163,5 @@ class ResNetV2(ImageClassifier):
 
 def build(config: ModelConfig, num_classes: int, seed: Optional[int] = None,
           compute_dtype: tf.DType = tf.float32) -> ResNetV2:
-    """Registry builder: the ResNet v2 named ``config.name`` (its TF1 scope is the name)."""
-    return ResNetV2(SPECS[config.name], config.name, num_classes, config, seed, compute_dtype)
+    """Registry builder: the ResNet v2 named ``config.name`` under ``config.scope``."""
+    return ResNetV2(SPECS[config.name], config.scope, num_classes, config, seed, compute_dtype)

@@ -85,19 +85,19 @@ class EvalResult:
 
 
 def restore_assignments(model, moving_average_decay: float, trainable_scopes=None) -> dict:
-    """Checkpoint name -> model variable for evaluation.
+    """Checkpoint name -> model variable for evaluation, as the original ``eval.py``.
 
-    With ``moving_average_decay > 0`` the model variables are read from their
-    ``/ExponentialMovingAverage`` shadows; with ``trainable_scopes`` (a fine-tuned checkpoint)
-    only the variables under those scopes are, the rest from their plain names.
+    With ``moving_average_decay > 0`` EVERY model variable, batch-norm moving statistics
+    included, is read from its ``/ExponentialMovingAverage`` shadow (the original gave
+    ``variables_to_restore`` the model variables explicitly); otherwise every variable from its
+    plain name. ``trainable_scopes`` is accepted for the original's command lines: there it
+    only re-filtered the trainable collection, which changed nothing in this restore, and so
+    it changes nothing here either.
     """
+    del trainable_scopes  # kept for the original's flag; see the docstring
     use_ema = bool(moving_average_decay) and moving_average_decay > 0
-    scopes = model_lib.parse_scopes(trainable_scopes)
-    assignments = {}
-    for name, variable in model.variables_by_name.items():
-        averaged = use_ema and (not scopes or any(name.startswith(s) for s in scopes))
-        assignments[name + EMA_SUFFIX if averaged else name] = variable
-    return assignments
+    suffix = EMA_SUFFIX if use_ema else ""
+    return {name + suffix: variable for name, variable in model.variables_by_name.items()}
 
 
 def _check_shadows(prefix: str, assignments: dict) -> None:

@@ -1,10 +1,11 @@
 """Exports a trained checkpoint as a TF2 SavedModel and as a TF-Hub model (``export.py``).
 
 The checkpoint is read exactly as ``eval.py`` reads it (``evaluation.restore_assignments``):
-``moving_average_decay > 0`` takes the ``<name>/ExponentialMovingAverage`` shadows (with
-``trainable_scopes``: only those scopes' variables, as for a fine-tuned checkpoint), ``-1``
-the plain variables (the released ALP checkpoints have no shadows). The export is one
-SavedModel directory offering, by ``export_format``:
+``moving_average_decay > 0`` takes the ``<name>/ExponentialMovingAverage`` shadows of every
+model variable, batch-norm statistics included (``trainable_scopes`` is accepted and, as in
+the original ``eval.py``, changes nothing), ``-1`` the plain variables (the released ALP
+checkpoints have no shadows). The export is one SavedModel directory offering, by
+``export_format``:
 
 * ``saved_model``: the ``serving_default`` signature, ``images`` float32 [N, H, W, 3] in the
   dataset's range (-1, 1) -> ``logits`` [N, K] and ``probabilities`` (softmax) [N, K]. H and W

@@ -9,7 +9,9 @@ summaries, checkpoint). The step follows the original ``train.py``:
   through the attack), then run ``[clean; adversarial]`` as ONE batch of 2B in training mode,
   so batch norm sees the statistics of the mixed batch, with the labels duplicated;
 * loss = label-smoothed softmax cross-entropy (mean over the batch)
-  + ``train_lp_weight * mean((logits_clean - logits_adv)**2)`` when ``train_lp_weight > 0``
+  + ``train_lp_weight * mean((first_half - second_half)**2)`` of the logits when
+  ``train_lp_weight > 0``: ``[clean; adversarial]`` halves with an attack (ALP), the two
+  halves of the clean batch without one (clean logit pairing), as the original;
   + ``weight_decay * sum(l2_loss(v))`` over the trainable variables;
 * the optimizer step increments ``global_step``; then the TF1-style moving average of all model
   variables (weights and batch-norm statistics) is updated with ``num_updates = global_step``.
@@ -104,29 +106,47 @@ def smoothed_cross_entropy(one_hot: tf.Tensor, logits: tf.Tensor,
     return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=one_hot, logits=logits))
 
 
+def check_logit_pairing(hparams: model_lib.HParams) -> None:
+    """Clean logit pairing splits each batch in two halves: it needs an even batch.
+
+    Raises:
+      ConfigError: naming the hparams, for an odd ``batch_size`` with
+        ``train_adv_method=clean`` and ``train_lp_weight > 0``.
+    """
+    clean = adversarial_attack.parse_attack_description(hparams.train_adv_method).is_clean
+    if clean and hparams.train_lp_weight > 0 and hparams.batch_size % 2:
+        raise ConfigError(
+            f"--hparams: train_lp_weight={hparams.train_lp_weight} with "
+            f"train_adv_method=clean pairs the first half of each batch with the second "
+            f"(clean logit pairing) and needs an even batch_size, got {hparams.batch_size}")
+
+
 def alp_losses(
     logits: tf.Tensor,
     one_hot: tf.Tensor,
     trainable: list,
     hparams: model_lib.HParams,
-    paired: bool,
 ) -> dict:
     """The loss terms of the original ``train.py`` and their sum, ``total_loss``.
 
     Args:
-      logits: [B or 2B, K] logits of the training-mode forward pass; when ``paired``, the first
-        half is the clean batch and the second half its adversarial copy.
-      one_hot: [same, K] one-hot labels (duplicated for the adversarial half).
+      logits: [N, K] logits of the training-mode forward pass: ``[clean; adversarial]`` in
+        adversarial training, the clean batch in clean training.
+      one_hot: [N, K] one-hot labels (duplicated for the adversarial half).
       trainable: variables subject to weight decay.
       hparams: reads label_smoothing, train_lp_weight, weight_decay.
-      paired: whether logit pairing applies (adversarial training with lp weight > 0).
+
+    Whenever ``train_lp_weight > 0`` the first half of ``logits`` is paired with the second,
+    as the original did whatever the attack: with an attack that is adversarial logit
+    pairing, with ``train_adv_method=clean`` it is the paper's clean logit pairing (the two
+    halves of the clean batch; N must be even, see ``check_logit_pairing``).
     """
     logits = tf.cast(logits, tf.float32)
     losses = {"loss_xent": smoothed_cross_entropy(one_hot, logits, hparams.label_smoothing)}
     total = losses["loss_xent"]
-    if paired and hparams.train_lp_weight > 0:
-        clean, adv = tf.split(logits, 2)
-        losses["loss_lp"] = hparams.train_lp_weight * tf.reduce_mean(tf.square(clean - adv))
+    if hparams.train_lp_weight > 0:
+        first, second = tf.split(logits, 2)
+        losses["loss_lp"] = hparams.train_lp_weight * tf.reduce_mean(tf.square(first - second))
         total += losses["loss_lp"]
     if hparams.weight_decay > 0 and trainable:
         losses["loss_wd"] = hparams.weight_decay * tf.add_n(
@@ -247,8 +267,7 @@ def make_train_step(
             one_hot = tf.concat([one_hot, one_hot], axis=0)
         with tf.GradientTape() as tape:
             logits = model(inputs, is_training=True)
-            losses = alp_losses(logits, one_hot, trainable, hparams,
-                                paired=not attack.is_clean)
+            losses = alp_losses(logits, one_hot, trainable, hparams)
             objective = losses["total_loss"]
             if loss_scale is not None:
                 objective = loss_scale.scale(objective)
@@ -337,7 +356,7 @@ def train(config: TrainConfig,
     if not config.output_dir:
         raise ConfigError("--output_dir has to be provided")
     hparams = model_lib.default_hparams().parse(config.hparams)
-    adversarial_attack.parse_attack_description(hparams.train_adv_method)
+    check_logit_pairing(hparams)
     logging.info("User provided hparams: %s", config.hparams)
     logging.info("All hyper parameters: %s", hparams)
     strategy = strategy or tf.distribute.get_strategy()

@@ -59,8 +59,11 @@ BOUNDS = (-1.0, 1.0)
 def _hparams(method: str):
     from adversarial_logit_pairing import model_lib
 
+    # Clean runs without pairing: clean logit pairing pairs halves of each replica's batch,
+    # which is not the same pairs as on one device with the global batch.
+    lp_weight = 0.0 if method == "clean" else 0.5
     return model_lib.default_hparams().parse(
-        f"batch_size={BATCH},train_adv_method={method},train_lp_weight=0.5")
+        f"batch_size={BATCH},train_adv_method={method},train_lp_weight={lp_weight}")
 
 
 def _build(strategy, hparams, lr_replicas: int, sync_bn: bool):
@@ -144,7 +147,7 @@ def _per_replica_reference(images, labels, method: str, replicas: int = 2):
             with tf.GradientTape() as tape:
                 logits = model(tf.concat([x, adv], 0), is_training=True)
                 loss = training.alp_losses(logits, tf.concat([one_hot, one_hot], 0),
-                                           trainable, hparams, paired=True)
+                                           trainable, hparams)
             replica_grads = tape.gradient(loss["total_loss"], trainable)
             grads = replica_grads if grads is None else [a + b for a, b in
                                                          zip(grads, replica_grads)]

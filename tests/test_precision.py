@@ -146,7 +146,7 @@ def test_low_precision_training_step_keeps_loss_gradients_optimizer_and_average_
         images, (-1.0, 1.0), lambda x: model(x, is_training=False), "pgdll_8_2_2", seed=(0, 1))
     with tf.GradientTape() as tape:
         logits = model(tf.concat([images, adv], 0), is_training=True)
-        losses = alp_losses(logits, one_hot, trainable, hparams, paired=True)
+        losses = alp_losses(logits, one_hot, trainable, hparams)
     grads = tape.gradient(losses["total_loss"], trainable)
     optimizer.apply_gradients(list(zip(grads, trainable)), global_step)
     ema.apply(global_step)

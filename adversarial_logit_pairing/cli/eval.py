@@ -41,9 +41,10 @@ flags.DEFINE_integer("num_examples", -1,
                      "If positive - maximum number of example to use for evaluation.")
 flags.DEFINE_bool("eval_once", False, "If true then evaluate model only once.")
 flags.DEFINE_string("trainable_scopes", None,
-                    "For checkpoints made by fine tuning: the --finetune_trainable_scopes of "
-                    "training, so that only those variables are read from their moving-average "
-                    "shadows.")
+                    "Accepted as in the original (the --finetune_trainable_scopes of a "
+                    "fine-tuning run) and, as there, without effect on what is restored: with "
+                    "--moving_average_decay > 0 every model variable, batch-norm statistics "
+                    "included, is read from its moving-average shadow.")
 flags.DEFINE_string("imagenet_data_dir", None,
                     "Directory with the TF-Slim ImageNet TFRecords (train-*, validation-*).")
 flags.DEFINE_string("tiny_imagenet_data_dir", None,

@@ -26,8 +26,8 @@ flags.DEFINE_float("moving_average_decay", 0.9999,
                    "As eval.py: > 0 exports the moving-average shadows, <= 0 (e.g. -1) the "
                    "plain variables (released checkpoints have no shadows).")
 flags.DEFINE_string("trainable_scopes", None,
-                    "As eval.py, for checkpoints made by fine tuning: the "
-                    "--finetune_trainable_scopes of training.")
+                    "As eval.py: accepted, without effect on what is restored (with "
+                    "--moving_average_decay > 0 every model variable is read from its shadow).")
 flags.DEFINE_integer("image_size", None,
                      "Fix the height and width of the serving signature's images (default: "
                      "any size; the models were trained at --dataset_image_size, 64).")

@@ -74,14 +74,13 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"]
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from adversarial_logit_pairing import adversarial_attack, model_lib, training
+    from adversarial_logit_pairing import model_lib, training
 
     # Cheap checks first: a multi-worker start-up waits for the whole cluster.
     dist_config = distribution.apply_legacy_flags(
         distribution.config_from_flags(FLAGS), ps_tasks=FLAGS.ps_tasks, task=FLAGS.task,
         master=FLAGS.master, worker_replicas=FLAGS.worker_replicas)
-    hparams = model_lib.default_hparams().parse(FLAGS.hparams)
-    adversarial_attack.parse_attack_description(hparams.train_adv_method)
+    training.check_logit_pairing(model_lib.default_hparams().parse(FLAGS.hparams))
     logging.set_verbosity(logging.INFO)
     strategy = distribution.create_strategy(dist_config)
     config = config_from_flags(training.TrainConfig)

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from adversarial_logit_pairing.errors import ConfigError
 from llr import corruptions, coverage, evaluation, hub_model, spatial, spsa
-from tests.test_llr_fixtures import load_folder_images, write_photo_folder, write_standin_pair
+from tests.llr_builders import load_folder_images, write_photo_folder, write_standin_pair
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from adversarial_logit_pairing.errors import DataError, MissingDataError
 from llr import data
-from tests.test_llr_fixtures import write_photo_folder
+from tests.llr_builders import write_photo_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import pytest
 
 from adversarial_logit_pairing.errors import ConfigError, DataError
 from llr import data, evaluation, hub_model, tf1_hub_format
-from tests.test_llr_fixtures import write_photo_folder, write_standin_pair
+from tests.llr_builders import write_photo_folder, write_standin_pair
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--image_size=64", "--batch_size=4", "--spatial_grid=3,3,5", "--pgd_iters=3",

@@ -16,7 +16,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from llr import hub_model, tf1_hub_format
-from tests.test_llr_fixtures import load_folder_images, write_photo_folder, write_standin_pair
+from tests.llr_builders import load_folder_images, write_photo_folder, write_standin_pair
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,14 @@ def test_alp_loss_terms_on_a_hand_computable_case():
 
 def test_label_smoothing_spreads_mass_over_all_classes():
     hp = default_hparams().parse("label_smoothing=0.1,weight_decay=0.0")
-    logits = tf.constant([[0.0, 0.0, 0.0, 0.0]])
+    logits = tf.constant([[2.0, 0.0, 0.0, 0.0]])
     one_hot = tf.constant([[1.0, 0.0, 0.0, 0.0]])
     losses = alp_losses(logits, one_hot, [], hp)
-    # Uniform logits: cross-entropy is log(4) whatever the (normalised) target.
-    assert losses["total_loss"].numpy() == pytest.approx(math.log(4.0), rel=1e-6)
+    # Target (1 - 0.1) + 0.1 / 4 on class 0 and 0.1 / 4 on each of the 3 others (all K
+    # classes, the true one included); log-softmax: 2 - log(e^2 + 3) and -log(e^2 + 3).
+    log_z = math.log(math.exp(2.0) + 3.0)
+    expected = -(0.925 * (2.0 - log_z) + 3 * 0.025 * (-log_z))
+    assert losses["total_loss"].numpy() == pytest.approx(expected, rel=1e-6)
     assert set(losses) == {"loss_xent", "total_loss"}
 
 

@@ -1,4 +1,4 @@
-"""Shared builders of the llr tests (no tests here): real photos and stand-in hub modules.
+"""Builders shared by the llr tests: real photo folders and stand-in TF1 hub modules.
 
 The photos are crops and flips of scikit-learn's two bundled sample photographs (china.jpg, a
 temple, for "bicycle"; flower.jpg for "bird"), written as JPEG files in the challenge's

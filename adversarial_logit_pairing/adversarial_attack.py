@@ -8,18 +8,26 @@ Attack descriptions are the original strings:
 * ``pgdll_EPS_STEP_NITER``: PGD targeted at the least-likely predicted class ``argmin(logits)``.
 * ``pgdrnd_EPS_STEP_NITER``: PGD targeted at a uniformly random class.
 
-EPS and STEP are integers on the 0..255 pixel scale and are rescaled to model units by
-``(bounds[1] - bounds[0]) / 255``; with the bounds (-1, 1) of the ALP datasets, 16 means 32/255.
+EPS and STEP are integers within 1..255 (the original README's range, the 0..255 pixel scale)
+and are rescaled to model units by ``(bounds[1] - bounds[0]) / 255``; with the bounds (-1, 1) of
+the ALP datasets, 16 means 32/255. NITER is at least 1.
 
 The PGD loop runs in-graph (a ``tf.while_loop`` of a few steps per iteration, so the model is
-traced a fixed number of times whatever NITER is); called eagerly, the attack is compiled once per
-model, description and input signature and cached, so no Python loop runs per PGD step.
+traced a fixed number of times whatever NITER is). Eagerly, keep the attack compiled for your
+model: ``attack = make_attack("pgdll_16_2_10", model_fn, bounds)``, then ``attack(images)`` for
+every batch; it traces once per input signature and frees the model when dropped.
+``generate_adversarial_examples`` called eagerly also reuses one compiled function per model
+(an equivalent fresh lambda included) and holds the model only weakly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import re
+import threading
+import types
 import weakref
 from typing import Callable, Optional, Union
 
@@ -52,7 +60,8 @@ def parse_attack_description(attack_description: str) -> AttackSpec:
     """Parses ``clean`` or ``METHOD_EPS_STEP_NITER``.
 
     Raises:
-      ConfigError: (a ValueError) naming the description when it is malformed.
+      ConfigError: (a ValueError) naming the description when it is malformed, EPS or STEP is
+        outside 1..255 or NITER is below 1.
     """
     description = (attack_description or "").strip()
     if description == "clean":
@@ -66,6 +75,11 @@ def parse_attack_description(attack_description: str) -> AttackSpec:
         )
     method, eps, step, num_iter = match.groups()
     spec = AttackSpec(method, int(eps), int(step), int(num_iter))
+    # The original README's range: pixel values on the 0..255 scale, at least one level.
+    for name, value in (("EPS", spec.eps), ("STEP", spec.step)):
+        if not 1 <= value <= 255:
+            raise ConfigError(f"invalid attack description {attack_description!r}: {name} must "
+                              f"be within 1..255 (the 0..255 pixel scale), not {value}")
     if spec.num_iter < 1:
         raise ConfigError(f"invalid attack description {attack_description!r}: NITER must be >= 1")
     return spec
@@ -146,26 +160,104 @@ def _pgd_graph(
     return tf.stop_gradient(x_adv)
 
 
-# Eager calls reuse one compiled function per (model_fn, key): the attacks here, and other
-# per-model steps such as llr.spatial's grid step; keyed weakly on model_fn so a discarded
-# model frees its functions.
-_COMPILED: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
+# Eager calls reuse one compiled function per (model, key): the attacks here, and other
+# per-model steps such as llr.spatial's grid step. The cached function must not hold the model
+# (a weak-keyed cache whose values close over their key is never freed), so it gets the
+# model_fn of the current call through _CURRENT and the cache holds only weak references;
+# each entry is evicted when one of the objects it was keyed on dies.
+_COMPILED: dict[tuple, _CompiledStep] = {}
+_CURRENT = threading.local()
+_VALUE_TYPES = (bool, int, float, complex, str, bytes, type(None))
 
 
-def compiled_for(model_fn: ModelFn, key: tuple, graph_fn: Callable) -> Callable:
-    """The tf.function of ``graph_fn`` cached for ``model_fn`` under ``key``.
+def _identity(model_fn: Callable) -> tuple:
+    """The objects that decide what ``model_fn`` computes.
 
-    One function serves seeded and unseeded calls: tf.function traces ``seed=None`` apart
-    from a seed tensor, and each once per input signature.
+    A fresh ``lambda x: model(x, is_training=False)`` per call (the natural way to fix an
+    argument) is a new object each time but computes the same thing as the last one: same code,
+    same closure cells, defaults and globals it names. Keying on those lets it reuse the
+    compiled function instead of tracing the model again. As with any tf.function, attributes
+    reached through those objects are read when tracing (rebinding ``self.model`` on a captured
+    ``self`` is not seen). A bound method is its function and its instance; anything else, and a
+    function with nested functions, is itself.
     """
+    if inspect.ismethod(model_fn):
+        return (model_fn.__func__, model_fn.__self__)
+    if not isinstance(model_fn, types.FunctionType):
+        return (model_fn,)
+    code = model_fn.__code__
+    if any(isinstance(const, types.CodeType) for const in code.co_consts):
+        return (model_fn,)
     try:
-        per_model = _COMPILED.setdefault(model_fn, {})
-    except TypeError:  # not weak-referenceable (e.g. a bound method); compile without caching
-        per_model = {}
-    fn = per_model.get(key)
-    if fn is None:
-        fn = per_model[key] = tf.function(graph_fn, reduce_retracing=True)
-    return fn
+        cells = tuple(cell.cell_contents for cell in model_fn.__closure__ or ())
+    except ValueError:  # an empty cell (a variable not yet assigned)
+        return (model_fn,)
+    names = model_fn.__globals__
+    used_globals = tuple(names[name] for name in code.co_names if name in names)
+    keywords = sorted((model_fn.__kwdefaults__ or {}).items())
+    return (code, *cells, *used_globals, *(model_fn.__defaults__ or ()),
+            *(item for pair in keywords for item in pair))
+
+
+def _cache_key(parts: tuple) -> Optional[tuple]:
+    """Identities of weak-referenceable parts and values of immutable scalars; else None."""
+    key = []
+    for part in parts:
+        if isinstance(part, _VALUE_TYPES) or (
+                isinstance(part, tuple) and all(isinstance(p, _VALUE_TYPES) for p in part)):
+            key.append(("value", type(part), part))
+        else:
+            try:
+                weakref.ref(part)
+            except TypeError:
+                return None
+            key.append(("id", id(part)))
+    return tuple(key)
+
+
+class _CompiledStep:
+    """A cache entry: ``graph_fn(model_fn, *args)`` compiled once, called with any equivalent
+    ``model_fn``, holding the objects it was keyed on only weakly."""
+
+    def __init__(self, graph_fn: Callable, parts: tuple, key: tuple):
+        self.function = tf.function(lambda *args: graph_fn(_CURRENT.model_fn, *args),
+                                    reduce_retracing=True)
+        # Evicts this entry when any weakly keyed object dies (before its id can be reused).
+        self.refs = [weakref.ref(part, lambda _: _COMPILED.pop(key, None))
+                     for part in parts if not isinstance(part, (*_VALUE_TYPES, tuple))]
+
+    def __call__(self, model_fn: Callable, *args):
+        previous = getattr(_CURRENT, "model_fn", None)
+        _CURRENT.model_fn = model_fn  # read only while tracing
+        try:
+            return self.function(*args)
+        finally:
+            _CURRENT.model_fn = previous
+
+
+def compiled_for(model_fn: Callable, key: tuple, graph_fn: Callable) -> Callable:
+    """``graph_fn(model_fn, *args)`` as a tf.function cached for ``model_fn`` under ``key``.
+
+    Returns ``f(*args)``. ``graph_fn`` must reach the model only through its first argument and
+    be the same computation for the same ``key``: the cache holds neither ``model_fn`` nor what
+    it uses, so dropping the model frees its compiled functions. A new but equivalent
+    ``model_fn`` (a fresh lambda over the same model) reuses the same trace. One function serves
+    seeded and unseeded calls: tf.function traces ``seed=None`` apart from a seed tensor, and
+    each once per input signature.
+    """
+    parts = _identity(model_fn)
+    ids = _cache_key(parts)
+    if ids is None and len(parts) > 1:  # e.g. a lambda over a list: key on the lambda itself
+        parts = (model_fn,)
+        ids = _cache_key(parts)
+    if ids is None:  # not weak-referenceable: compile without caching
+        step = _CompiledStep(graph_fn, (), ())
+        return functools.partial(step, model_fn)
+    full_key = (ids, key)
+    step = _COMPILED.get(full_key)
+    if step is None:
+        step = _COMPILED[full_key] = _CompiledStep(graph_fn, parts, full_key)
+    return functools.partial(step, model_fn)
 
 
 def pgd(
@@ -211,8 +303,8 @@ def pgd(
         )
     compiled = compiled_for(
         model_fn, ("pgd", settings),
-        lambda x, labels, seed: _pgd_graph(x, (lo, hi), model_fn, *settings[1:4], labels,
-                                           settings[4], seed),
+        lambda model_fn, x, labels, seed: _pgd_graph(x, (lo, hi), model_fn, *settings[1:4],
+                                                     labels, settings[4], seed),
     )
     return compiled(x, labels, seed)
 
@@ -260,8 +352,10 @@ def generate_adversarial_examples(
     """Generates adversarial examples as described by an original attack string.
 
     Inside a ``tf.function`` the attack is traced into the caller's graph. Called eagerly, it
-    runs a tf.function cached per (model_fn, description, bounds) that traces once per input
-    signature, so repeated eager calls with the same model and shapes never retrace.
+    runs a tf.function cached per (model, description, bounds) that traces once per input
+    signature, so repeated eager calls with the same model and shapes never retrace, even
+    through a fresh ``lambda x: model(x, is_training=False)`` each time; the cache holds the
+    model weakly. For a loop of eager calls, :func:`make_attack` says the same without a cache.
 
     Args:
       x: clean images [N, H, W, C] within ``bounds``.
@@ -289,6 +383,52 @@ def generate_adversarial_examples(
     # hundreds of separately dispatched ops.
     compiled = compiled_for(
         model_fn, ("attack", spec, bounds),
-        lambda x, seed: _attack_graph(x, bounds, model_fn, spec, seed),
+        lambda model_fn, x, seed: _attack_graph(x, bounds, model_fn, spec, seed),
     )
     return compiled(x, seed)
+
+
+class Attack:
+    """An attack compiled for one model: make it once, keep it, call it for every batch.
+
+    ``attack(x, seed=None)`` returns the adversarial examples of ``x``, exactly as
+    ``generate_adversarial_examples(x, bounds, model_fn, attack_description, seed)``. Called
+    eagerly it runs its own tf.function, traced once per input signature; inside a
+    ``tf.function`` it is traced into the caller's graph. It holds ``model_fn`` (and so the
+    model) for as long as it is kept, and nothing else does.
+    """
+
+    def __init__(self, attack_description: str, model_fn: ModelFn,
+                 bounds: tuple[float, float]):
+        self.spec = parse_attack_description(attack_description)
+        self.bounds = (float(bounds[0]), float(bounds[1]))
+        self.model_fn = model_fn
+        spec, bounds = self.spec, self.bounds
+        self._compiled = tf.function(
+            lambda x, seed: _attack_graph(x, bounds, model_fn, spec, seed),
+            reduce_retracing=True)
+
+    def __call__(self, x: tf.Tensor, seed: Seed = None) -> tf.Tensor:
+        """The adversarial examples of ``x`` (``x`` itself for 'clean'); see ``seed`` above."""
+        if self.spec.is_clean:
+            return x
+        if seed is not None:
+            seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+        if not tf.executing_eagerly():
+            return _attack_graph(x, self.bounds, self.model_fn, self.spec, seed)
+        return self._compiled(x, seed)
+
+
+def make_attack(attack_description: str, model_fn: ModelFn,
+                bounds: tuple[float, float]) -> Attack:
+    """The :class:`Attack` ``attack_description`` against ``model_fn`` for images in ``bounds``.
+
+    Args:
+      attack_description: 'clean', 'pgd_EPS_STEP_NITER', 'pgdll_...' or 'pgdrnd_...'.
+      model_fn: maps images to logits [N, K], in inference mode.
+      bounds: (lo, hi) range of the images, e.g. (-1, 1).
+
+    Raises:
+      ConfigError: (a ValueError) when the description is malformed.
+    """
+    return Attack(attack_description, model_fn, bounds)

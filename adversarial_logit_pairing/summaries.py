@@ -1,40 +1,43 @@
-"""TensorBoard scalar and image summaries written with TensorFlow alone.
+"""TensorBoard summaries written as the original's TF1 ``tf.summary.scalar``/``image`` wrote them.
 
-TensorFlow 2.21 no longer installs TensorBoard, and ``tf.summary.scalar``/``image`` live in
-the TensorBoard package. The event files only need ``tf.summary.write`` and the plugin
-metadata TensorBoard's scalar and image dashboards read, so this module writes those directly:
-a float32 scalar tagged for the ``scalars`` plugin, and for ``images`` the string tensor
-``[width, height, png_1, ..., png_n]``.
+The original built its summaries with TF1's ``ScalarSummary`` and ``ImageSummary`` ops and a
+``SummarySaverHook``: a scalar is a ``Summary.Value`` with a float32 ``simple_value``, and an
+image summary is one ``Summary.Image`` (PNG, height, width, colorspace) per image, tagged
+``<name>/image/<i>`` (``<name>/image`` alone when ``max_outputs`` is 1). TensorFlow 2.21 still has
+both ops (they need no TensorBoard install), so this module runs them and hands the serialized
+``Summary`` to the default ``tf.summary`` writer with ``write_raw_pb``: the event files hold the
+same tags, value kinds and pixels as the original's, and TensorBoard shows them the same way.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
 
 
-def _metadata(plugin_name: str) -> bytes:
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = plugin_name
-    return metadata.SerializeToString()
+def scalar(tag: str, value, step: int) -> None:
+    """Writes ``value`` as TF1's ``tf.summary.scalar(tag, value)`` did (a float32 simple_value).
+
+    ``tag`` is the full tag: the original's name scope included, e.g. ``Eval/Accuracy``.
+    """
+    tf.summary.experimental.write_raw_pb(
+        tf.raw_ops.ScalarSummary(tags=tag, values=tf.convert_to_tensor(value)), step=step)
 
 
-_SCALAR_METADATA = _metadata("scalars")
-_IMAGE_METADATA = _metadata("images")
+@tf.function(reduce_retracing=True)
+def _image_summary(tag: tf.Tensor, images: tf.Tensor, max_outputs: int) -> tf.Tensor:
+    # In a graph because the op's eager path rejects its own default ``bad_color`` attribute.
+    return tf.raw_ops.ImageSummary(tag=tag, tensor=images, max_images=max_outputs)
 
 
-def scalar(name: str, value, step: int) -> None:
-    """Writes one scalar to the default summary writer."""
-    tf.summary.write(name, tf.cast(value, tf.float32), step=step, metadata=_SCALAR_METADATA)
+def image(name: str, images, step: int, max_outputs: int = 3) -> None:
+    """Writes images [N, H, W, C] as TF1's ``tf.summary.image(name, images, max_outputs)`` did.
 
-
-def image(name: str, images: tf.Tensor, step: int, max_outputs: int = 3) -> None:
-    """Writes up to ``max_outputs`` images [N, H, W, C] with values in [0, 1] as PNG."""
-    images = tf.convert_to_tensor(images)[:max_outputs]
-    pixels = tf.image.convert_image_dtype(tf.clip_by_value(images, 0.0, 1.0), tf.uint8,
-                                          saturate=True)
-    encoded = tf.map_fn(tf.io.encode_png, pixels, fn_output_signature=tf.string)
-    shape = tf.shape(images)
-    dims = tf.stack([tf.strings.as_string(shape[2]), tf.strings.as_string(shape[1])])
-    tf.summary.write(name, tf.concat([dims, encoded], axis=0), step=step,
-                     metadata=_IMAGE_METADATA)
+    The first ``max_outputs`` images are written (3 by default, as TF1's default, which the
+    original never changed). Float images are mapped to uint8 per image the TF1 way: all
+    non-negative values scaled so that the largest is 255; otherwise 0 goes to 128 and the
+    largest magnitude to 127 away from it. So the original passed model-unit images in (-1, 1)
+    and the same is done here.
+    """
+    tf.summary.experimental.write_raw_pb(
+        _image_summary(tf.constant(name), tf.convert_to_tensor(images), int(max_outputs)),
+        step=step)

@@ -527,8 +527,9 @@ def train(config: TrainConfig,
                     summaries.scalar("current_epoch", step / steps_per_epoch, step)
                     for name in ("images", "adv_images"):
                         if num_images and name in outputs:
-                            shown = (outputs[name] - bounds[0]) / (bounds[1] - bounds[0])
-                            summaries.image(name, shown, step, max_outputs=num_images)
+                            # As the original: tf.summary.image(name, x[:num_summary_images])
+                            # of model-unit images, with TF1's default max_outputs of 3.
+                            summaries.image(name, outputs[name][:num_images], step)
                 writer.flush()
             if due:
                 last_summary_time, last_summary_step = time.time(), step

@@ -98,14 +98,27 @@ def parse_attacks(text: str) -> list[str]:
     if not names:
         raise ConfigError("--attacks is empty; choose from " + _valid_attacks())
     for name in names:
-        if name not in BASE_ATTACKS and name not in corruptions.CORRUPTIONS \
-                and not _PGD_RE.match(name):
+        if _PGD_RE.match(name):
+            _pgd_spec(name)
+        elif name not in BASE_ATTACKS and name not in corruptions.CORRUPTIONS:
             raise ConfigError(f"--attacks: unknown attack {name!r}; choose from "
                               + _valid_attacks())
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ConfigError(f"--attacks: {', '.join(repeated)} listed more than once")
     return names
+
+
+def _pgd_spec(name: str) -> adversarial_attack.AttackSpec:
+    """EPS, STEP and NITER of ``pgd_EPS_STEP_NITER``, with ALP's limits (EPS, STEP in 1..255).
+
+    Raises:
+      ConfigError: naming the attack when a number is out of range.
+    """
+    try:
+        return adversarial_attack.parse_attack_description(name)
+    except ConfigError as exc:
+        raise ConfigError(f"--attacks: {exc}") from None
 
 
 def _valid_attacks() -> str:
@@ -164,10 +177,11 @@ def make_attack(name: str, model, settings: EvalSettings) -> Attack:
 
     match = _PGD_RE.match(name)
     if name == "pgd" or match:
-        eps, step, iters = ((settings.pgd_eps, settings.pgd_step_size, settings.pgd_iters)
-                            if name == "pgd" else tuple(int(v) for v in match.groups()))
-        if iters < 1:
-            raise ConfigError(f"--attacks: {name}: the number of iterations must be >= 1")
+        if match:
+            spec = _pgd_spec(name)
+            eps, step, iters = spec.eps, spec.step, spec.num_iter
+        else:
+            eps, step, iters = settings.pgd_eps, settings.pgd_step_size, settings.pgd_iters
 
         def pgd(images, labels, batch_index):
             return adversarial_attack.pgd(

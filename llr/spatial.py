@@ -156,16 +156,18 @@ def _grid_step(model_fn: Callable[[tf.Tensor], tf.Tensor]) -> Callable:
     Cached per model function with the attacks' compiled functions, so batch after batch
     reuses it (traced once per input shape) instead of tracing the model again.
     """
+    return adversarial_attack.compiled_for(model_fn, ("spatial_grid_step",), _try_transform)
 
-    def step(bordered, labels, transform, best_images, best_loss, best_index, index):
-        candidate = transform_images(bordered, transform)
-        loss = margin_loss(model_fn(candidate), labels)
-        better = loss > best_loss
-        return (tf.where(better[:, None, None, None], candidate, best_images),
-                tf.where(better, loss, best_loss),
-                tf.where(better, index, best_index))
 
-    return adversarial_attack.compiled_for(model_fn, ("spatial_grid_step",), step)
+def _try_transform(model_fn, bordered, labels, transform, best_images, best_loss, best_index,
+                   index):
+    # The model arrives as an argument: the cached step must not hold it (see compiled_for).
+    candidate = transform_images(bordered, transform)
+    loss = margin_loss(model_fn(candidate), labels)
+    better = loss > best_loss
+    return (tf.where(better[:, None, None, None], candidate, best_images),
+            tf.where(better, loss, best_loss),
+            tf.where(better, index, best_index))
 
 
 def random_transforms(n: int, limits=SPATIAL_LIMITS, seed=(0, 0)) -> tf.Tensor:

@@ -1,10 +1,14 @@
 """Properties of the PGD attacks of the original ALP code."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from adversarial_logit_pairing import adversarial_attack as aa
+from adversarial_logit_pairing.errors import ConfigError
 
 BOUNDS = (-1.0, 1.0)
 
@@ -172,3 +176,115 @@ def test_pgdrnd_targets_are_spread_over_classes():
     adv = aa.generate_adversarial_examples(x, BOUNDS, model, "pgdrnd_255_32_20", seed=(2, 3))
     reached = set(np.argmax(model(adv).numpy(), axis=-1).tolist())
     assert len(reached) >= 4
+
+
+@pytest.mark.parametrize("bad", ["pgd_300_2_10", "pgd_16_256_10", "pgdll_0_2_10", "pgd_16_0_3"])
+def test_eps_and_step_outside_1_to_255_raise_config_error_naming_the_description(bad):
+    with pytest.raises(ConfigError, match=f"invalid attack description '{bad}'.*1..255"):
+        aa.parse_attack_description(bad)
+    assert aa.parse_attack_description("pgdrnd_255_255_1").eps == 255
+    assert aa.parse_attack_description("pgd_1_1_1").step == 1
+
+
+def _attack_eagerly(model_fn_of) -> list:
+    """Weak references to a model and its model_fn, after eager attacks of every kind."""
+    model, x = TwoLayerNet(), _images()
+    model_fn = model_fn_of(model)
+    aa.generate_adversarial_examples(x, BOUNDS, model_fn, "pgd_16_2_2")
+    aa.generate_adversarial_examples(x, BOUNDS, model_fn, "pgdll_16_2_2", seed=(1, 2))
+    aa.pgd(x, BOUNDS, model_fn, 0.1, 0.01, 2, labels=tf.zeros([6], tf.int64))
+    return [weakref.ref(model), weakref.ref(model_fn)]
+
+
+def _fresh_lambda(model):
+    # A lambda of its own on its line: AutoGraph cannot read a lambda nested in a lambda, and
+    # the warning it logs (which pytest keeps) holds the caller's frames, so the model too.
+    return lambda images: model(images)
+
+
+@pytest.mark.parametrize("model_fn_of", [
+    _fresh_lambda,  # the README's fresh lambda
+    lambda model: model.__call__,  # a bound method
+    lambda model: model,
+])
+def test_eager_attack_frees_the_model_once_dropped(model_fn_of):
+    # The cache used to key weakly on model_fn while its compiled function closed over that
+    # same model_fn: nothing was ever freed.
+    refs = _attack_eagerly(model_fn_of)
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+
+
+def test_fresh_lambda_per_eager_call_reuses_one_trace_and_is_freed():
+    model, x = TwoLayerNet(), _images()
+    outputs, refs, traces = [], [], []
+    for _ in range(4):
+        model_fn = lambda images: model(images)  # noqa: E731 (a new object on every pass)
+        refs.append(weakref.ref(model_fn))
+        outputs.append(aa.generate_adversarial_examples(x, BOUNDS, model_fn, "pgdll_16_2_3",
+                                                        seed=(1, 2)).numpy())
+        traces.append(model.calls)
+        del model_fn
+    assert traces[1:] == traces[:1] * 3, "an equivalent fresh lambda retraced the attack"
+    for output in outputs[1:]:
+        np.testing.assert_array_equal(output, outputs[0])
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * 4
+
+
+def test_a_lambda_over_another_model_is_not_served_the_first_models_trace():
+    x = _images()
+    for seed in (0, 1):
+        model = TwoLayerNet(seed=seed)
+        adv = aa.generate_adversarial_examples(
+            x, BOUNDS, lambda images: model(images), "pgd_16_2_2", seed=(5, 6))  # noqa: B023
+        direct = aa.make_attack("pgd_16_2_2", model, BOUNDS)(x, seed=(5, 6))
+        np.testing.assert_allclose(adv.numpy(), direct.numpy(), atol=1e-6)
+
+
+def test_make_attack_traces_once_and_runs_in_graphs():
+    model, x = TwoLayerNet(), _images()
+    attack = aa.make_attack("pgdll_16_2_3", lambda images: model(images), BOUNDS)
+    first = attack(x, seed=(1, 2))
+    traced = model.calls
+    np.testing.assert_array_equal(attack(x, seed=(1, 2)).numpy(), first.numpy())
+    assert model.calls == traced
+    np.testing.assert_allclose(
+        aa.generate_adversarial_examples(x, BOUNDS, model, "pgdll_16_2_3", seed=(1, 2)).numpy(),
+        first.numpy(), atol=1e-6)
+    in_graph = tf.function(lambda images: attack(images, seed=(1, 2)))
+    np.testing.assert_allclose(in_graph(x).numpy(), first.numpy(), atol=1e-6)
+    assert aa.make_attack("clean", model, BOUNDS)(x) is x
+
+
+def _kept_attack() -> tuple:
+    model = TwoLayerNet()
+    attack = aa.make_attack("pgd_16_2_2", lambda images: model(images), BOUNDS)
+    attack(_images())
+    return attack, weakref.ref(model)
+
+
+def test_make_attack_frees_the_model_with_the_attack():
+    attack, model_ref = _kept_attack()
+    assert model_ref() is not None
+    del attack
+    gc.collect()
+    assert model_ref() is None
+
+
+_GLOBAL_MODEL = None
+
+
+def test_a_lambda_over_a_rebound_global_model_is_not_served_the_old_trace():
+    global _GLOBAL_MODEL
+    x = _images()
+    try:
+        for seed in (0, 1):
+            _GLOBAL_MODEL = TwoLayerNet(seed=seed)
+            adv = aa.generate_adversarial_examples(
+                x, BOUNDS, lambda images: _GLOBAL_MODEL(images), "pgd_16_2_2",  # noqa: B023
+                seed=(5, 6))
+            direct = aa.make_attack("pgd_16_2_2", _GLOBAL_MODEL, BOUNDS)(x, seed=(5, 6))
+            np.testing.assert_allclose(adv.numpy(), direct.numpy(), atol=1e-6)
+    finally:
+        _GLOBAL_MODEL = None

@@ -23,10 +23,11 @@ def _run(script, *flags, check=True):
 
 
 def _event_tags(directory):
-    tags = set()
+    """{tag: kind of value} of the summaries under ``directory`` (TF1's simple_value/image)."""
+    tags = {}
     for path in tf.io.gfile.glob(os.path.join(directory, "events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
-            tags.update(value.tag for value in event.summary.value)
+            tags.update((value.tag, value.WhichOneof("value")) for value in event.summary.value)
     return tags
 
 
@@ -50,13 +51,17 @@ def test_train_then_eval_clean_and_adversarial(tmp_path, data_dir):
     assert "resnet_v2_tiny/block1/unit_1/bottleneck_v2/conv1/BatchNorm/moving_mean" in names
     assert "resnet_v2_tiny/logits/weights/ExponentialMovingAverage" in names
     assert tf.train.latest_checkpoint(out).endswith("model.ckpt-3")
-    assert {"loss_xent", "loss_lp", "loss_wd", "total_loss", "learning_rate", "current_epoch",
-            "images", "adv_images"} <= _event_tags(out)
+    # The original's TF1 summaries: float32 scalars, one PNG per image (default 3 shown).
+    scalars = ["loss_xent", "loss_lp", "loss_wd", "total_loss", "learning_rate", "current_epoch"]
+    images = [f"{name}/image/{i}" for name in ("images", "adv_images") for i in range(3)]
+    assert _event_tags(out) == {**dict.fromkeys(scalars, "simple_value"),
+                                **dict.fromkeys(images, "image")}
 
     # Continuous mode, once: summaries under train_dir/eval_name.
     _run("eval.py", f"--train_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *COMMON,
          "--hparams=eval_batch_size=8", "--eval_once", "--eval_name=clean_eval")
-    assert {"Accuracy", "Top5"} <= _event_tags(os.path.join(out, "clean_eval"))
+    assert _event_tags(os.path.join(out, "clean_eval")) == {
+        "Eval/Accuracy": "simple_value", "Eval/Top5": "simple_value"}
 
     # One checkpoint, adversarial, appending the original output line.
     results = tmp_path / "results.csv"

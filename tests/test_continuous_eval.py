@@ -31,11 +31,12 @@ def data_dir(tmp_path_factory):
 
 
 def _evaluated_steps(directory) -> list[int]:
-    """Global steps of the ``Accuracy`` summaries under ``directory``, in writing order."""
+    """Global steps of the ``Eval/Accuracy`` summaries under ``directory``, in writing order."""
     steps = []
     for path in sorted(tf.io.gfile.glob(os.path.join(str(directory), "events.out.tfevents.*"))):
         for event in tf.compat.v1.train.summary_iterator(path):
-            steps.extend(event.step for value in event.summary.value if value.tag == "Accuracy")
+            steps.extend(event.step for value in event.summary.value
+                         if value.tag == "Eval/Accuracy")
     return steps
 
 

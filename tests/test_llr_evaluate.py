@@ -159,5 +159,9 @@ def test_attack_list_and_settings_are_validated():
         evaluation.parse_attacks("clean,boundary")
     with pytest.raises(ConfigError, match="listed more than once"):
         evaluation.parse_attacks("clean,clean")
+    # The grammar's limits are ALP's: EPS and STEP within 1..255, NITER >= 1.
+    for bad in ("pgd_300_2_10", "pgd_0_2_10", "pgd_16_256_3", "pgd_16_2_0"):
+        with pytest.raises(ConfigError, match=f"--attacks: invalid attack description '{bad}'"):
+            evaluation.parse_attacks(f"clean,{bad}")
     with pytest.raises(ConfigError, match="--spsa_samples must be even"):
         evaluation.check_settings(evaluation.EvalSettings(data_dir=".", spsa_samples=5))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import tensorflow as tf
@@ -228,8 +228,13 @@ def _hints(
     missing: list[str],
     mismatched: list[str],
     what: str,
+    classifier_scopes: Sequence[str],
 ) -> list[str]:
-    """Names the usual causes of a misfit: no shadows, another class count, another model."""
+    """Names the usual causes of a misfit: no shadows, another class count, another model.
+
+    A shape mismatch under one of ``classifier_scopes`` (the model's head, whose last
+    dimension is the class count in every family) is read as another class count.
+    """
     hints = []
     if any(name.endswith(EMA_SUFFIX) for name in missing) and not any(
         name.endswith(EMA_SUFFIX) for name in shapes
@@ -248,14 +253,16 @@ def _hints(
                 f"(scopes {', '.join(checkpoint_scopes[:_MAX_LISTED]) or 'none'}; the {what} "
                 f"has {', '.join(model_scopes)}): check --model_name"
             )
+    heads = tuple(scope.rstrip("/") + "/" for scope in classifier_scopes)
     for name in mismatched:
-        if name.removesuffix(EMA_SUFFIX).endswith("/logits/biases"):
+        if heads and name.startswith(heads):
             theirs, ours = shapes[name][-1], assignments[name].shape[-1]
             hints.append(
                 f"the checkpoint was trained for {theirs} classes, the {what} has {ours} "
-                "(ImageNet: 1001, Tiny ImageNet: 200): choose the matching --dataset, or, to "
-                "fine-tune across data sets, exclude the logits scope with "
-                "--finetune_exclude_pretrained_scopes"
+                "(Tiny ImageNet: 200; ImageNet: 1001 with a background class, else 1000): "
+                "choose the matching --dataset, or, to fine-tune across data sets, exclude "
+                "the classification head with --finetune_exclude_pretrained_scopes="
+                + ",".join(classifier_scopes)
             )
             break
     return hints
@@ -265,6 +272,7 @@ def restore(
     assignments: Mapping[str, tf.Variable],
     checkpoint_path: str,
     what: str = "model",
+    classifier_scopes: Sequence[str] = (),
 ) -> None:
     """Assigns checkpoint tensors to variables, all or nothing.
 
@@ -272,6 +280,9 @@ def restore(
       assignments: name in the checkpoint -> variable to receive it.
       checkpoint_path: a checkpoint prefix.
       what: what is being restored, for error messages.
+      classifier_scopes: the model's head scopes (``ModelConfig.classifier_scopes``); a
+        shape mismatch there is explained as another class count, naming the
+        ``--finetune_exclude_pretrained_scopes`` value that skips the head.
 
     Raises:
       CheckpointError: listing the first missing names (with the shapes the variables have)
@@ -302,7 +313,7 @@ def restore(
         scopes = sorted({_scope(name) for name in shapes} - {""})
         if scopes:
             parts.append("checkpoint scopes: " + ", ".join(scopes[:_MAX_LISTED]))
-        hints = _hints(assignments, shapes, missing, mismatched, what)
+        hints = _hints(assignments, shapes, missing, mismatched, what, classifier_scopes)
         if hints:
             parts.append("Likely cause: " + "; ".join(hints))
         raise CheckpointError(". ".join(parts))

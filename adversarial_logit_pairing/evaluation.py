@@ -44,6 +44,7 @@ from adversarial_logit_pairing import (
 from adversarial_logit_pairing.checkpoints import EMA_SUFFIX
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import CheckpointError, ConfigError, DataError
+from adversarial_logit_pairing.models import get_model_config
 from adversarial_logit_pairing.training import data_dir_for
 
 
@@ -136,10 +137,13 @@ class Evaluator:
                               f"{replicas} replicas (it is the global evaluation batch)")
         self.data_dir = data_dir_for(config.dataset, config.imagenet_data_dir,
                                      config.tiny_imagenet_data_dir)
+        # The model's registered config decides the preprocessing, labels and class count.
+        self.model_config = get_model_config(config.model_name)
         self.dataset, split_size, num_classes, self.bounds = dataset_factory.get_dataset(
             config.dataset, config.split_name, self.batch_size, config.dataset_image_size,
-            is_training=False, data_dir=self.data_dir,
+            is_training=False, data_dir=self.data_dir, model_config=self.model_config,
         )
+        dataset_factory.log_image_size(self.model_config, config.dataset_image_size)
         self.num_examples = split_size
         if config.num_examples > 0:
             self.num_examples = min(split_size, config.num_examples)
@@ -189,6 +193,7 @@ class Evaluator:
         checkpoints.restore(
             self.assignments, checkpoint_path,
             what=f"{self.config.model_name} evaluation model",
+            classifier_scopes=self.model_config.classifier_scopes,
         )
         step = checkpoints.checkpoint_step(checkpoint_path)
         correct = top5 = seen = 0
@@ -204,7 +209,8 @@ class Evaluator:
                 break
             except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
                 where = dataset_factory.locate_bad_record(
-                    self.config.dataset, self.config.split_name, self.data_dir)
+                    self.config.dataset, self.config.split_name, self.data_dir,
+                    self.model_config)
                 raise DataError(
                     f"bad {self.config.split_name} record: {where or 'unknown record'} "
                     f"({exc.message.splitlines()[0]})"

@@ -10,8 +10,10 @@ checkpoints have no shadows). The export is one SavedModel directory offering, b
 * ``saved_model``: the ``serving_default`` signature, ``images`` float32 [N, H, W, 3] in the
   dataset's range (-1, 1) -> ``logits`` [N, K] and ``probabilities`` (softmax) [N, K]. H and W
   are free (ResNet v2 ends in a global mean pool) unless ``image_size`` fixes both. The
-  images must be preprocessed as the eval pipeline does (central crop, bicubic resize to the
-  training size, rescale to [-1, 1]); for ImageNet class 0 is the background class.
+  images must be preprocessed as the eval pipeline does for the model (its registered
+  centre crop and TF1 resize kernel, to the training size, rescaled to [-1, 1]; recorded
+  under ``preprocessing`` in the metadata; any further normalisation is inside the model);
+  for ImageNet class 0 is the background class of a model that has one (1001 classes).
 * ``hub``: TF Hub's reusable SavedModel API, so ``hub.load(dir)(images)`` gives the logits and
   ``hub.KerasLayer(dir)`` works in tf-keras: ``__call__(images, training=False)``,
   ``variables``, ``trainable_variables`` (weights, biases, gamma, beta; fine-tuning with
@@ -37,20 +39,14 @@ import tensorflow as tf
 from absl import logging
 
 from adversarial_logit_pairing import checkpoints, evaluation, model_lib
-from adversarial_logit_pairing.datasets import dataset_factory, imagenet_input, tiny_imagenet_input
+from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import CheckpointError, ConfigError
-from adversarial_logit_pairing.models import ImageClassifier, get_model_config
+from adversarial_logit_pairing.models import ImageClassifier, ModelConfig, get_model_config
 
 FORMATS = ("saved_model", "hub", "both")
 SIGNATURE_KEY = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY  # "serving_default"
 INPUT_KEY = "images"
 METADATA_PATH = os.path.join("assets.extra", "alp_export.json")
-
-_DATASET_CLASSES = {
-    "imagenet": imagenet_input.NUM_CLASSES,
-    "tiny_imagenet": tiny_imagenet_input.NUM_CLASSES,
-}
-
 
 @dataclasses.dataclass
 class ExportConfig:
@@ -79,38 +75,60 @@ class ExportResult:
     moving_average: bool
 
 
+def _checkpoint_class_count(model_config: ModelConfig, checkpoint_path: str
+                            ) -> Optional[tuple[str, int]]:
+    """(name, count) of the first 1-D bias under the model's classifier scopes, if any.
+
+    Every family's head ends in a layer with a bias of one entry per class (ResNet v2's
+    ``logits/biases``, Inception's ``Logits/Conv2d_1c_1x1/biases``, EfficientNet's
+    ``head/dense/bias``); its plain or moving-average entry gives the class count.
+    """
+    shapes = tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()
+    for scope in model_config.classifier_scopes:
+        prefix = scope.rstrip("/") + "/"
+        for name in sorted(shapes):
+            plain = name.removesuffix(checkpoints.EMA_SUFFIX)
+            if (plain.startswith(prefix) and plain.rsplit("/", 1)[-1] in ("bias", "biases")
+                    and len(shapes[name]) == 1):
+                return name, int(shapes[name][0])
+    return None
+
+
 def resolve_num_classes(model_name: str, checkpoint_path: str, num_classes: Optional[int],
                         dataset: Optional[str]) -> int:
     """The width of the logits: ``num_classes``, else ``dataset``'s, else the checkpoint's.
 
-    The checkpoint's count is read from ``<scope>/logits/biases`` (or its shadow), the head
-    of TF-Slim's ResNets.
+    A data set's count is the model's (``dataset_factory.num_classes``: ImageNet 1001 or
+    1000 by the model's background class, Tiny ImageNet 200). The checkpoint's count is
+    read from the bias of the model's classification head (``classifier_scopes``).
 
     Raises:
-      ConfigError: an unknown data set, a class count that disagrees with the data set's, or
-        nothing to take the count from.
+      ConfigError: an unknown model or data set, a class count that disagrees with the data
+        set's, or nothing to take the count from.
     """
-    if dataset is not None and dataset not in _DATASET_CLASSES:
-        raise ConfigError(f"--dataset={dataset}: unknown data set; known data sets: "
-                          f"{', '.join(dataset_factory.DATASETS)}")
+    model_config = get_model_config(model_name)
+    dataset_classes = None
+    if dataset is not None:
+        if dataset not in dataset_factory.DATASETS:
+            raise ConfigError(f"--dataset={dataset}: unknown data set; known data sets: "
+                              f"{', '.join(dataset_factory.DATASETS)}")
+        dataset_classes = dataset_factory.num_classes(dataset, model_config)
     if num_classes is not None:
         if num_classes < 1:
             raise ConfigError(f"--num_classes={num_classes}: must be positive")
-        if dataset is not None and num_classes != _DATASET_CLASSES[dataset]:
+        if dataset_classes is not None and num_classes != dataset_classes:
             raise ConfigError(f"--num_classes={num_classes} disagrees with --dataset={dataset} "
-                              f"({_DATASET_CLASSES[dataset]} classes); give one of them")
+                              f"({dataset_classes} classes for {model_name}); give one of them")
         return num_classes
-    if dataset is not None:
-        return _DATASET_CLASSES[dataset]
-    scope = get_model_config(model_name).scope
-    shapes = tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()
-    for name in (f"{scope}/logits/biases", f"{scope}/logits/biases{checkpoints.EMA_SUFFIX}"):
-        if name in shapes and len(shapes[name]) == 1:
-            logging.info("%d classes, from %s in %s", shapes[name][0], name, checkpoint_path)
-            return int(shapes[name][0])
+    if dataset_classes is not None:
+        return dataset_classes
+    found = _checkpoint_class_count(model_config, checkpoint_path)
+    if found is not None:
+        logging.info("%d classes, from %s in %s", found[1], found[0], checkpoint_path)
+        return found[1]
     raise ConfigError(
-        f"cannot tell the number of classes: {checkpoint_path} holds no {scope}/logits/biases; "
-        "give --num_classes or --dataset"
+        f"cannot tell the number of classes: {checkpoint_path} holds no bias under "
+        f"{', '.join(model_config.classifier_scopes)}; give --num_classes or --dataset"
     )
 
 
@@ -134,7 +152,8 @@ def restore_model(checkpoint_path: str, model_name: str, num_classes: int,
             "--moving_average_decay=-1"
         )
     checkpoints.restore(assignments, checkpoint_path,
-                        what=f"{model_name} ({num_classes} classes) export model")
+                        what=f"{model_name} ({num_classes} classes) export model",
+                        classifier_scopes=get_model_config(model_name).classifier_scopes)
     return model
 
 
@@ -241,6 +260,7 @@ def export(config: ExportConfig) -> ExportResult:
     _prepare_destination(config.export_dir, config.overwrite)
     start = time.time()
     prefix = checkpoints.resolve_checkpoint(config.checkpoint_path, "--checkpoint_path")
+    model_config = get_model_config(config.model_name)
     num_classes = resolve_num_classes(config.model_name, prefix, config.num_classes,
                                       config.dataset)
     model = restore_model(prefix, config.model_name, num_classes, config.moving_average_decay,
@@ -252,12 +272,21 @@ def export(config: ExportConfig) -> ExportResult:
     metadata = {
         "model_name": config.model_name,
         "num_classes": num_classes,
-        "background_class": num_classes == imagenet_input.NUM_CLASSES,
+        # Class 0 is background only for a model that has one, at its ImageNet width.
+        "background_class": (model_config.background_class
+                             and num_classes == model_config.num_classes),
         "input": {
             "key": INPUT_KEY,
             "dtype": "float32",
             "shape": [None, config.image_size, config.image_size, 3],
             "range": [low, high],
+        },
+        # How eval.py fed the model (docs/DATA.md); normalisation is inside the export.
+        "preprocessing": {
+            "eval_crop": model_config.eval_crop,
+            "crop_fraction": model_config.crop_fraction,
+            "resize": model_config.eval_resize,
+            "input_normalization_inside_model": model_config.input_normalization,
         },
         "outputs": ["logits", "probabilities"],
         "format": config.export_format,

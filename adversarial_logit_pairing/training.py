@@ -51,6 +51,7 @@ from adversarial_logit_pairing import (
 )
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import ConfigError, DataError, TrainingDivergedError
+from adversarial_logit_pairing.models import get_model_config
 from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
 
 
@@ -381,11 +382,14 @@ def train(config: TrainConfig,
                      replicas, hparams.batch_size * replicas, lr_replicas)
 
     # ---- Data: batch_size clean images per replica --------------------------------------------
+    # The model's registered config decides the preprocessing, labels and class count.
+    model_config = get_model_config(config.model_name)
     data_dir = data_dir_for(config.dataset, config.imagenet_data_dir, config.tiny_imagenet_data_dir)
     dataset, examples_per_epoch, num_classes, bounds = dataset_factory.get_dataset(
         config.dataset, "train", hparams.batch_size * replicas, config.dataset_image_size,
-        is_training=True, data_dir=data_dir,
+        is_training=True, data_dir=data_dir, model_config=model_config,
     )
+    dataset_factory.log_image_size(model_config, config.dataset_image_size)
     workers = distribution.num_workers(strategy)
     if workers > 1:
         options = tf.data.Options()
@@ -436,7 +440,8 @@ def train(config: TrainConfig,
         # The released ALP checkpoints were saved without shadows: read their plain values.
         assignments = checkpoints.plain_names_without_shadows(assignments, source)
         checkpoints.restore(assignments, source,
-                            what=f"{config.model_name} ({num_classes} classes) for fine-tuning")
+                            what=f"{config.model_name} ({num_classes} classes) for fine-tuning",
+                            classifier_scopes=model_config.classifier_scopes)
     with strategy.scope():
         # Shadows start from the (possibly fine-tuned) current values.
         ema = (ExponentialMovingAverage(config.moving_average_decay, model.variables_by_name)
@@ -484,7 +489,8 @@ def train(config: TrainConfig,
                 images, labels = next(iterator)
             except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
                 # A corrupt image or a truncated file: name it (slow scan, only on failure).
-                where = dataset_factory.locate_bad_record(config.dataset, "train", data_dir)
+                where = dataset_factory.locate_bad_record(config.dataset, "train", data_dir,
+                                                          model_config)
                 raise DataError(
                     f"bad training record: {where or 'unknown record'} "
                     f"({exc.message.splitlines()[0]})"

@@ -23,11 +23,15 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from adversarial_logit_pairing import adversarial_attack, model_lib  # noqa: E402
-from adversarial_logit_pairing.models import ImageClassifier, create_model  # noqa: E402
+from adversarial_logit_pairing.datasets import dataset_factory  # noqa: E402
+from adversarial_logit_pairing.models import (  # noqa: E402
+    ImageClassifier,
+    create_model,
+    get_model_config,
+)
 from adversarial_logit_pairing.moving_average import ExponentialMovingAverage  # noqa: E402
 
 BOUNDS = (-1.0, 1.0)
-NUM_CLASSES = {"tiny_imagenet": 200, "imagenet": 1001}
 
 
 def images_and_labels(batch: int, size: int, num_classes: int,
@@ -124,8 +128,9 @@ def alp_step_images_per_second(dataset_name: str, image_size: int, batch_size: i
     """
     from bench._timing import median_seconds
 
-    num_classes = NUM_CLASSES[dataset_name]
-    model = build_model(model_name or "resnet_v2_50", num_classes, compute_dtype)
+    model_name = model_name or "resnet_v2_50"
+    num_classes = dataset_factory.num_classes(dataset_name, get_model_config(model_name))
+    model = build_model(model_name, num_classes, compute_dtype)
     step = make_train_step(model, num_classes=num_classes)
     images, labels = images_and_labels(batch_size, image_size, num_classes)
     seconds = median_seconds(lambda: step(images, labels), repetitions=repetitions, warmup=1)

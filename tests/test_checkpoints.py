@@ -130,10 +130,12 @@ def test_missing_shadows_are_named_as_the_cause(tmp_path):
 def test_another_class_count_is_named_as_the_cause(tmp_path):
     prefix = checkpoints.save(_model_like(num_classes=1001), str(tmp_path), step=1)
     with pytest.raises(CheckpointError) as info:
-        checkpoints.restore(_model_like(num_classes=200), prefix, what="eval model")
+        checkpoints.restore(_model_like(num_classes=200), prefix, what="eval model",
+                            classifier_scopes=("net/logits",))
     message = str(info.value)
     assert "net/logits/biases: checkpoint [1001] vs eval model [200]" in message
     assert "trained for 1001 classes, the eval model has 200" in message
+    assert "--finetune_exclude_pretrained_scopes=net/logits" in message
     assert "\n" not in message
 
 

@@ -29,7 +29,9 @@ flags.DEFINE_string("model_name", "resnet_v2_50", "Name of the model.")
 flags.DEFINE_string("adv_method", "clean",
                     "Method which is used to generate adversarial examples.")
 flags.DEFINE_string("dataset", "imagenet", 'Dataset: "tiny_imagenet" or "imagenet".')
-flags.DEFINE_integer("dataset_image_size", 64, "Size of the images in the dataset.")
+flags.DEFINE_integer("dataset_image_size", 64,
+                     "Side of the images fed to the model (logged when it differs from the "
+                     "model's native size).")
 flags.DEFINE_string("hparams", "", "Hyper parameters (only eval_batch_size matters here).")
 flags.DEFINE_string("split_name", "validation", "Name of the split: train or validation.")
 flags.DEFINE_float("moving_average_decay", 0.9999,

@@ -18,10 +18,11 @@ flags.DEFINE_string("export_dir", None,
 flags.DEFINE_string("model_name", "resnet_v2_50", "Name of the model.")
 flags.DEFINE_string("dataset", None,
                     'Dataset whose class count the model has: "tiny_imagenet" (200) or '
-                    '"imagenet" (1001). Default: --num_classes, else the checkpoint\'s.')
+                    '"imagenet" (the model\'s: 1001 with a background class, else 1000). '
+                    'Default: --num_classes, else the checkpoint\'s.')
 flags.DEFINE_integer("num_classes", None,
                      "Number of classes of the logits (default: from --dataset, else read "
-                     "from the checkpoint's logits).")
+                     "from the bias of the checkpoint's classification head).")
 flags.DEFINE_float("moving_average_decay", 0.9999,
                    "As eval.py: > 0 exports the moving-average shadows, <= 0 (e.g. -1) the "
                    "plain variables (released checkpoints have no shadows).")

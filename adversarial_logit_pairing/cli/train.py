@@ -26,7 +26,9 @@ flags.DEFINE_string("master", "",
                     "--tpu); otherwise only '' is accepted.")
 flags.DEFINE_string("model_name", "resnet_v2_50", "Name of the model.")
 flags.DEFINE_string("dataset", "imagenet", 'Dataset: "tiny_imagenet" or "imagenet".')
-flags.DEFINE_integer("dataset_image_size", 64, "Size of the images in the dataset.")
+flags.DEFINE_integer("dataset_image_size", 64,
+                     "Side of the images fed to the model (logged when it differs from the "
+                     "model's native size).")
 flags.DEFINE_integer("num_summary_images", 3, "Number of images to display in TensorBoard.")
 flags.DEFINE_integer("save_summaries_steps", 100,
                      "The frequency with which summaries are saved, in steps.")

@@ -3,14 +3,20 @@
 ``get_dataset`` is what the train and eval loops call. ``locate_bad_record`` is the slow scan
 they run after a pipeline raised a decode error, to tell the user which record is bad.
 ``count_records`` tells how many examples a (possibly reduced) copy of a split really holds.
+
+The model's registered ``ModelConfig`` is the one place that decides preprocessing: the
+pipelines read its evaluation crop, resize kernels and (for ImageNet) its class count and
+background class from it, so a model name is enough to feed a model. See docs/DATA.md.
 """
 
 from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Optional
 
 import tensorflow as tf
+from absl import logging
 
 from adversarial_logit_pairing.datasets import (
     imagenet_input,
@@ -19,6 +25,7 @@ from adversarial_logit_pairing.datasets import (
     tiny_imagenet_input,
 )
 from adversarial_logit_pairing.errors import ConfigError
+from adversarial_logit_pairing.models import ModelConfig, get_model_config
 
 DATASETS = ("imagenet", "tiny_imagenet")
 # Every image the pipelines yield lies in [BOUNDS[0], BOUNDS[1]].
@@ -37,6 +44,14 @@ def _input_module(dataset_name: str) -> ModuleType:
     return _INPUTS[dataset_name]
 
 
+# The model whose preprocessing is used when none is given: ALP's, as in the original.
+DEFAULT_MODEL = "resnet_v2_50"
+
+
+def _config(model_config: Optional[ModelConfig]) -> ModelConfig:
+    return model_config if model_config is not None else get_model_config(DEFAULT_MODEL)
+
+
 def data_files(dataset_name: str, split: str, data_dir: str | None) -> list[str]:
     """The TFRecord files of a split (raises MissingDataError naming the flag when none)."""
     return _input_module(dataset_name).data_files(split, data_dir)
@@ -47,47 +62,84 @@ def data_dir_flag(dataset_name: str) -> str:
     return _input_module(dataset_name).DATA_DIR_FLAG
 
 
+def num_classes(dataset_name: str, model_config: Optional[ModelConfig] = None) -> int:
+    """Width of the logits a model needs on ``dataset_name``.
+
+    ImageNet: the model's own count, 1001 when its class 0 is a background class (TF-Slim),
+    else 1000; Tiny ImageNet: 200 for every model.
+
+    Raises:
+      ConfigError: unknown data set, or a model whose class count and background class
+        disagree.
+    """
+    return _input_module(dataset_name).num_classes(_config(model_config))
+
+
 def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
                 is_training: bool, data_dir: str | None = None,
+                model_config: Optional[ModelConfig] = None,
                 ) -> tuple[tf.data.Dataset, int, int, tuple[float, float]]:
-    """Returns the input pipeline of a split and the facts the loops need about it.
+    """Returns the input pipeline of a split, preprocessed for a model, and facts about it.
 
     Args:
       dataset_name: 'imagenet' or 'tiny_imagenet'.
       split: 'train' or 'validation'.
       batch_size: examples per batch; the last partial batch is dropped so that the batch
         dimension is static.
-      image_size: side of the square output images.
+      image_size: side of the square output images (may differ from the model's
+        ``default_image_size``; ALP trains resnet_v2_50 at 64).
       is_training: True for training preprocessing (random crops, shuffling, repeating
         forever), False for evaluation preprocessing (one deterministic pass).
       data_dir: value of --imagenet_data_dir / --tiny_imagenet_data_dir.
+      model_config: the model to feed (``models.get_model_config(name)``): its evaluation
+        crop and resize kernels, and on ImageNet its labels. None: ``DEFAULT_MODEL``'s
+        (ALP's ResNet v2 preprocessing).
 
     Returns:
       dataset: yields (images float32 [batch_size, image_size, image_size, 3] in [-1, 1],
-        labels int64 [batch_size]); ImageNet labels are 1..1000 (0 is the background class),
-        Tiny ImageNet labels 0..199.
+        labels int64 [batch_size]). ImageNet labels are the stored 1..1000 for a model with
+        a background class (0 is never stored), else shifted to 0..999; Tiny ImageNet
+        labels are 0..199.
       examples_per_epoch: the size of the full split as in the original (ImageNet 1,281,167 /
         50,000; Tiny ImageNet 100,000 / 10,000), whatever the directory holds; use
         count_records() for the real count of a smaller copy.
-      num_classes: 1001 (ImageNet) or 200 (Tiny ImageNet).
-      bounds: (-1.0, 1.0).
+      num_classes: ``num_classes(dataset_name, model_config)``: 1001 or 1000 (ImageNet),
+        200 (Tiny ImageNet).
+      bounds: (-1.0, 1.0), for every model.
 
     Raises:
-      ConfigError: unknown data set or split, or a batch or image size < 1.
+      ConfigError: unknown data set or split, a batch or image size < 1, or a model whose
+        class count and background class disagree.
       MissingDataError: no data directory, or no record file of the split in it.
     """
     module = _input_module(dataset_name)
+    model_config = _config(model_config)
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     if image_size < 1:
         raise ConfigError(f"--dataset_image_size must be at least 1, got {image_size}")
+    classes = module.num_classes(model_config)
     files = module.data_files(split, data_dir)
     if dataset_name == "imagenet":
-        dataset = imagenet_input.imagenet_input(files, batch_size, image_size, is_training)
+        dataset = imagenet_input.imagenet_input(files, batch_size, image_size, is_training,
+                                                model_config)
     else:
         dataset = tiny_imagenet_input.tiny_imagenet_input(files, batch_size, image_size,
-                                                          is_training)
-    return dataset, module.EXAMPLES_PER_EPOCH[split], module.NUM_CLASSES, BOUNDS
+                                                          is_training, model_config)
+    return dataset, module.EXAMPLES_PER_EPOCH[split], classes, BOUNDS
+
+
+def log_image_size(model_config: ModelConfig, image_size: int) -> None:
+    """Logs (info) an input size other than the model's native one; it is allowed.
+
+    ALP trained and evaluated resnet_v2_50 at 64x64 although TF-Slim's ResNets are 224x224
+    networks; any size works for fully convolutional models, but the released weights of a
+    model are only calibrated for their own size, so a run says when it differs.
+    """
+    if image_size != model_config.default_image_size:
+        logging.info("--dataset_image_size=%d differs from %s's native size %d: images are "
+                     "resized to %d", image_size, model_config.name,
+                     model_config.default_image_size, image_size)
 
 
 def count_records(dataset_name: str, split: str, data_dir: str) -> int:
@@ -102,11 +154,13 @@ def count_records(dataset_name: str, split: str, data_dir: str) -> int:
                for path in module.data_files(split, data_dir))
 
 
-def locate_bad_record(dataset_name: str, split: str, data_dir: str) -> str | None:
+def locate_bad_record(dataset_name: str, split: str, data_dir: str,
+                      model_config: Optional[ModelConfig] = None) -> str | None:
     """Finds the first record of a split that the input pipeline cannot read.
 
     Every record of every file (in sorted file order) is parsed and its whole image decoded,
-    so this is slow: it is meant to run once, after the pipeline raised an error.
+    so this is slow: it is meant to run once, after the pipeline raised an error. Labels are
+    checked against ``model_config``'s range (as get_dataset), so pass the same model.
 
     Returns:
       "<file name>, record <i>: <reason>" for the first bad record, where i counts records
@@ -117,11 +171,12 @@ def locate_bad_record(dataset_name: str, split: str, data_dir: str) -> str | Non
       ConfigError, MissingDataError: as get_dataset.
     """
     module = _input_module(dataset_name)
+    model_config = _config(model_config)
     for path in module.data_files(split, data_dir):
         records = tf.data.TFRecordDataset(path)
         # Deterministic parallel map: an error is delivered at the position of its record.
-        checked = records.map(module.check_record, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=True)
+        checked = records.map(lambda record: module.check_record(record, model_config),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         index = 0
         iterator = iter(checked)
         while True:

@@ -55,19 +55,60 @@ def decode_and_crop_rgb(image_buffer: tf.Tensor, crop_window_fn: CropWindowFn) -
     return tf.cond(tf.io.is_jpeg(image_buffer), jpeg_crop, other_crop)
 
 
-def resize_bicubic_tf1(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Bicubic resize of one float image to [image_size, image_size, 3], as TF1 computed it.
+def eval_crop_window(image_shape: tf.Tensor, eval_crop: str, crop_fraction: float,
+                     image_size: int) -> tf.Tensor:
+    """Window [offset_y, offset_x, height, width] of a model's evaluation centre crop.
 
-    The original called ``tf.image.resize_bicubic`` (TF1): corner-aligned sampling grid
-    without half-pixel centres and the Keys kernel with a = -0.75. TF2's
-    ``tf.image.resize(method='bicubic')`` uses half-pixel centres and a = -0.5, which changes
-    pixel values by up to a few tenths of the range; the released checkpoints were trained
-    and evaluated on the TF1 result, so the raw op is called with the TF1 settings.
+    Args:
+      image_shape: int32 [height, width, channels] of the whole image.
+      eval_crop: ``ModelConfig.eval_crop``:
+        'short_side': a square of ``int(crop_fraction * min(h, w))``, offsets
+          ``((side - crop) + 1) // 2`` (ALP's ImageNet eval crop);
+        'padded_size': a square of ``int(image_size / (image_size + 32) * min(h, w))``, same
+          offsets (tensorflow/tpu EfficientNet's ``CROP_PADDING = 32``);
+        'central_fraction': the window ``tf.image.central_crop(image, crop_fraction)`` takes:
+          per side ``start = int((side - side * crop_fraction) / 2)`` (float64, truncated)
+          and ``size = side - 2 * start`` (TF-Slim / adv_imagenet_models Inception).
+      crop_fraction: ``ModelConfig.crop_fraction`` (unused by 'padded_size').
+      image_size: side of the output image ('padded_size' depends on it).
+
+    The float arithmetic follows each original (float32 for the square crops, float64 for
+    ``central_crop``) so that the truncation lands on the same pixel.
     """
-    resized = tf.raw_ops.ResizeBicubic(
-        images=image[tf.newaxis], size=[image_size, image_size],
-        align_corners=False, half_pixel_centers=False,
-    )
+    height, width = image_shape[0], image_shape[1]
+    if eval_crop == "central_fraction":
+        def start(side):
+            side = tf.cast(side, tf.float64)
+            return tf.cast((side - side * crop_fraction) / 2, tf.int32)
+
+        top, left = start(height), start(width)
+        return tf.stack([top, left, height - 2 * top, width - 2 * left])
+    if eval_crop == "short_side":
+        fraction = crop_fraction
+    elif eval_crop == "padded_size":
+        fraction = image_size / (image_size + 32)
+    else:
+        raise ValueError(f"unknown eval_crop {eval_crop!r}")
+    crop = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    return tf.stack([((height - crop) + 1) // 2, ((width - crop) + 1) // 2, crop, crop])
+
+
+def resize_tf1(image: tf.Tensor, image_size: int, kernel: str) -> tf.Tensor:
+    """Resizes one float image to [image_size, image_size, 3] as TF1's resize ops did.
+
+    ``kernel`` is 'bicubic' or 'bilinear' (``ModelConfig.eval_resize``/``train_resize``).
+    The originals called TF1's ``tf.image.resize_bicubic`` / ``resize_bilinear``: a
+    corner-aligned sampling grid without half-pixel centres (and, for bicubic, the Keys
+    kernel with a = -0.75). TF2's ``tf.image.resize`` uses half-pixel centres (and a = -0.5),
+    which shifts the image by half a source pixel and changes values by up to a few tenths of
+    the range; released checkpoints were trained and evaluated on the TF1 result, so the raw
+    ops are called with the TF1 settings.
+    """
+    ops = {"bicubic": tf.raw_ops.ResizeBicubic, "bilinear": tf.raw_ops.ResizeBilinear}
+    if kernel not in ops:
+        raise ValueError(f"unknown resize kernel {kernel!r}")
+    resized = ops[kernel](images=image[tf.newaxis], size=[image_size, image_size],
+                          align_corners=False, half_pixel_centers=False)
     return tf.reshape(resized, [image_size, image_size, 3])
 
 

@@ -1,9 +1,12 @@
 """ImageNet input: TF-Slim TFRecord shards ``train-*`` and ``validation-*``.
 
 Records are those written by TF-Slim's ``build_imagenet_data.py`` (and by our
-``alp-convert-imagenet``): ``image/encoded`` (JPEG), ``image/class/label`` (1..1000; 0 is the
-unused background class, hence 1001 classes) and the relative object boxes
-``image/object/bbox/{xmin,ymin,xmax,ymax}`` that guide the training crop.
+``alp-convert-imagenet``): ``image/encoded`` (JPEG), ``image/class/label`` (1..1000) and the
+relative object boxes ``image/object/bbox/{xmin,ymin,xmax,ymax}`` that guide the training crop.
+
+The model decides the rest (its ``ModelConfig``): the evaluation crop and both resize kernels,
+and the labels. A model whose class 0 is a background class (TF-Slim's 1001 classes) gets
+the stored labels as they are; any other (1000 classes) gets them shifted to 0..999.
 """
 
 from __future__ import annotations
@@ -14,15 +17,15 @@ import tensorflow as tf
 
 from adversarial_logit_pairing.datasets import image_decoding, input_pipeline
 from adversarial_logit_pairing.errors import ConfigError, MissingDataError
+from adversarial_logit_pairing.models import ModelConfig
 
 DATA_DIR_FLAG = "--imagenet_data_dir"
-NUM_CLASSES = 1001
+# Classes stored in the shards, as labels 1..1000 (0 is never stored).
+NUM_STORED_CLASSES = 1000
 # The original's epoch sizes; the learning-rate schedule counts epochs with them.
 EXAMPLES_PER_EPOCH = {"train": 1281167, "validation": 50000}
 FILE_PATTERNS = {"train": "train-*", "validation": "validation-*"}
 SHUFFLE_BUFFER = 1024
-# Evaluation keeps the central 87.5% of the short side (the usual Inception/ResNet crop).
-EVAL_CROP_FRACTION = 0.875
 
 _BOX_KEYS = ("ymin", "xmin", "ymax", "xmax")  # tf.image's box order
 
@@ -79,68 +82,86 @@ def _sample_training_box(image_shape: tf.Tensor, boxes: tf.Tensor) -> tf.Tensor:
     return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
-def center_crop_window(image_shape: tf.Tensor) -> tf.Tensor:
-    """Window [offset_y, offset_x, size, size] of the evaluation centre crop.
+def num_classes(model_config: ModelConfig) -> int:
+    """Width of the logits on ImageNet: 1001 with a background class (TF-Slim), else 1000.
 
-    The crop side is ``int(0.875 * min(height, width))`` (truncated) and the offsets round
-    up, ``((side_length - crop) + 1) // 2``, exactly as the original computed them.
+    Raises:
+      ConfigError: the model's ``num_classes`` disagrees with its ``background_class``.
     """
-    height, width = image_shape[0], image_shape[1]
-    crop = tf.cast(EVAL_CROP_FRACTION * tf.cast(tf.minimum(height, width), tf.float32),
-                   tf.int32)
-    offset_y = ((height - crop) + 1) // 2
-    offset_x = ((width - crop) + 1) // 2
-    return tf.stack([offset_y, offset_x, crop, crop])
+    expected = NUM_STORED_CLASSES + int(model_config.background_class)
+    if model_config.num_classes != expected:
+        raise ConfigError(
+            f"model {model_config.name!r}: num_classes={model_config.num_classes} with "
+            f"background_class={model_config.background_class}; ImageNet gives {expected}")
+    return expected
+
+
+def first_label(model_config: ModelConfig) -> int:
+    """The stored label that becomes class 0: 0 with a background class, else 1 (shift)."""
+    return 0 if model_config.background_class else 1
 
 
 def preprocess_image(image_buffer: tf.Tensor, boxes: tf.Tensor, image_size: int,
-                     is_training: bool) -> tf.Tensor:
+                     is_training: bool, model_config: ModelConfig) -> tf.Tensor:
     """Decodes and preprocesses one image into float32 [image_size, image_size, 3] in [-1, 1].
 
     Training: crop a random box sampled around the object boxes (decoding only that crop),
-    bicubic resize, random left-right flip. Evaluation: the fixed centre crop, bicubic resize.
+    resize with ``model_config.train_resize``, random left-right flip. Evaluation: the
+    model's centre crop (``eval_crop``, see ``image_decoding.eval_crop_window``), decoding
+    only that window, resize with ``eval_resize``. Every model gets [-1, 1]; normalisation
+    beyond it is the model's own (``ImageClassifier.normalize_inputs``).
     """
     if is_training:
         image = image_decoding.decode_and_crop_rgb(
             image_buffer, lambda shape: _sample_training_box(shape, boxes))
+        kernel = model_config.train_resize
     else:
-        image = image_decoding.decode_and_crop_rgb(image_buffer, center_crop_window)
+        image = image_decoding.decode_and_crop_rgb(
+            image_buffer, lambda shape: image_decoding.eval_crop_window(
+                shape, model_config.eval_crop, model_config.crop_fraction, image_size))
+        kernel = model_config.eval_resize
     image = tf.image.convert_image_dtype(image, tf.float32)
-    image = image_decoding.to_model_range(image_decoding.resize_bicubic_tf1(image, image_size))
+    image = image_decoding.to_model_range(image_decoding.resize_tf1(image, image_size, kernel))
     if is_training:
         image = tf.image.random_flip_left_right(image)
     return image
 
 
-def parse_record(serialized: tf.Tensor, image_size: int,
-                 is_training: bool) -> tuple[tf.Tensor, tf.Tensor]:
-    """One serialized record -> (image float32 [s, s, 3] in [-1, 1], label int64 in 1..1000)."""
+def _checked_label(parsed: dict[str, tf.Tensor], model_config: ModelConfig) -> tf.Tensor:
+    return input_pipeline.checked_label(parsed["image/class/label"], num_classes(model_config),
+                                        "image/class/label", first_label(model_config))
+
+
+def parse_record(serialized: tf.Tensor, image_size: int, is_training: bool,
+                 model_config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
+    """One serialized record -> (image float32 [s, s, 3] in [-1, 1], int64 label).
+
+    The label is the stored 1..1000 for a model with a background class, else 0..999.
+    """
     parsed = _parse(serialized)
     image = preprocess_image(parsed["image/encoded"], _object_boxes(parsed), image_size,
-                             is_training)
-    label = input_pipeline.checked_label(parsed["image/class/label"], NUM_CLASSES,
-                                         "image/class/label")
-    return image, label
+                             is_training, model_config)
+    return image, _checked_label(parsed, model_config)
 
 
-def check_record(serialized: tf.Tensor) -> tf.Tensor:
+def check_record(serialized: tf.Tensor, model_config: ModelConfig) -> tf.Tensor:
     """Decodes a whole record the way the pipeline would; fails like the pipeline would.
 
     Used by the bad-record scan: the full image is decoded (not just a crop) so that every
-    byte is checked, and the boxes go through the training box sampler.
+    byte is checked, the boxes go through the training box sampler and the label through
+    the model's label range.
     """
     parsed = _parse(serialized)
     image = image_decoding.decode_rgb(parsed["image/encoded"])
     window = _sample_training_box(tf.shape(image), _object_boxes(parsed))
-    label = input_pipeline.checked_label(parsed["image/class/label"], NUM_CLASSES,
-                                         "image/class/label")
+    label = _checked_label(parsed, model_config)
     return tf.reduce_sum(window) + tf.cast(label, tf.int32)
 
 
 def imagenet_input(filenames: list[str], batch_size: int, image_size: int,
-                   is_training: bool) -> tf.data.Dataset:
+                   is_training: bool, model_config: ModelConfig) -> tf.data.Dataset:
     """Batched (images, labels) of the given shards; see dataset_factory.get_dataset."""
     records = input_pipeline.read_records(filenames, is_training, SHUFFLE_BUFFER)
     return input_pipeline.parse_batch_prefetch(
-        records, lambda value: parse_record(value, image_size, is_training), batch_size,
-        is_training)
+        records, lambda value: parse_record(value, image_size, is_training, model_config),
+        batch_size, is_training)

@@ -58,16 +58,22 @@ def parse_batch_prefetch(records: tf.data.Dataset, parse_fn: ParseFn, batch_size
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
-def checked_label(label: tf.Tensor, num_classes: int, feature: str) -> tf.Tensor:
-    """Returns ``label`` after checking 0 <= label < num_classes.
+def checked_label(label: tf.Tensor, num_classes: int, feature: str,
+                  first_label: int = 0) -> tf.Tensor:
+    """Checks ``first_label <= label < first_label + num_classes``; returns ``label - first_label``.
 
     One-hot encoding silently turns an out-of-range label into an all-zero target, so a bad
     label would train on garbage without any error; the check makes it raise
-    InvalidArgumentError like an undecodable image does.
+    InvalidArgumentError like an undecodable image does, naming ``feature`` and the range of
+    the STORED values. ``first_label = 1`` maps ImageNet's stored 1..1000 to 0..999 for a
+    model without a background class, so a stored 0 is an error there, not class -1.
     """
+    last = first_label + num_classes
     check = tf.debugging.Assert(
-        tf.logical_and(label >= 0, label < num_classes),
-        [f"{feature} outside [0, {num_classes}):", label],
+        tf.logical_and(label >= first_label, label < last),
+        [f"{feature} outside [{first_label}, {last}):", label],
     )
     with tf.control_dependencies([check]):
-        return tf.identity(label)
+        if first_label == 0:
+            return tf.identity(label)
+        return label - first_label

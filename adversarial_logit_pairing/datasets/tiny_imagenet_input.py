@@ -2,6 +2,11 @@
 
 Records carry the source file's bytes as ``image/encoded`` (JPEG, occasionally PNG) and the
 class index ``label/tiny_imagenet`` (0..199, the line of the wnid in ``wnids.txt``).
+
+No evaluation crop, whatever the model's ``eval_crop``: Tiny ImageNet's 64x64 images are
+already crops around the object (the data set was made that way), and the original resized
+them whole. The model's resize kernels (``eval_resize``, ``train_resize``) are used, and its
+class count never matters here: 200 classes, labels as stored.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import tensorflow as tf
 
 from adversarial_logit_pairing.datasets import image_decoding, input_pipeline
 from adversarial_logit_pairing.errors import ConfigError, MissingDataError
+from adversarial_logit_pairing.models import ModelConfig
 
 DATA_DIR_FLAG = "--tiny_imagenet_data_dir"
 NUM_CLASSES = 200
@@ -51,11 +57,13 @@ def _parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     })
 
 
-def preprocess_image(image_buffer: tf.Tensor, image_size: int, is_training: bool) -> tf.Tensor:
+def preprocess_image(image_buffer: tf.Tensor, image_size: int, is_training: bool,
+                     model_config: ModelConfig) -> tf.Tensor:
     """Decodes and preprocesses one image into float32 [image_size, image_size, 3] in [-1, 1].
 
-    Training takes a random crop of at least half the image (no flip, as in the original);
-    both modes bicubic-resize to ``image_size``.
+    Training takes a random crop of at least half the image (no flip, as in the original)
+    and resizes with the model's ``train_resize``; evaluation resizes the whole image with
+    its ``eval_resize`` (bicubic for ALP's ResNets).
     """
     image = image_decoding.decode_rgb(image_buffer)
     if is_training:
@@ -69,22 +77,28 @@ def preprocess_image(image_buffer: tf.Tensor, image_size: int, is_training: bool
             use_image_if_no_bounding_boxes=True,
         )
         image = tf.slice(image, begin, size)
+    kernel = model_config.train_resize if is_training else model_config.eval_resize
     image = tf.image.convert_image_dtype(image, tf.float32)
-    return image_decoding.to_model_range(image_decoding.resize_bicubic_tf1(image, image_size))
+    return image_decoding.to_model_range(image_decoding.resize_tf1(image, image_size, kernel))
 
 
-def parse_record(serialized: tf.Tensor, image_size: int,
-                 is_training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+def parse_record(serialized: tf.Tensor, image_size: int, is_training: bool,
+                 model_config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
     """One serialized record -> (image float32 [s, s, 3] in [-1, 1], label int64 in 0..199)."""
     parsed = _parse(serialized)
-    image = preprocess_image(parsed["image/encoded"], image_size, is_training)
+    image = preprocess_image(parsed["image/encoded"], image_size, is_training, model_config)
     label = input_pipeline.checked_label(parsed["label/tiny_imagenet"], NUM_CLASSES,
                                          "label/tiny_imagenet")
     return image, label
 
 
-def check_record(serialized: tf.Tensor) -> tf.Tensor:
-    """Decodes a record the way the pipeline would; fails like the pipeline would."""
+def check_record(serialized: tf.Tensor, model_config: ModelConfig) -> tf.Tensor:
+    """Decodes a record the way the pipeline would; fails like the pipeline would.
+
+    ``model_config`` is unused (labels do not depend on the model here); it keeps the
+    signature of ``imagenet_input.check_record``.
+    """
+    del model_config
     parsed = _parse(serialized)
     image = image_decoding.decode_rgb(parsed["image/encoded"])
     label = input_pipeline.checked_label(parsed["label/tiny_imagenet"], NUM_CLASSES,
@@ -93,12 +107,18 @@ def check_record(serialized: tf.Tensor) -> tf.Tensor:
 
 
 def tiny_imagenet_input(filenames: list[str], batch_size: int, image_size: int,
-                        is_training: bool) -> tf.data.Dataset:
+                        is_training: bool, model_config: ModelConfig) -> tf.data.Dataset:
     """Batched (images, labels) of the given record file; see dataset_factory.get_dataset."""
     records = tf.data.TFRecordDataset(filenames, buffer_size=input_pipeline.READ_BUFFER_BYTES)
     if is_training:
         # Shuffle before repeat: every epoch is a full, freshly shuffled pass.
         records = records.shuffle(SHUFFLE_BUFFER).repeat()
     return input_pipeline.parse_batch_prefetch(
-        records, lambda value: parse_record(value, image_size, is_training), batch_size,
-        is_training)
+        records, lambda value: parse_record(value, image_size, is_training, model_config),
+        batch_size, is_training)
+
+
+def num_classes(model_config: ModelConfig) -> int:
+    """200, whatever the model (its ImageNet class count does not apply here)."""
+    del model_config
+    return NUM_CLASSES

@@ -35,7 +35,7 @@ from adversarial_logit_pairing.models import (
     list_models,
 )
 from adversarial_logit_pairing.models import efficientnet as effnet
-from adversarial_logit_pairing.models.layers import UnfusedBatchNorm
+from adversarial_logit_pairing.models.layers import UnfusedBatchNorm, VariableFactory
 
 tf_keras = pytest.importorskip("tf_keras")
 
@@ -46,10 +46,9 @@ STEM_FILTERS = dict(zip(VARIANTS, (32, 32, 32, 40, 48, 48, 56, 64, 72)))
 LAST_BLOCK_FILTERS = dict(zip(VARIANTS, (320, 320, 352, 384, 448, 512, 576, 640, 704)))
 HEAD_FILTERS = dict(zip(VARIANTS, (1280, 1280, 1408, 1536, 1792, 2048, 2304, 2560, 2816)))
 RESOLUTIONS = dict(zip(VARIANTS, (224, 240, 260, 300, 380, 456, 528, 600, 672)))
-# Per stage: kernel, stride, expansion (the same for every variant), then per variant the
+# Per stage: kernel and expansion (the same for every variant), then per variant the
 # stage's output filters and repeats (ceil(depth * r)).
 STAGE_KERNELS = (3, 3, 5, 3, 5, 5, 3)
-STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
 STAGE_EXPANSIONS = (1, 6, 6, 6, 6, 6, 6)
 STAGE_FILTERS = {
     "b0": (16, 24, 40, 80, 112, 192, 320),
@@ -263,7 +262,7 @@ def test_keras_reference_padding_equals_tf_same_at_the_fixed_sizes(pair):
         sizes.append(size)
     assert sizes[0] == pair.size and len(sizes) == 5  # the stem and the four strided stages
     if pair.size == 260:
-        assert {65, 17} <= set(sizes)  # odd sizes: one more row/column of padding
+        assert {65, 33, 17} <= set(sizes)  # odd: one more row/column of padding
 
 
 def test_inference_logits_match_keras(pair):
@@ -417,6 +416,18 @@ def test_standard_model_equals_advprop_model_on_hand_normalised_inputs(b0_pair):
                                atol=1e-4, rtol=0)
 
 
+def test_unfused_batch_norm_moves_towards_the_biased_batch_variance():
+    # tf.layers.BatchNormalization(fused=False), tensorflow/tpu's: no Bessel correction.
+    x = np.random.default_rng(0).normal(1.0, 2.0, (2, 3, 3, 4)).astype(np.float32)
+    norm = UnfusedBatchNorm("bn", 4, VariableFactory(0), decay=0.99, epsilon=1e-3)
+    y = norm(tf.constant(x), is_training=True).numpy()
+    mean, variance = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(variance + 1e-3), atol=1e-5)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), 0.01 * mean, rtol=1e-5)
+    np.testing.assert_allclose(norm.moving_variance.numpy(), 0.99 + 0.01 * variance,
+                               rtol=1e-6)
+
+
 def test_drop_connect_keeps_whole_samples_scaled_by_survival():
     tf.random.set_seed(0)
     x = tf.ones([4000, 2, 2, 3])
@@ -441,6 +452,13 @@ def test_training_mode_is_stochastic_and_inference_deterministic(b0_pair):
     np.testing.assert_allclose(first, second, atol=1e-3, rtol=1e-3)  # only the statistics moved
     np.testing.assert_array_equal(model(images, is_training=False).numpy(),
                                   model(images, is_training=False).numpy())
+
+    x = tf.constant(images)
+    with tf.GradientTape() as tape:  # what the attacks need
+        tape.watch(x)
+        loss = tf.reduce_sum(model(x, is_training=False))
+    gradient = tape.gradient(loss, x).numpy()
+    assert np.all(np.isfinite(gradient)) and np.abs(gradient).max() > 0
 
 
 def test_bfloat16_compute_runs_with_float32_variables_and_logits(b0_pair):

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from adversarial_logit_pairing import precision
 from adversarial_logit_pairing.errors import ConfigError
-from adversarial_logit_pairing.models import resnet_v2
+from adversarial_logit_pairing.models import efficientnet, resnet_v2
 from adversarial_logit_pairing.models.layers import ImageClassifier
 
 __all__ = [
@@ -112,12 +112,41 @@ def _slim_resnet(name: str, image_size: int = 224) -> tuple[Builder, ModelConfig
     )
 
 
+def _efficientnet(variant: str, advprop: bool) -> tuple[Builder, ModelConfig]:
+    """tensorflow/tpu's EfficientNet-``variant``: the standard checkpoints take ImageNet
+    mean/std-normalised inputs, the AdvProp ones ('_ap') [-1, 1]. Evaluation crops
+    ``size / (size + 32)`` of the short side ('padded_size'); ``crop_fraction`` (timm's crop
+    pct, that ratio rounded) is informative only."""
+    scope = f"efficientnet-{variant}"
+    spec = efficientnet.SPECS[scope]
+    name = f"efficientnet_{variant}" + ("_ap" if advprop else "")
+    return efficientnet.build, ModelConfig(
+        name=name,
+        scope=scope,
+        default_image_size=spec.resolution,
+        num_classes=1000,
+        background_class=False,
+        eval_crop="padded_size",
+        crop_fraction=spec.crop_fraction,
+        eval_resize="bicubic",
+        train_resize="bicubic",
+        input_normalization="none" if advprop else "imagenet_mean_std",
+        classifier_scopes=(f"{scope}/head/dense",),
+    )
+
+
 _REGISTRY: dict[str, tuple[Builder, ModelConfig]] = {
     "resnet_v2_50": _slim_resnet("resnet_v2_50"),
     "resnet_v2_101": _slim_resnet("resnet_v2_101"),
     "resnet_v2_152": _slim_resnet("resnet_v2_152"),
     "resnet_v2_200": _slim_resnet("resnet_v2_200"),
     "resnet_v2_tiny": _slim_resnet("resnet_v2_tiny", image_size=32),
+    # efficientnet_b0 .. efficientnet_b8 and efficientnet_b0_ap .. efficientnet_b8_ap.
+    **{
+        f"efficientnet_b{index}{suffix}": _efficientnet(f"b{index}", advprop=suffix == "_ap")
+        for index in range(9)
+        for suffix in ("", "_ap")
+    },
 }
 
 

@@ -317,6 +317,174 @@ class ImageClassifier(tf.Module):
         return tf.cast(images, self.compute_dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Layers of tensorflow/tpu's EfficientNet (TF1 Keras layers: ``kernel``/``bias`` names, TF
+# 'SAME' padding, non-fused batch norm). Kept together in one block for the EfficientNet family.
+# ---------------------------------------------------------------------------------------------
+
+
+def swish(x: tf.Tensor) -> tf.Tensor:
+    """``x * sigmoid(x)`` (TF1's ``tf.nn.swish``, EfficientNet's activation)."""
+    return tf.nn.silu(x)
+
+
+def fan_out_normal(factory: VariableFactory) -> Callable[[tuple[int, ...], str], tf.Tensor]:
+    """tensorflow/tpu's conv initialiser: untruncated normal, stddev ``sqrt(2 / fan_out)``.
+
+    ``fan_out = kh * kw * shape[-1]``, so a depthwise kernel [k, k, C, 1] has fan-out k * k.
+    """
+
+    def initializer(shape: tuple[int, ...], name: str) -> tf.Tensor:
+        stddev = math.sqrt(2.0 / (shape[0] * shape[1] * shape[-1]))
+        if factory.seed is None:
+            return tf.random.normal(shape, stddev=stddev, dtype=tf.float32)
+        return tf.random.stateless_normal(
+            shape, seed=factory._stateless_seed(name), stddev=stddev, dtype=tf.float32
+        )
+
+    return initializer
+
+
+def fan_out_uniform(factory: VariableFactory) -> Callable[[tuple[int, ...], str], tf.Tensor]:
+    """tensorflow/tpu's dense initialiser: uniform in ``+-1 / sqrt(units)``."""
+
+    def initializer(shape: tuple[int, ...], name: str) -> tf.Tensor:
+        limit = 1.0 / math.sqrt(shape[-1])
+        if factory.seed is None:
+            return tf.random.uniform(shape, -limit, limit, dtype=tf.float32)
+        return tf.random.stateless_uniform(
+            shape, seed=factory._stateless_seed(name), minval=-limit, maxval=limit,
+            dtype=tf.float32,
+        )
+
+    return initializer
+
+
+class SameConv2D(Layer):
+    """TF1 ``tf.layers.Conv2D(padding='same')``: ``<scope>/kernel`` [k, k, in, out], ``bias``.
+
+    TF 'SAME' padding depends on the input size: at stride 2 the extra row/column goes to the
+    bottom/right, and an odd input pads one more than an even one. This is NOT Slim's
+    ``conv2d_same`` (``Conv2D`` above), which pads independently of the size.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        factory: VariableFactory,
+        stride: int = 1,
+        use_bias: bool = False,
+    ):
+        super().__init__(scope)
+        self.stride = stride
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        self.kernel = self._add(factory.variable(f"{scope}/kernel", shape,
+                                                 fan_out_normal(factory)))
+        self.bias = None
+        if use_bias:
+            self.bias = self._add(factory.variable(f"{scope}/bias", (out_channels,),
+                                                   factory.zeros))
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        y = tf.nn.conv2d(x, _as(self.kernel, x.dtype), strides=self.stride, padding="SAME")
+        if self.bias is not None:
+            y = tf.nn.bias_add(y, _as(self.bias, x.dtype))
+        return y
+
+
+class DepthwiseConv2D(Layer):
+    """TF1 Keras ``DepthwiseConv2D(padding='same', use_bias=False)``.
+
+    Variable ``<scope>/depthwise_kernel`` [k, k, channels, 1] (depth multiplier 1).
+    """
+
+    def __init__(self, scope: str, channels: int, kernel_size: int, factory: VariableFactory,
+                 stride: int = 1):
+        super().__init__(scope)
+        self.stride = stride
+        shape = (kernel_size, kernel_size, channels, 1)
+        self.depthwise_kernel = self._add(
+            factory.variable(f"{scope}/depthwise_kernel", shape, fan_out_normal(factory))
+        )
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.nn.depthwise_conv2d(
+            x, _as(self.depthwise_kernel, x.dtype), strides=[1, self.stride, self.stride, 1],
+            padding="SAME",
+        )
+
+
+class SqueezeExcite(Layer):
+    """Squeeze-and-excitation: ``x * sigmoid(expand(swish(reduce(mean_hw(x)))))``.
+
+    Variables ``<scope>/conv2d/{kernel,bias}`` (reduce to ``reduced_channels``) then
+    ``<scope>/conv2d_1/{kernel,bias}`` (back to ``channels``), as tensorflow/tpu's ``se`` scope.
+    """
+
+    def __init__(self, scope: str, channels: int, reduced_channels: int,
+                 factory: VariableFactory):
+        super().__init__(scope)
+        self.reduce = SameConv2D(f"{scope}/conv2d", channels, reduced_channels, 1, factory,
+                                 use_bias=True)
+        self.expand = SameConv2D(f"{scope}/conv2d_1", reduced_channels, channels, 1, factory,
+                                 use_bias=True)
+        for part in (self.reduce, self.expand):
+            self._ordered.extend(part.variables_by_name.values())
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        # The spatial mean in float32: a bfloat16 sum over thousands of positions loses digits.
+        squeezed = tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2], keepdims=True)
+        squeezed = tf.cast(squeezed, x.dtype)
+        return tf.sigmoid(self.expand(swish(self.reduce(squeezed)))) * x
+
+
+class Dense(Layer):
+    """TF1 ``tf.layers.Dense``: ``<scope>/kernel`` [in, out] and ``<scope>/bias``."""
+
+    def __init__(self, scope: str, in_features: int, out_features: int,
+                 factory: VariableFactory):
+        super().__init__(scope)
+        self.kernel = self._add(factory.variable(f"{scope}/kernel", (in_features, out_features),
+                                                 fan_out_uniform(factory)))
+        self.bias = self._add(factory.variable(f"{scope}/bias", (out_features,), factory.zeros))
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.nn.bias_add(tf.matmul(x, _as(self.kernel, x.dtype)), _as(self.bias, x.dtype))
+
+
+class UnfusedBatchNorm(BatchNorm):
+    """TF1 ``tf.layers.BatchNormalization(fused=False)``, which tensorflow/tpu's
+    ``TpuBatchNormalization`` is (it refuses ``fused=True``).
+
+    Same variables and inference as ``BatchNorm``; the difference is the training update: the
+    non-fused layer moves ``moving_variance`` towards the BIASED batch variance (``tf.nn.moments``),
+    where the fused op (Slim, Keras' default) reports it with Bessel's correction.
+    """
+
+    def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        if not is_training:
+            return super().__call__(x, is_training)
+        gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], tf.float32)
+        beta = self.beta if self.beta is not None else tf.zeros([self.channels], tf.float32)
+        y, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, epsilon=self.epsilon, is_training=True
+        )
+        # The fused op normalised with the biased variance but returns the corrected one.
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+        batch_variance = batch_variance * (count - 1.0) / tf.maximum(count, 1.0)
+        rate = 1.0 - self.decay
+        for moving, batch in ((self.moving_mean, batch_mean),
+                              (self.moving_variance, batch_variance)):
+            moving.assign_sub((moving - tf.stop_gradient(batch)) * rate)
+        return y
+
+
+# --------------------------------- end of the EfficientNet layers ---------------------------------
+
+
 def _as(variable: tf.Variable, dtype: tf.DType) -> tf.Tensor:
     """The variable's value in ``dtype``; no cast op in float32 (keeps the graph as before)."""
     return variable if variable.dtype == dtype else tf.cast(variable, dtype)

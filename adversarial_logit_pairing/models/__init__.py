@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from adversarial_logit_pairing import precision
 from adversarial_logit_pairing.errors import ConfigError
-from adversarial_logit_pairing.models import resnet_v2
+from adversarial_logit_pairing.models import inception_v3, resnet_v2
 from adversarial_logit_pairing.models.layers import ImageClassifier
 
 __all__ = [
@@ -118,6 +118,20 @@ _REGISTRY: dict[str, tuple[Builder, ModelConfig]] = {
     "resnet_v2_152": _slim_resnet("resnet_v2_152"),
     "resnet_v2_200": _slim_resnet("resnet_v2_200"),
     "resnet_v2_tiny": _slim_resnet("resnet_v2_tiny", image_size=32),
+    # TF-Slim / adv_imagenet_models: central_crop(0.875) of each side, TF1 bilinear to 299.
+    "inception_v3": (inception_v3.build, ModelConfig(
+        name="inception_v3",
+        scope="InceptionV3",
+        default_image_size=299,
+        num_classes=1001,
+        background_class=True,
+        eval_crop="central_fraction",
+        crop_fraction=0.875,
+        eval_resize="bilinear",
+        train_resize="bilinear",
+        input_normalization="none",
+        classifier_scopes=("InceptionV3/Logits", "InceptionV3/AuxLogits"),
+    )),
 }
 
 

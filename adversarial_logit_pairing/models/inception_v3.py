@@ -35,6 +35,7 @@ from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.models.layers import (
     ConvBatchNormReLU,
     ImageClassifier,
+    Initializer,
     Kernel,
     Layer,
     PaddedConv2D,
@@ -219,7 +220,7 @@ def _takes(image_side: int, with_aux: bool) -> bool:
     """Whether Slim's heads reduce this side to exactly one cell (its squeeze succeeds)."""
     final, aux = _head_sides(image_side)
     # Logits: VALID pool of min(8, final) cells with Slim's default stride 2.
-    if not 1 <= final or (final - min(LOGITS_POOL, final)) // 2 + 1 != 1:
+    if final < 1 or (final - min(LOGITS_POOL, final)) // 2 + 1 != 1:
         return False
     return not with_aux or 1 <= aux <= AUX_CONV
 
@@ -315,7 +316,7 @@ class MixedBlock(Layer):
 
 
 def _conv_unit(scope: str, spec: Conv, in_channels: int, factory: VariableFactory,
-               initializer=None) -> ConvBatchNormReLU:
+               initializer: Optional[Initializer] = None) -> ConvBatchNormReLU:
     return ConvBatchNormReLU(
         scope, in_channels, spec.depth, spec.kernel, factory, stride=spec.stride,
         padding=spec.padding, decay=BATCH_NORM_DECAY, epsilon=BATCH_NORM_EPSILON,
@@ -372,14 +373,13 @@ class InceptionV3(ImageClassifier):
         # AuxLogits (created before Logits, as in Slim): 5x5/3 VALID avg pool -> 1x1 conv ->
         # k x k VALID conv (k shrinks to the map, and so does the variable name) -> classes.
         aux = f"{scope}/AuxLogits"
-        self.aux_kernel = aux_kernel_size(self.image_size)
-        k = self.aux_kernel
-        self.aux_conv = self._track(
-            _conv_unit(f"{aux}/Conv2d_1b_1x1", Conv("", 128, 1), channels_at[AUX_SOURCE],
-                       factory))
+        self.aux_kernel = k = aux_kernel_size(self.image_size)
+        self.aux_conv = self._track(_conv_unit(
+            f"{aux}/Conv2d_1b_1x1", Conv("Conv2d_1b_1x1", 128, 1), channels_at[AUX_SOURCE],
+            factory))
         self.aux_reduce = self._track(_conv_unit(
-            f"{aux}/Conv2d_2a_{k}x{k}", Conv("", 768, k, padding="VALID"), 128, factory,
-            initializer=truncated_normal(factory, 0.01)))
+            f"{aux}/Conv2d_2a_{k}x{k}", Conv(f"Conv2d_2a_{k}x{k}", 768, k, padding="VALID"),
+            128, factory, initializer=truncated_normal(factory, 0.01)))
         self.aux_logits = self._track(PaddedConv2D(
             f"{aux}/Conv2d_2b_1x1", 768, num_classes, 1, factory, use_bias=True,
             initializer=truncated_normal(factory, 0.001)))

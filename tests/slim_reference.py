@@ -6,14 +6,16 @@ compare our models and checkpoints against it. Each call builds a fresh ``tf.Gra
 execution stays on globally).
 
 API:
-  slim_variable_shapes(model_name, num_classes) -> dict[name, shape]
+  slim_variable_shapes(model_name, num_classes, image_size=64) -> dict[name, shape]
       Builds the graph only (no session) and returns every variable's TF1 name (no
-      ':0') and shape, in creation order. model_name: 'resnet_v2_50' | '_101' | '_152' | '_200'.
+      ':0') and shape, in creation order. model_name: 'resnet_v2_50' | '_101' | '_152' |
+      '_200' | 'inception_v3' (whose AuxLogits variable names depend on ``image_size``).
   random_variable_values(shapes, seed) -> dict[name, np.ndarray float32]
       Non-trivial values for those variables that give a 50-layer network logits of order
-      one that clearly depend on the image: conv weights ~ N(0, 2/fan_in) except the logits
-      layer's ~ N(0, 0.1/fan_in), biases ~ N(0, 0.1), gamma ~ U(0.5, 1.5), beta ~ N(0, 0.2),
-      moving_mean ~ N(0.5, 0.3), moving_variance ~ U(0.5, 2).
+      one that clearly depend on the image: conv weights ~ N(0, 2/fan_in) except the
+      classifier convs' (``HEAD_WEIGHTS``) ~ N(0, 0.1/fan_in), biases ~ N(0, 0.1),
+      gamma ~ U(0.5, 1.5), beta ~ N(0, 0.2), moving_mean ~ N(0.5, 0.3),
+      moving_variance ~ U(0.5, 2).
   run_slim_resnet_v2(model_name, num_classes, images, is_training, values=None,
                      restore_path=None, save_path=None, input_gradient=False) -> SlimRun
       Builds the network under ``resnet_arg_scope()``; sets its variables from ``values``
@@ -29,6 +31,14 @@ API:
       SlimRun.variables: name -> value of every variable AFTER the pass (so, in training
       mode, the updated moving statistics), in creation order.
       SlimRun.input_gradient: with ``input_gradient``, d(sum of logits)/d(images), else None.
+  run_slim_inception_v3(images, values, num_classes=1001, dropout_keep_prob=1.0,
+                        end_points=()) -> {False: SlimRun, True: SlimRun}
+      Builds ``inception_v3`` under ``inception_v3_arg_scope()`` ONCE, with ``is_training``
+      a boolean placeholder (Slim's batch norm and dropout accept one), sets its variables
+      from ``values`` and runs an inference pass, then a training pass with the UPDATE_OPS.
+      The default keep probability 1.0 makes the training pass deterministic. Each SlimRun
+      has ``aux_logits`` and the named ``end_points`` (np arrays); the inference run's
+      ``variables`` are the values before the training pass, the training run's after it.
 
 Importing this module installs the aliases that let tf-slim 1.1 find the legacy layers of
 tf-keras 2.21 (``tf_keras.legacy_tf_layers`` moved to ``tf_keras.src.legacy_tf_layers``).
@@ -39,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import numpy as np
@@ -67,9 +77,15 @@ def _install_tf_keras_aliases() -> None:
 _install_tf_keras_aliases()
 
 import tf_slim  # noqa: E402  (needs the aliases above)
+from tf_slim.nets import inception_v3 as slim_inception_v3  # noqa: E402
 from tf_slim.nets import resnet_v2 as slim_resnet_v2  # noqa: E402
 
 v1 = tf.compat.v1
+
+
+# Classifier convs: small weights keep the logits near one (see random_variable_values).
+HEAD_WEIGHTS = ("/logits/weights", "/Logits/Conv2d_1c_1x1/weights",
+                "/AuxLogits/Conv2d_2b_1x1/weights")
 
 
 @dataclasses.dataclass
@@ -77,6 +93,8 @@ class SlimRun:
     logits: np.ndarray
     variables: dict[str, np.ndarray]
     input_gradient: Optional[np.ndarray] = None
+    aux_logits: Optional[np.ndarray] = None
+    end_points: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 _VARIABLES_COLLECTION = "slim_reference_variables"
@@ -99,26 +117,38 @@ def _shapes_only_getter(getter, *args, **kwargs):
     return _private_collection_getter(getter, *args, **kwargs)
 
 
-def _build(model_name: str, num_classes: int, images, is_training: bool,
-           getter=_private_collection_getter):
-    """Slim's network in the current graph -> (squeezed logits, variables in creation order)."""
-    network = getattr(slim_resnet_v2, model_name)
+def _build(model_name: str, num_classes: int, images, is_training,
+           getter=_private_collection_getter, **network_kwargs):
+    """Slim's network in the current graph -> (logits [N, classes], end points, variables).
+
+    Variables come in creation order; ``is_training`` is a Python bool or a bool tensor.
+    """
+    if model_name == "inception_v3":
+        network = slim_inception_v3.inception_v3
+        arg_scope = slim_inception_v3.inception_v3_arg_scope
+    else:
+        network = getattr(slim_resnet_v2, model_name)
+        arg_scope = slim_resnet_v2.resnet_arg_scope
     with v1.variable_scope("", custom_getter=getter):
-        with tf_slim.arg_scope(slim_resnet_v2.resnet_arg_scope()):
-            logits, _ = network(images, num_classes, is_training=is_training)
+        with tf_slim.arg_scope(arg_scope()):
+            logits, end_points = network(images, num_classes, is_training=is_training,
+                                         **network_kwargs)
     variables = v1.get_default_graph().get_collection(_VARIABLES_COLLECTION)
-    return tf.squeeze(logits, [1, 2]), variables
+    if logits.shape.rank == 4:  # ResNet v2 leaves the squeeze to the caller (ALP's model_fn)
+        logits = tf.squeeze(logits, [1, 2])
+    return logits, end_points, variables
 
 
 def _name(variable) -> str:
     return variable.name[: -len(":0")]
 
 
-def slim_variable_shapes(model_name: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+def slim_variable_shapes(model_name: str, num_classes: int,
+                         image_size: int = 64) -> dict[str, tuple[int, ...]]:
     """TF1 name -> shape of every variable Slim creates, in creation order (no session)."""
     with tf.Graph().as_default():
-        images = v1.placeholder(tf.float32, [None, 64, 64, 3])
-        _, variables = _build(model_name, num_classes, images, False, _shapes_only_getter)
+        images = v1.placeholder(tf.float32, [None, image_size, image_size, 3])
+        _, _, variables = _build(model_name, num_classes, images, False, _shapes_only_getter)
         return {_name(v): tuple(v.shape.as_list()) for v in variables}
 
 
@@ -134,7 +164,7 @@ def random_variable_values(
             fan_in = int(np.prod(shape[:-1]))
             # He scaling keeps activations alive through 50 layers; a smaller logits layer
             # keeps the logits near one, where float32 round-off stays well below 1e-4.
-            gain = 0.1 if name.endswith("/logits/weights") else 2.0
+            gain = 0.1 if name.endswith(HEAD_WEIGHTS) else 2.0
             value = rng.normal(0.0, np.sqrt(gain / fan_in), shape)
         elif leaf == "biases":
             value = rng.normal(0.0, 0.1, shape)
@@ -168,7 +198,7 @@ def run_slim_resnet_v2(
     images = np.asarray(images, np.float32)
     with tf.Graph().as_default():
         inputs = v1.placeholder(tf.float32, images.shape)
-        logits, variables = _build(model_name, num_classes, inputs, is_training)
+        logits, _, variables = _build(model_name, num_classes, inputs, is_training)
         updates = v1.get_collection(v1.GraphKeys.UPDATE_OPS) if is_training else []
         fetches = {"logits": logits, "updates": updates}
         if input_gradient:
@@ -180,14 +210,7 @@ def run_slim_resnet_v2(
             elif values is None:
                 session.run(v1.variables_initializer(variables))
             else:
-                missing = sorted({_name(v) for v in variables} - set(values))
-                if missing:
-                    raise KeyError(f"values lack {len(missing)} variables, e.g. {missing[:3]}")
-                # Feeding the initial values sets everything in one run, without new ops.
-                session.run(
-                    [v.initializer for v in variables],
-                    {v.initial_value: values[_name(v)] for v in variables},
-                )
+                _set_values(session, variables, values)
             if save_path is not None:
                 saver.save(session, save_path, write_meta_graph=False)
             results = session.run(fetches, {inputs: images})
@@ -197,3 +220,49 @@ def run_slim_resnet_v2(
         variables={_name(v): value for v, value in zip(variables, after)},
         input_gradient=results.get("input_gradient"),
     )
+
+
+def _set_values(session, variables, values: Mapping[str, np.ndarray]) -> None:
+    missing = sorted({_name(v) for v in variables} - set(values))
+    if missing:
+        raise KeyError(f"values lack {len(missing)} variables, e.g. {missing[:3]}")
+    # Feeding the initial values sets everything in one run, without new ops.
+    session.run(
+        [v.initializer for v in variables],
+        {v.initial_value: values[_name(v)] for v in variables},
+    )
+
+
+def run_slim_inception_v3(
+    images: np.ndarray,
+    values: Mapping[str, np.ndarray],
+    num_classes: int = 1001,
+    dropout_keep_prob: float = 1.0,
+    end_points: Sequence[str] = (),
+) -> dict[bool, SlimRun]:
+    """Slim's inception_v3 in inference then training mode (see the module docstring)."""
+    images = np.asarray(images, np.float32)
+    with tf.Graph().as_default():
+        inputs = v1.placeholder(tf.float32, images.shape)
+        is_training = v1.placeholder(tf.bool, [])
+        logits, points, variables = _build(
+            "inception_v3", num_classes, inputs, is_training,
+            dropout_keep_prob=dropout_keep_prob,
+        )
+        fetches = {"logits": logits, "aux_logits": points["AuxLogits"],
+                   "end_points": {name: points[name] for name in end_points}}
+        updates = v1.get_collection(v1.GraphKeys.UPDATE_OPS)
+        runs = {}
+        with v1.Session() as session:
+            _set_values(session, variables, values)
+            for training in (False, True):
+                results = session.run({**fetches, "updates": updates if training else []},
+                                      {inputs: images, is_training: training})
+                after = session.run(variables)
+                runs[training] = SlimRun(
+                    logits=results["logits"],
+                    variables={_name(v): value for v, value in zip(variables, after)},
+                    aux_logits=results["aux_logits"],
+                    end_points=results["end_points"],
+                )
+    return runs

@@ -1,12 +1,15 @@
 """Model registry: a model's name is enough to build it, load its weights and preprocess for it.
 
-Each registered name maps to a builder and a ``ModelConfig`` (input size, crop, resize
-interpolation, input range, default number of classes) that the input pipelines read, so
-evaluation preprocessing is never repeated by hand. Every model is an ``ImageClassifier``
-whose variables carry the TF1 names of the original checkpoints.
+Each registered name maps to a builder and a ``ModelConfig`` (variable scope, native size,
+class count and background class, evaluation crop, resize kernels, input normalisation,
+classifier scopes) that the input pipelines, ``train.py``, ``eval.py`` and the export read, so
+preprocessing is never repeated by hand. Every model is an ``ImageClassifier`` whose variables
+carry the TF1 names of the original checkpoints.
 
-To add a family (Inception v3, EfficientNets), write its module with a
-``build(config, num_classes, seed) -> ImageClassifier`` function and add rows to ``_REGISTRY``.
+Families: TF-Slim ResNet v2 (``resnet_v2_*``), tensorflow/tpu EfficientNet (``efficientnet_bN``
+and the AdvProp ``efficientnet_bN_ap``), TF-Slim Inception v3 (``inception_v3``). To add one,
+write its module with a ``build(config, num_classes, seed, compute_dtype) -> ImageClassifier``
+function and add rows to ``_REGISTRY`` (or call ``register_model``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import tensorflow as tf
 
 from adversarial_logit_pairing import precision
 from adversarial_logit_pairing.errors import ConfigError
-from adversarial_logit_pairing.models import efficientnet, resnet_v2
+from adversarial_logit_pairing.models import efficientnet, inception_v3, resnet_v2
 from adversarial_logit_pairing.models.layers import ImageClassifier
 
 __all__ = [
@@ -147,6 +150,20 @@ _REGISTRY: dict[str, tuple[Builder, ModelConfig]] = {
         for index in range(9)
         for suffix in ("", "_ap")
     },
+    # TF-Slim / adv_imagenet_models: central_crop(0.875) of each side, TF1 bilinear to 299.
+    "inception_v3": (inception_v3.build, ModelConfig(
+        name="inception_v3",
+        scope="InceptionV3",
+        default_image_size=299,
+        num_classes=1001,
+        background_class=True,
+        eval_crop="central_fraction",
+        crop_fraction=0.875,
+        eval_resize="bilinear",
+        train_resize="bilinear",
+        input_normalization="none",
+        classifier_scopes=("InceptionV3/Logits", "InceptionV3/AuxLogits"),
+    )),
 }
 
 

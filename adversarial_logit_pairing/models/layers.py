@@ -249,6 +249,132 @@ class BatchNorm(Layer):
         return y
 
 
+# ---------------------------------------------------------------------------------------------
+# Inception v3 (TF-Slim) layers: Slim's plain ``conv2d`` with explicit VALID/SAME padding and
+# non-square kernels, conv + batch norm + ReLU units, and the padding-excluding average pool.
+# ---------------------------------------------------------------------------------------------
+
+# A kernel side, or (height, width) for Inception's factorised 1x7 / 7x1 convolutions.
+Kernel = int | tuple[int, int]
+# ``(shape, name) -> initial value`` of a variable (see ``VariableFactory.variable``).
+Initializer = Callable[[tuple[int, ...], str], tf.Tensor]
+
+
+def _pair(kernel: Kernel) -> tuple[int, int]:
+    return (kernel, kernel) if isinstance(kernel, int) else (int(kernel[0]), int(kernel[1]))
+
+
+def truncated_normal(factory: VariableFactory, stddev: float) -> Initializer:
+    """Slim's ``trunc_normal(stddev)``: a normal cut at two sigmas, seeded as ``factory`` is.
+
+    Inception's auxiliary head uses it (stddev 0.01 and 0.001) instead of variance scaling.
+    """
+
+    def initializer(shape: tuple[int, ...], name: str) -> tf.Tensor:
+        if factory.seed is None:
+            return tf.random.truncated_normal(shape, stddev=stddev, dtype=tf.float32)
+        return tf.random.stateless_truncated_normal(
+            shape, seed=factory._stateless_seed(name), stddev=stddev, dtype=tf.float32
+        )
+
+    return initializer
+
+
+class PaddedConv2D(Layer):
+    """Slim's plain ``conv2d``: TF padding 'SAME' or 'VALID' as given, any (kh, kw) kernel.
+
+    Unlike ``Conv2D`` (Slim's ``conv2d_same`` for ResNets, which pads explicitly before a
+    strided conv), the padding is TensorFlow's own: SAME puts the odd padded cell at the
+    bottom/right. Variables ``<scope>/weights`` [kh, kw, in, out] and, with ``use_bias``,
+    ``<scope>/biases``; the weights start from ``initializer`` (Slim's variance scaling by
+    default).
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Kernel,
+        factory: VariableFactory,
+        stride: int = 1,
+        padding: str = "SAME",
+        use_bias: bool = False,
+        initializer: Optional[Initializer] = None,
+    ):
+        super().__init__(scope)
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(f"{scope}: padding must be 'SAME' or 'VALID', got {padding!r}")
+        self.kernel_size = _pair(kernel_size)
+        self.stride = stride
+        self.padding = padding
+        shape = (*self.kernel_size, in_channels, out_channels)
+        self.weights = self._add(factory.variable(
+            f"{scope}/weights", shape, initializer or factory.variance_scaling))
+        self.biases = None
+        if use_bias:
+            self.biases = self._add(
+                factory.variable(f"{scope}/biases", (out_channels,), factory.zeros)
+            )
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        y = tf.nn.conv2d(x, _as(self.weights, x.dtype), strides=self.stride,
+                         padding=self.padding)
+        if self.biases is not None:
+            y = tf.nn.bias_add(y, _as(self.biases, x.dtype))
+        return y
+
+
+class ConvBatchNormReLU(Layer):
+    """Slim ``conv2d`` under an arg_scope with ``normalizer_fn=batch_norm``, ``activation_fn=relu``.
+
+    The conv has no biases (batch norm's beta replaces them); variables, in Slim's creation
+    order: ``<scope>/weights``, then ``<scope>/BatchNorm/{gamma,beta,moving_mean,
+    moving_variance}`` (no gamma when ``scale`` is False, as in Inception's arg_scope: ReLU
+    follows, so a per-channel scale would only rescale the next layer's weights).
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Kernel,
+        factory: VariableFactory,
+        stride: int = 1,
+        padding: str = "SAME",
+        decay: float = BATCH_NORM_DECAY,
+        epsilon: float = BATCH_NORM_EPSILON,
+        scale: bool = True,
+        initializer: Optional[Initializer] = None,
+    ):
+        super().__init__(scope)
+        self.out_channels = out_channels
+        self.conv = PaddedConv2D(scope, in_channels, out_channels, kernel_size, factory,
+                                 stride=stride, padding=padding, initializer=initializer)
+        self.bn = BatchNorm(f"{scope}/BatchNorm", out_channels, factory, decay=decay,
+                            epsilon=epsilon, scale=scale)
+        for part in (self.conv, self.bn):
+            self._ordered.extend(part.variables_by_name.values())
+
+    def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        return tf.nn.relu(self.bn(self.conv(x), is_training))
+
+
+def average_pool(x: tf.Tensor, kernel_size: Kernel, stride: int, padding: str) -> tf.Tensor:
+    """Slim's ``avg_pool2d``: with SAME padding, padded cells are NOT counted in the average.
+
+    TensorFlow's AvgPool divides each window's sum by the number of cells inside the image,
+    so a border output is the mean of its in-image neighbours; PyTorch's default
+    (``count_include_pad=True``) and an explicit zero pad followed by a VALID pool would
+    divide by the full window and shrink the borders. Inception's Branch_3 pools rely on it.
+    """
+    return tf.nn.avg_pool2d(x, _pair(kernel_size), stride, padding)
+
+
+# ------------------------------- end of the Inception v3 layers ------------------------------
+
+
 class ImageClassifier(tf.Module):
     """Base of every registered model: ``model(images, is_training) -> logits``.
 

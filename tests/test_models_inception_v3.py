@@ -88,10 +88,17 @@ def _case(size: int):
     return size, model, values, images, slim
 
 
+@functools.cache
+def _small_model():
+    """A seeded 10-class model for 107x107 images (the smallest AuxLogits size: cheap)."""
+    return inception_v3.build(get_model_config("inception_v3"), 10, seed=0, image_size=107)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_cases():
     yield
-    _case.cache_clear()  # two full-size models need not outlive this module
+    _case.cache_clear()  # the models need not outlive this module
+    _small_model.cache_clear()
 
 
 @pytest.fixture(params=[299, 224], ids=["299", "224"])
@@ -219,16 +226,37 @@ def test_image_size_limits_are_config_errors_naming_the_sizes():
     assert model(tf.zeros([1, 75, 75, 3]), is_training=False).shape == (1, 1001)
 
 
+def test_seeded_initial_values_follow_slim_initialisers():
+    model = _small_model()
+    for name, variable in model.variables_by_name.items():
+        value = variable.numpy()
+        leaf = name.rsplit("/", 1)[-1]
+        if leaf != "weights":
+            expected = 1.0 if leaf == "moving_variance" else 0.0
+            np.testing.assert_array_equal(value, np.full_like(value, expected), err_msg=name)
+            continue
+        # Truncated normals cut at two sigmas: the AuxLogits convs use Slim's
+        # trunc_normal(0.01) and (0.001), every other conv variance scaling (2 / fan_in).
+        sigma = {"InceptionV3/AuxLogits/Conv2d_2a_1x1/weights": 0.01,
+                 "InceptionV3/AuxLogits/Conv2d_2b_1x1/weights": 0.001}.get(
+                     name, np.sqrt(1.3 * 2.0 / np.prod(value.shape[:-1])))
+        assert np.abs(value).max() <= 2 * sigma + 1e-7, name
+        if value.size >= 4096:
+            assert abs(value.std() - 0.8796 * sigma) < 0.05 * sigma, name
+
+
 def test_bfloat16_model_keeps_float32_variables_and_logits():
-    model = inception_v3.build(get_model_config("inception_v3"), 10, seed=0,
-                               compute_dtype=tf.bfloat16, image_size=107)
+    model = _small_model()
     images = tf.constant(_images(2, 107))
-    points = model.end_points(images, is_training=False)
+    exact = model.end_points(images, is_training=False)
+    model.compute_dtype = tf.bfloat16  # the same weights, computed in bfloat16
+    try:
+        points = model.end_points(images, is_training=False)
+    finally:
+        model.compute_dtype = tf.float32
     assert points["Mixed_7c"].dtype == tf.bfloat16
     assert points["Logits"].dtype == points["AuxLogits"].dtype == tf.float32
     assert all(v.dtype == tf.float32 for v in model.variables)
-    model.compute_dtype = tf.float32  # the same weights in float32
-    exact = model.end_points(images, is_training=False)
     for name in ("Logits", "AuxLogits"):
         scale = np.abs(exact[name].numpy()).max()
         assert scale > 0

@@ -8,11 +8,12 @@ class LinearModel(tf.Module):
     """``z = W . flat(x) + b``: the minimal L-inf distance from x to the y/t boundary is
     ``|z_y - z_t| / ||w_y - w_t||_1`` (while the box is not reached)."""
 
-    def __init__(self, shape=(4, 4, 3), num_classes=5, seed=0, quantize=None):
+    def __init__(self, shape=(4, 4, 3), num_classes=5, seed=0, quantize=None, bias_scale=1.0):
         rng = np.random.default_rng(seed)
         self.size = int(np.prod(shape))
         self.w = rng.normal(0, 1, (self.size, num_classes)).astype(np.float32)
-        self.b = rng.normal(0, 1, num_classes).astype(np.float32)
+        # A larger bias spreads the classes: larger minimal perturbations.
+        self.b = rng.normal(0, bias_scale, num_classes).astype(np.float32)
         self.quantize = quantize
         self.traces = 0
 

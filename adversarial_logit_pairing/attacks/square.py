@@ -16,7 +16,8 @@ not stop it. This is why AutoAttack runs it last, on the points the gradient att
   ``rescale_schedule`` is False, as in AutoAttack's standard version.
 
 The reference (fra31/auto-attack) draws one window and one sign vector per query for the whole
-batch; here every image draws its own, as in the authors' original Square Attack code.
+batch; here every image draws its own, as in the authors' original Square Attack code, and the
+window's corner can be any of the ``size - side + 1`` positions (see ``square_single_run``).
 """
 
 from __future__ import annotations
@@ -94,9 +95,11 @@ def square_single_run(
         side = sides[i]
         draws = tf.random.stateless_uniform(
             [count, 2 + channels], tf.random.experimental.stateless_fold_in(query_seed, i))
-        # Corners in [0, size - side), as the reference's random_int (0 when side == size).
-        top = tf.cast(draws[:, 0] * tf.cast(height - side, tf.float32), tf.int32)
-        left = tf.cast(draws[:, 1] * tf.cast(width - side, tf.float32), tf.int32)
+        # Corners uniform over all size - side + 1 positions. The reference draws them from
+        # [0, size - side), so a square never touches the last row or column unless it spans
+        # the image: harmless on 32x32, but on a 2x2 image half the pixels are never searched.
+        top = tf.cast(draws[:, 0] * tf.cast(height - side + 1, tf.float32), tf.int32)
+        left = tf.cast(draws[:, 1] * tf.cast(width - side + 1, tf.float32), tf.int32)
         in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + side)
         in_cols = (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + side)
         window = in_rows[:, :, None, None] & in_cols[:, None, :, None]

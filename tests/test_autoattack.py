@@ -137,3 +137,23 @@ def test_descriptions_scale_eps_from_the_pixel_scale_and_run():
         assert np.abs(result.x_adv.numpy() - x).max() <= 32 / 255 + 1e-6
         np.testing.assert_array_equal(result.robust.numpy(),
                                       predictions(model, result.x_adv.numpy()) == labels)
+
+
+def test_autoattack_runs_on_a_resnet_one_image_at_a_time():
+    # A Keras ResNet in inference mode; chunks of one image once caught FAB's loop losing the
+    # static batch size through the model.
+    from adversarial_logit_pairing.models import create_model
+
+    model = create_model("resnet_v2_tiny", 10, seed=0)
+
+    def model_fn(images):
+        return model(images, is_training=False)
+
+    x = images(2, shape=(8, 8, 3))
+    labels = predictions(model_fn, x)
+    eps = 4 / 255
+    x_adv, report = attacks.run_autoattack(
+        model_fn, x, labels, eps=eps, batch_size=1, apgd_iters=2, fab_iters=2,
+        square_queries=5, n_target_classes=2)
+    assert np.abs(x_adv.numpy() - x).max() <= eps + 1e-6
+    np.testing.assert_array_equal(report.robust, predictions(model_fn, x_adv.numpy()) == labels)

@@ -110,8 +110,10 @@ def fab_single_run(
     batch = shape[0]
     x0 = tf.reshape(x, [batch, -1])
 
+    image_shape = [-1] + x.shape[1:].as_list()  # static, so the model sees its image size
+
     def model(flat):
-        return model_fn(tf.reshape(flat, shape))
+        return model_fn(tf.reshape(flat, image_shape))
 
     def body(i, x1, best, best_distance):
         with tf.GradientTape() as tape:
@@ -135,7 +137,9 @@ def fab_single_run(
         best = tf.where(closer[:, None], x1, best)
         best_distance = tf.where(closer, distance, best_distance)
         x1 = tf.where(fooled[:, None], x0 + beta * (x1 - x0), x1)
-        return i + 1, x1, best, best_distance
+        # The model may lose the static batch size; the loop needs it constant.
+        return (i + 1, tf.ensure_shape(x1, x0.shape), tf.ensure_shape(best, x0.shape),
+                tf.ensure_shape(best_distance, x0.shape[:1]))
 
     _, _, best, best_distance = tf.while_loop(
         lambda i, *_: i < n_iter, body,

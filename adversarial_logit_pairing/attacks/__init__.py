@@ -13,6 +13,20 @@ parameter-free attacks. Modules, one job each:
   descriptions  description strings (``autoattack_8``, ``apgdt_8``, ...; grammar there)
   batching      the driver: chunks of at most ``batch_size``, only the points still robust
 
+Descriptions (:func:`parse_strong_attack_description`, :func:`run_strong_attack`) name an
+attack as the command line will; EPS and STEP are integers 1..255 on the 0..255 pixel scale,
+rescaled to model units by ``(hi - lo) / 255`` like the original attack strings; a trailing
+budget overrides the standard one:
+
+  apgdce_EPS[_NITER]                APGD on cross-entropy, 1 restart, NITER 100
+  apgddlr_EPS[_NITER]               APGD on DLR (>= 3 classes), 1 restart, NITER 100
+  apgdt_EPS[_NITER]                 APGD-T, targeted DLR (>= 4 classes), 9 targets, NITER 100
+  fabt_EPS[_NITER]                  FAB-T, 9 targets, counted within eps, NITER 100
+  square_EPS[_NQUERIES]             Square, p_init 0.8, NQUERIES 5000
+  pgdtrue_EPS_STEP_NITER_RESTARTS   PGD with random start on the true labels
+  autoattack_EPS                    the standard sequence (e.g. autoattack_8: eps 8/255 of
+                                    the input range)
+
 Every attack takes ``model_fn`` (images -> logits, in inference mode), images within ``bounds``,
 the true labels, ``eps`` in model units, a shape-[2] stateless ``seed`` (same seed, same
 result) and ``batch_size``, and returns ``AttackResult(x_adv, robust)``; ``robust`` as input

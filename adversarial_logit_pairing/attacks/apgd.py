@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from adversarial_logit_pairing.adversarial_attack import ModelFn, compiled_for
 from adversarial_logit_pairing.attacks import batching
-from adversarial_logit_pairing.attacks.batching import AttackResult, Bounds, Seed
+from adversarial_logit_pairing.attacks.batching import ArrayLike, AttackResult, Bounds, Seed
 from adversarial_logit_pairing.attacks.losses import (
     TARGETED_LOSSES,
     loss_function,
@@ -229,8 +229,8 @@ def _check_settings(n_iter: int, n_restarts: int, rho: float) -> None:
 
 def run_apgd(
     model_fn: ModelFn,
-    x,
-    labels,
+    x: ArrayLike,
+    labels: ArrayLike,
     *,
     eps: float,
     bounds: Bounds = (-1.0, 1.0),
@@ -240,7 +240,7 @@ def run_apgd(
     rho: float = RHO,
     seed: Seed = (0, 0),
     batch_size: int = 128,
-    robust=None,
+    robust: Optional[ArrayLike] = None,
 ) -> AttackResult:
     """Untargeted APGD on the true ``labels`` (APGD-CE with ``loss='ce'``, APGD-DLR with 'dlr').
 
@@ -283,8 +283,8 @@ def run_apgd(
 
 def run_apgd_targeted(
     model_fn: ModelFn,
-    x,
-    labels,
+    x: ArrayLike,
+    labels: ArrayLike,
     *,
     eps: float,
     bounds: Bounds = (-1.0, 1.0),
@@ -295,7 +295,7 @@ def run_apgd_targeted(
     rho: float = RHO,
     seed: Seed = (0, 0),
     batch_size: int = 128,
-    robust=None,
+    robust: Optional[ArrayLike] = None,
 ) -> AttackResult:
     """APGD-T: targeted APGD towards each of the highest non-true classes in turn.
 

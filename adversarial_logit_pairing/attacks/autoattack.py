@@ -27,7 +27,7 @@ import tensorflow as tf
 from adversarial_logit_pairing.adversarial_attack import ModelFn
 from adversarial_logit_pairing.attacks import batching
 from adversarial_logit_pairing.attacks.apgd import run_apgd, run_apgd_targeted
-from adversarial_logit_pairing.attacks.batching import Bounds, Seed
+from adversarial_logit_pairing.attacks.batching import ArrayLike, Bounds, Seed
 from adversarial_logit_pairing.attacks.fab import run_fab_targeted
 from adversarial_logit_pairing.attacks.losses import MIN_CLASSES
 from adversarial_logit_pairing.attacks.square import run_square
@@ -89,8 +89,8 @@ class AutoAttackReport:
 
 def run_autoattack(
     model_fn: ModelFn,
-    x,
-    labels,
+    x: ArrayLike,
+    labels: ArrayLike,
     *,
     eps: float,
     bounds: Bounds = (-1.0, 1.0),

@@ -19,6 +19,8 @@ from adversarial_logit_pairing.adversarial_attack import ModelFn, compiled_for
 from adversarial_logit_pairing.errors import ConfigError
 
 Seed = Union[tf.Tensor, Sequence[int]]
+# Images, labels and masks may come as numpy arrays or eager tensors.
+ArrayLike = Union[np.ndarray, tf.Tensor]
 Bounds = tuple[float, float]
 # chunk_fn(x, labels, [extra,] seed) -> (adversarial images, fooled flags); compiled.
 ChunkFn = Callable[..., tuple[tf.Tensor, tf.Tensor]]
@@ -72,7 +74,8 @@ def logits_in_chunks(model_fn: ModelFn, x: np.ndarray, batch_size: int) -> np.nd
 
 
 def start_state(
-    model_fn: ModelFn, x, labels, robust, batch_size: int
+    model_fn: ModelFn, x: ArrayLike, labels: ArrayLike, robust: Optional[ArrayLike],
+    batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]:
     """(x, labels, clean logits, robust) as numpy; ``robust`` defaults to correctly classified.
 

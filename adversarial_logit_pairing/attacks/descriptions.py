@@ -1,19 +1,8 @@
 """Strong-attack descriptions: the strings a command line names an evaluation attack by.
 
-Grammar (EPS and STEP integers on the 0..255 pixel scale, 1..255, rescaled to model units by
-``(hi - lo) / 255`` as the original attack strings; the optional budget replaces the standard
-one, for quick runs):
-
-==================================  =========================================================
-``apgdce_EPS[_NITER]``              APGD on cross-entropy, 1 restart (NITER 100)
-``apgddlr_EPS[_NITER]``             APGD on the DLR loss, 1 restart (NITER 100; >= 3 classes)
-``apgdt_EPS[_NITER]``               APGD-T, targeted DLR, 9 targets (NITER 100; >= 4 classes)
-``fabt_EPS[_NITER]``                FAB-T, 9 targets, counted within eps (NITER 100)
-``square_EPS[_NQUERIES]``           Square attack, p_init 0.8 (NQUERIES 5000)
-``pgdtrue_EPS_STEP_NITER_RESTARTS`` PGD with random start on the true labels, restarts on the
-                                    points still robust
-``autoattack_EPS``                  the standard AutoAttack sequence
-==================================  =========================================================
+The grammar is in the package docstring (``adversarial_logit_pairing.attacks``): METHOD_EPS
+with an optional budget, ``pgdtrue_EPS_STEP_NITER_RESTARTS``, ``autoattack_EPS``; EPS and
+STEP are integers 1..255 on the 0..255 pixel scale.
 """
 
 from __future__ import annotations
@@ -27,7 +16,7 @@ import tensorflow as tf
 from adversarial_logit_pairing.adversarial_attack import ModelFn
 from adversarial_logit_pairing.attacks.apgd import run_apgd, run_apgd_targeted
 from adversarial_logit_pairing.attacks.autoattack import AutoAttackReport, run_autoattack
-from adversarial_logit_pairing.attacks.batching import AttackResult, Bounds, Seed
+from adversarial_logit_pairing.attacks.batching import ArrayLike, AttackResult, Bounds, Seed
 from adversarial_logit_pairing.attacks.fab import run_fab_targeted
 from adversarial_logit_pairing.attacks.pgd import run_pgd_true_labels
 from adversarial_logit_pairing.attacks.square import run_square
@@ -102,8 +91,8 @@ def parse_strong_attack_description(description: str) -> StrongAttackSpec:
 def run_strong_attack(
     description: str,
     model_fn: ModelFn,
-    x,
-    labels,
+    x: ArrayLike,
+    labels: ArrayLike,
     *,
     bounds: Bounds = (-1.0, 1.0),
     seed: Seed = (0, 0),

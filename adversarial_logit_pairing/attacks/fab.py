@@ -21,14 +21,14 @@ perturbation found is within eps. Restarts after the first start from
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
 
 from adversarial_logit_pairing.adversarial_attack import ModelFn, compiled_for
 from adversarial_logit_pairing.attacks import batching
-from adversarial_logit_pairing.attacks.batching import AttackResult, Bounds, Seed
+from adversarial_logit_pairing.attacks.batching import ArrayLike, AttackResult, Bounds, Seed
 from adversarial_logit_pairing.attacks.losses import targeted_margin_loss, top_targets
 from adversarial_logit_pairing.errors import ConfigError
 
@@ -151,8 +151,8 @@ def fab_single_run(
 
 def run_fab_targeted(
     model_fn: ModelFn,
-    x,
-    labels,
+    x: ArrayLike,
+    labels: ArrayLike,
     *,
     eps: float,
     bounds: Bounds = (-1.0, 1.0),
@@ -164,7 +164,7 @@ def run_fab_targeted(
     beta: float = BETA,
     seed: Seed = (0, 0),
     batch_size: int = 128,
-    robust=None,
+    robust: Optional[ArrayLike] = None,
 ) -> AttackResult:
     """FAB-T with the eps threshold: a point is broken if FAB finds a perturbation within eps.
 

@@ -9,19 +9,21 @@ original one, :func:`adversarial_logit_pairing.adversarial_attack.pgd`.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import tensorflow as tf
 
 from adversarial_logit_pairing import adversarial_attack
 from adversarial_logit_pairing.adversarial_attack import ModelFn
 from adversarial_logit_pairing.attacks import batching
-from adversarial_logit_pairing.attacks.batching import AttackResult, Bounds, Seed
+from adversarial_logit_pairing.attacks.batching import ArrayLike, AttackResult, Bounds, Seed
 from adversarial_logit_pairing.errors import ConfigError
 
 
 def run_pgd_true_labels(
     model_fn: ModelFn,
-    x,
-    labels,
+    x: ArrayLike,
+    labels: ArrayLike,
     *,
     eps: float,
     step_size: float,
@@ -30,7 +32,7 @@ def run_pgd_true_labels(
     bounds: Bounds = (-1.0, 1.0),
     seed: Seed = (0, 0),
     batch_size: int = 128,
-    robust=None,
+    robust: Optional[ArrayLike] = None,
 ) -> AttackResult:
     """L-infinity PGD with random start ascending the cross-entropy of the true ``labels``.
 

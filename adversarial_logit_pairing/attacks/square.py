@@ -23,12 +23,13 @@ window's corner can be any of the ``size - side + 1`` positions (see ``square_si
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import tensorflow as tf
 
 from adversarial_logit_pairing.adversarial_attack import ModelFn, compiled_for
 from adversarial_logit_pairing.attacks import batching
-from adversarial_logit_pairing.attacks.batching import AttackResult, Bounds, Seed
+from adversarial_logit_pairing.attacks.batching import ArrayLike, AttackResult, Bounds, Seed
 from adversarial_logit_pairing.attacks.losses import margin_loss
 from adversarial_logit_pairing.errors import ConfigError
 
@@ -125,8 +126,8 @@ def square_single_run(
 
 def run_square(
     model_fn: ModelFn,
-    x,
-    labels,
+    x: ArrayLike,
+    labels: ArrayLike,
     *,
     eps: float,
     bounds: Bounds = (-1.0, 1.0),
@@ -135,7 +136,7 @@ def run_square(
     rescale_schedule: bool = True,
     seed: Seed = (0, 0),
     batch_size: int = 128,
-    robust=None,
+    robust: Optional[ArrayLike] = None,
 ) -> AttackResult:
     """The L-infinity Square attack on NHWC images with the true ``labels``.
 

@@ -63,11 +63,10 @@ def test_dlr_with_too_few_classes_is_a_config_error(name, classes):
     loss_function(name, classes + 1)
 
 
-def test_apgd_refuses_dlr_on_a_two_class_model_but_runs_ce_and_margin():
+def test_apgd_refuses_dlr_on_a_two_class_model_but_runs_the_margin():
     model = LinearModel(shape=(2, 2, 1), num_classes=2)
     x = images(4, shape=(2, 2, 1))
     labels = model(x).numpy().argmax(1)
     with pytest.raises(ConfigError, match="needs at least 3 classes"):
         attacks.run_apgd(model, x, labels, eps=0.1, loss="dlr", n_iter=2)
-    for loss in ("ce", "margin"):
-        attacks.run_apgd(model, x, labels, eps=0.1, loss=loss, n_iter=2)
+    attacks.run_apgd(model, x, labels, eps=0.1, loss="margin", n_iter=2)

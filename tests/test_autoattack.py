@@ -139,7 +139,7 @@ def test_descriptions_scale_eps_from_the_pixel_scale_and_run():
                                       predictions(model, result.x_adv.numpy()) == labels)
 
 
-def test_autoattack_runs_on_a_resnet_one_image_at_a_time():
+def test_apgd_and_fab_run_on_a_resnet_one_image_at_a_time():
     # A Keras ResNet in inference mode; chunks of one image once caught FAB's loop losing the
     # static batch size through the model.
     from adversarial_logit_pairing.models import create_model
@@ -153,7 +153,7 @@ def test_autoattack_runs_on_a_resnet_one_image_at_a_time():
     labels = predictions(model_fn, x)
     eps = 4 / 255
     x_adv, report = attacks.run_autoattack(
-        model_fn, x, labels, eps=eps, batch_size=1, apgd_iters=2, fab_iters=2,
-        square_queries=5, n_target_classes=2)
+        model_fn, x, labels, eps=eps, batch_size=1, attacks=("apgd-ce", "fab-t"), apgd_iters=2,
+        fab_iters=2, n_target_classes=2)
     assert np.abs(x_adv.numpy() - x).max() <= eps + 1e-6
     np.testing.assert_array_equal(report.robust, predictions(model_fn, x_adv.numpy()) == labels)

@@ -85,20 +85,23 @@ def test_apgd_is_seeded_stays_in_the_box_and_traces_the_model_a_fixed_number_of_
         model = TwoLayerNet()
         labels = predictions(model, x)
         model.traces = 0
-        first = attacks.run_apgd(model, x, labels, eps=0.05, n_iter=n_iter, seed=(1, 2),
+        first = attacks.run_apgd(model, x, labels, eps=0.02, n_iter=n_iter, seed=(1, 2),
                                  batch_size=5)
         traces.append(model.traces)
-        again = attacks.run_apgd(model, x, labels, eps=0.05, n_iter=n_iter, seed=(1, 2),
+        again = attacks.run_apgd(model, x, labels, eps=0.02, n_iter=n_iter, seed=(1, 2),
                                  batch_size=5)
         np.testing.assert_array_equal(first.x_adv.numpy(), again.x_adv.numpy())
         np.testing.assert_array_equal(first.robust.numpy(), again.robust.numpy())
         delta = first.x_adv.numpy() - x
-        assert np.abs(delta).max() <= 0.05 + 1e-6
+        assert np.abs(delta).max() <= 0.02 + 1e-6
         assert first.x_adv.numpy().min() >= -1.0 and first.x_adv.numpy().max() <= 1.0
         # The returned robust mask is the model's verdict on the returned images.
         np.testing.assert_array_equal(
             first.robust.numpy(), predictions(model, first.x_adv.numpy()) == labels)
-        assert not first.robust.numpy().all()
+        survivors = first.robust.numpy()
+        assert 0 < survivors.sum() < len(x)
+        # Points the attack failed on come back clean, as the reference returns them.
+        np.testing.assert_array_equal(first.x_adv.numpy()[survivors], x[survivors])
     assert traces[0] == traces[1]
 
 

@@ -123,3 +123,17 @@ def test_gradient_masking_stops_the_gradient_attacks_but_not_square():
     for attack in (attacks.run_apgd, attacks.run_apgd_targeted, attacks.run_fab_targeted):
         assert attack(model, x, labels, eps=eps, n_iter=5).robust.numpy().all(), attack
     assert not attacks.run_square(model, x, labels, eps=eps, n_queries=300).robust.numpy().any()
+
+
+def test_fab_and_square_trace_the_model_a_fixed_number_of_times_whatever_the_budget():
+    x = images(4, shape=(3, 3, 1), low=-0.3, high=0.3)
+    for attack, budget, settings in ((attacks.run_fab_targeted, "n_iter", {"n_target_classes": 1}),
+                                     (attacks.run_square, "n_queries", {})):
+        traces = []
+        for count in (2, 12):
+            model = LinearModel(shape=(3, 3, 1))
+            labels = predictions(model, x)
+            model.traces = 0
+            attack(model, x, labels, eps=1e-3, **{budget: count}, **settings)
+            traces.append(model.traces)
+        assert traces[0] == traces[1] > 0, attack

@@ -139,9 +139,9 @@ def run_autoattack(
     stages = {
         "apgd-ce": (
             f"loss=ce, {apgd_iters} iterations, {apgd_restarts} restart(s)",
-            lambda robust, seed: run_apgd(model_fn, x, labels, loss="ce", n_iter=apgd_iters,
-                                      n_restarts=apgd_restarts, seed=seed, robust=robust,
-                                      **common)),
+            lambda robust, seed: run_apgd(
+                model_fn, x, labels, loss="ce", n_iter=apgd_iters, n_restarts=apgd_restarts,
+                seed=seed, robust=robust, **common)),
         "apgd-t": (
             f"loss={targeted_loss}, {n_targets} targets, {apgd_iters} iterations",
             lambda robust, seed: run_apgd_targeted(
@@ -153,7 +153,7 @@ def run_autoattack(
                 model_fn, x, labels, n_target_classes=n_target_classes, n_iter=fab_iters,
                 seed=seed, robust=robust, **common)),
         "square": (
-            f"{square_queries} queries, p_init 0.8",
+            f"{square_queries} queries, p_init 0.8, schedule not rescaled",
             lambda robust, seed: run_square(
                 model_fn, x, labels, n_queries=square_queries, rescale_schedule=False,
                 seed=seed, robust=robust, **common)),

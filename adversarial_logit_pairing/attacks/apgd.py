@@ -210,7 +210,7 @@ def _chunk_fn(model_fn: ModelFn, eps: float, bounds: Bounds, loss: str, n_iter: 
               rho: float):
     """The compiled per-chunk APGD: (x, labels, targets, seed) -> (images, fooled)."""
 
-    def graph(x, labels, targets, seed):
+    def graph(model_fn, x, labels, targets, seed):
         run = apgd_single_run(model_fn, x, labels, targets, seed, eps=eps, bounds=bounds,
                               loss=loss, n_iter=n_iter, rho=rho)
         images = tf.where(_per_example(run.robust, len(x.shape)), x, run.x_adv)

@@ -67,7 +67,7 @@ def check_inputs(eps: float, bounds: Bounds, batch_size: int) -> tuple[float, Bo
 
 def logits_in_chunks(model_fn: ModelFn, x: np.ndarray, batch_size: int) -> np.ndarray:
     """``model_fn`` on ``x`` chunk by chunk (one compiled forward pass per model)."""
-    forward = compiled_for(model_fn, ("strong_attacks.logits",), lambda x: model_fn(x))
+    forward = compiled_for(model_fn, ("strong_attacks.logits",), lambda model_fn, x: model_fn(x))
     chunks = [forward(tf.constant(x[start:start + batch_size])).numpy()
               for start in range(0, len(x), batch_size)]
     return np.concatenate(chunks, axis=0)

@@ -190,7 +190,7 @@ def run_fab_targeted(
     settings = (eps, bounds, int(n_iter), float(alpha_max), float(eta), float(beta))
 
     def compiled(random_start: bool):
-        def graph(x, labels, targets, seed):
+        def graph(model_fn, x, labels, targets, seed):
             start = x
             if random_start:
                 rank = len(x.shape)

@@ -164,7 +164,7 @@ def run_square(
         return batching.result(x, robust)
     settings = (eps, bounds, int(n_queries), float(p_init), bool(rescale_schedule))
 
-    def graph(x, labels, seed):
+    def graph(model_fn, x, labels, seed):
         images, margin = square_single_run(
             model_fn, x, labels, seed, eps=eps, bounds=bounds, n_queries=settings[2],
             p_init=settings[3], rescale_schedule=settings[4])

@@ -19,6 +19,9 @@ so every replica attacks and trains on its own ``batch_size`` clean images; the 
 applies the mean of the replicas' gradients once, the learning rate is multiplied by the
 replicas in sync and the steps per epoch divided by them (what ``--replicas_to_aggregate`` did
 for the original's SyncReplicasOptimizer), and the moving average follows that one update.
+``--replicas_to_aggregate=N`` above the replicas in sync keeps the original's meaning: each
+replica accumulates ``N / replicas`` successive micro-batches into its gradient, so one update
+averages N gradients and the learning rate is multiplied by N (``learning_rate_replicas``).
 Batch norm uses each replica's own statistics, as the original's workers did, unless
 ``sync_batch_norm``. Only the chief writes summaries and checkpoints; the other workers take
 part in every checkpoint (reading batch-norm statistics is a collective under

@@ -211,6 +211,28 @@ def test_two_micro_batches_make_one_update_with_their_mean_gradient():
     assert not np.allclose(state[MOVING_MEAN], swapped[MOVING_MEAN], rtol=1e-3, atol=1e-5)
 
 
+def test_the_micro_batch_loop_traces_the_model_as_often_as_one_batch(monkeypatch):
+    """An in-graph loop: the step's graph holds one attack and one training pass, whatever N."""
+    from adversarial_logit_pairing.models import resnet_v2
+
+    calls = []
+    original = resnet_v2.ResNetV2.__call__
+
+    def counted(self, images, is_training):
+        calls.append(is_training)  # Python runs only while TensorFlow traces
+        return original(self, images, is_training)
+
+    monkeypatch.setattr(resnet_v2.ResNetV2, "__call__", counted)
+    counts = {}
+    for n in (1, 3):
+        calls.clear()
+        images, labels = _batches(n, BATCH)
+        _run(tf.distribute.get_strategy(), images, labels, ALP, replicas_to_aggregate=n)
+        counts[n] = (calls.count(True), calls.count(False))
+    assert counts[3] == counts[1]
+    assert counts[3][0] == 1
+
+
 def test_loss_scaled_accumulation_equals_the_unscaled_one():
     """The float16 path (loss scaling) unscales each micro-batch's gradients before the mean.
 

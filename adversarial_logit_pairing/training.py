@@ -299,7 +299,8 @@ def make_train_step(
             grads = loss_scale.unscale(grads)
         return grads, losses, adv_images
 
-    loss_names = SCALAR_OUTPUTS[:-1]  # those alp_losses may return
+    # The loss terms step_fn reports (those alp_losses may return).
+    loss_names = [name for name in SCALAR_OUTPUTS if name != "learning_rate"]
     tpu = isinstance(strategy, tf.distribute.TPUStrategy)
     # Synchronised batch norm all-reduces in the middle of the pass; under Mirrored and
     # MultiWorkerMirrored strategies that is a merge_call, which TensorFlow refuses inside a

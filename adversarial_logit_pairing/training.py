@@ -21,6 +21,9 @@ so every replica attacks and trains on its own ``batch_size`` clean images; the 
 applies the mean of the replicas' gradients once, the learning rate is multiplied by the
 replicas in sync and the steps per epoch divided by them (what ``--replicas_to_aggregate`` did
 for the original's SyncReplicasOptimizer), and the moving average follows that one update.
+``--replicas_to_aggregate=N`` above the replicas in sync keeps the original's meaning: each
+replica accumulates ``N / replicas`` successive micro-batches into its gradient, so one update
+averages N gradients and the learning rate is multiplied by N (``learning_rate_replicas``).
 Batch norm uses each replica's own statistics, as the original's workers did, unless
 ``sync_batch_norm``. Only the chief writes summaries and checkpoints; the other workers take
 part in every checkpoint (reading batch-norm statistics is a collective under
@@ -196,25 +199,51 @@ _CLUSTER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
 
 
 def learning_rate_replicas(num_replicas_in_sync: int, replicas_to_aggregate: int) -> int:
-    """The factor of the learning rate (and divisor of the steps per epoch).
+    """The gradients averaged per update: the learning-rate factor and steps-per-epoch divisor.
 
-    The original multiplied by ``--replicas_to_aggregate``, the gradients its
-    SyncReplicasOptimizer averaged per update; under a strategy the replicas in sync play that
-    role. On one device ``replicas_to_aggregate`` keeps its effect.
+    The original's SyncReplicasOptimizer averaged ``--replicas_to_aggregate`` gradients into
+    each update, whoever computed them (one worker: N successive batches), and multiplied the
+    learning rate by N. Here each replica in sync accumulates ``N / replicas`` successive
+    micro-batches (``group_micro_batches``) into its gradient, so the factor is
+    ``max(N, replicas)``; the default N=1 means "the replicas in sync".
 
     Raises:
-      ConfigError: ``replicas_to_aggregate`` contradicts the replicas in sync.
+      ConfigError: ``replicas_to_aggregate`` is below 1, or neither 1 nor a multiple of the
+        replicas in sync (the replicas could not share the batches evenly).
     """
     if replicas_to_aggregate < 1:
         raise ConfigError(f"--replicas_to_aggregate={replicas_to_aggregate}: must be >= 1")
-    if num_replicas_in_sync == 1:
-        return replicas_to_aggregate
-    if replicas_to_aggregate not in (1, num_replicas_in_sync):
+    if replicas_to_aggregate % num_replicas_in_sync and replicas_to_aggregate != 1:
         raise ConfigError(
-            f"--replicas_to_aggregate={replicas_to_aggregate}: the strategy keeps "
-            f"{num_replicas_in_sync} replicas in sync, and they set the learning-rate scale; "
-            "drop the flag")
-    return num_replicas_in_sync
+            f"--replicas_to_aggregate={replicas_to_aggregate}: must be 1 or a multiple of the "
+            f"{num_replicas_in_sync} replicas in sync (each replica averages "
+            f"replicas_to_aggregate / {num_replicas_in_sync} successive batches per update)")
+    return max(replicas_to_aggregate, num_replicas_in_sync)
+
+
+def group_micro_batches(dataset: tf.data.Dataset, num_micro_batches: int,
+                        num_replicas_in_sync: int) -> tf.data.Dataset:
+    """Groups ``num_micro_batches`` global batches into the element of one update.
+
+    ``dataset`` yields global batches ``[replicas * B, ...]``; the result yields
+    ``[replicas * k, B, ...]`` ordered replica-major, because
+    ``experimental_distribute_dataset`` gives each replica its slice of dimension 0: replica
+    ``r`` receives ``[k, B, ...]`` whose micro-batch ``j`` is its usual share of the ``j``-th
+    global batch. ``k = 1`` returns ``dataset`` itself.
+    """
+    if num_micro_batches == 1:
+        return dataset
+    k, replicas = num_micro_batches, num_replicas_in_sync
+
+    def replica_major(x: tf.Tensor) -> tf.Tensor:
+        inner = x.shape[2:].as_list()  # static: the training pipeline drops partial batches
+        x = tf.reshape(x, [k, replicas, -1] + inner)
+        x = tf.transpose(x, [1, 0] + list(range(2, x.shape.rank)))
+        return tf.reshape(x, [replicas * k, -1] + inner)
+
+    return dataset.batch(k, drop_remainder=True).map(
+        lambda images, labels: (replica_major(images), replica_major(labels)),
+        num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def make_train_step(
@@ -231,6 +260,7 @@ def make_train_step(
     num_summary_images: int = 0,
     jit_compile: bool = False,
     loss_scale: Optional[precision.LossScale] = None,
+    num_micro_batches: int = 1,
 ) -> Callable:
     """The compiled training step: ``train_step(images, labels) -> outputs``.
 
@@ -239,10 +269,18 @@ def make_train_step(
     replica attacks its images, runs ``[clean; adversarial]`` in training mode and computes its
     losses; the optimizer applies the mean gradient, then the moving average is updated.
 
+    With ``num_micro_batches`` k > 1 (``--replicas_to_aggregate`` above the replicas in sync),
+    each replica receives ``[k, batch_size, ...]`` (``group_micro_batches``) and runs the
+    attack and the training pass on each micro-batch in turn, in one in-graph loop, so batch
+    norm's moving statistics move with every micro-batch; the optimizer then applies the mean
+    of all k x replicas gradients ONCE (one ``global_step``), and the moving average follows
+    that update, as the original's SyncReplicasOptimizer did. The reported losses are means
+    over the micro-batches too.
+
     Returns:
       A ``tf.function``; its outputs hold the loss terms and ``learning_rate`` averaged over
       the replicas (float32 scalars) and, when ``num_summary_images > 0``, the first
-      ``images``/``adv_images`` of this process's first replica.
+      ``images``/``adv_images`` of this process's first replica (its first micro-batch).
 
     With a ``loss_scale`` (float16 compute), the loss is scaled before differentiation and
     the gradients unscaled after; a step whose gradients overflow is skipped (the global step
@@ -252,7 +290,7 @@ def make_train_step(
     learning_rate = optimizer.learning_rate
     names: list[str] = []  # the scalars step_fn stacks, known once it is traced
 
-    def forward_backward(images, labels):
+    def forward_backward(images, labels, micro_batch=None):
         one_hot = tf.one_hot(labels, num_classes)
         adv_images = None
         if attack.is_clean:
@@ -260,6 +298,10 @@ def make_train_step(
         else:
             step_seed = distribution.replica_seed(
                 tf.stack([tf.constant(seed, tf.int64), tf.cast(global_step, tf.int64)]))
+            if micro_batch is not None:
+                # (seed, step, replica, micro-batch) is unique, and a resumed run (which starts
+                # at an update boundary) draws the same starts again.
+                step_seed = tf.random.experimental.stateless_fold_in(step_seed, micro_batch)
             adv_images = adversarial_attack.generate_adversarial_examples(
                 images, bounds, lambda x: model(x, is_training=False),
                 hparams.train_adv_method, seed=step_seed,
@@ -277,7 +319,55 @@ def make_train_step(
             grads = loss_scale.unscale(grads)
         return grads, losses, adv_images
 
+    # The loss terms step_fn reports (those alp_losses may return).
+    loss_names = [name for name in SCALAR_OUTPUTS if name != "learning_rate"]
     tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+    # Synchronised batch norm all-reduces in the middle of the pass; under Mirrored and
+    # MultiWorkerMirrored strategies that is a merge_call, which TensorFlow refuses inside a
+    # tf.while_loop: there the micro-batch loop is unrolled (k copies of the pass).
+    unroll = (strategy.num_replicas_in_sync > 1 and not tpu and any(
+        isinstance(m, distribution.CrossReplicaBatchNorm) for m in model.submodules))
+
+    def accumulate(images, labels):
+        """``forward_backward`` over the ``[k, B, ...]`` micro-batches: mean gradients/losses.
+
+        One ``tf.while_loop`` (the model is traced once, whatever k); gradients that are None
+        (a variable the loss does not reach) are carried as zeros and given back as None so the
+        optimizer skips them as it would for one batch.
+        """
+        k = num_micro_batches
+        none_grads: set[int] = set()
+        present: list[str] = []  # the loss terms this configuration has, found while tracing
+        shown_init = tf.zeros_like(images[0, :num_summary_images])
+
+        def body(i, grad_sums, loss_sums, shown):
+            grads, losses, adv_images = forward_backward(images[i], labels[i], i)
+            none_grads.update(j for j, g in enumerate(grads) if g is None)
+            present[:] = [name for name in loss_names if name in losses]
+            grad_sums = [s if g is None else s + tf.cast(g, s.dtype)
+                         for s, g in zip(grad_sums, grads)]
+            loss_sums = loss_sums + tf.stack([tf.cast(losses.get(name, 0.0), tf.float32)
+                                              for name in loss_names])
+            if adv_images is not None:
+                shown = tf.where(i == 0, adv_images[:num_summary_images], shown)
+            return i + 1, grad_sums, loss_sums, shown
+
+        state = (tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in trainable],
+                 tf.zeros([len(loss_names)]), shown_init)
+        if unroll:
+            for _ in range(k):
+                state = body(*state)
+        else:
+            # parallel_iterations=1: micro-batch i+1's attack must see the moving statistics
+            # that micro-batch i's training pass left.
+            state = tf.while_loop(lambda i, *_: i < k, body, state, parallel_iterations=1,
+                                  maximum_iterations=k)
+        _, grad_sums, loss_sums, shown = state
+        grads = [None if j in none_grads else s / k for j, s in enumerate(grad_sums)]
+        means = dict(zip(loss_names, tf.unstack(loss_sums / k)))
+        losses = {name: means[name] for name in present}
+        return grads, losses, None if attack.is_clean else shown
+
     compile_whole_step = jit_compile and strategy.num_replicas_in_sync == 1 and not tpu
     if jit_compile and strategy.num_replicas_in_sync > 1 and not tpu:
         # XLA cannot span devices, and the update reaches every replica's copy: compile each
@@ -285,7 +375,11 @@ def make_train_step(
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
     def step_fn(images, labels):
-        grads, losses, adv_images = forward_backward(images, labels)
+        if num_micro_batches == 1:
+            grads, losses, adv_images = forward_backward(images, labels)
+        else:
+            grads, losses, adv_images = accumulate(images, labels)
+            images = images[0]
         current_lr = learning_rate(global_step) if callable(learning_rate) else learning_rate
         losses["learning_rate"] = tf.cast(current_lr, tf.float32)
         if loss_scale is None:
@@ -368,6 +462,7 @@ def train(config: TrainConfig,
                           "devices XLA compiles each replica alone, and synchronised batch norm "
                           "talks to the others in the middle of the step")
     lr_replicas = learning_rate_replicas(replicas, config.replicas_to_aggregate)
+    num_micro_batches = lr_replicas // replicas
     chief = distribution.is_chief(strategy)
     # Non-chief workers write their share of each checkpoint here and delete it.
     save_dir = config.output_dir if chief else distribution.worker_temp_dir(
@@ -377,9 +472,10 @@ def train(config: TrainConfig,
         checkpoints.remove_stale_temporaries(config.output_dir)
     elif tf.io.gfile.exists(save_dir):
         tf.io.gfile.rmtree(save_dir)
-    if replicas > 1:
-        logging.info("%d replicas in sync: global batch %d, learning rate x%d",
-                     replicas, hparams.batch_size * replicas, lr_replicas)
+    if lr_replicas > 1:
+        logging.info("%d replicas in sync x %d micro-batches per update: %d examples per "
+                     "update, learning rate x%d", replicas, num_micro_batches,
+                     hparams.batch_size * lr_replicas, lr_replicas)
 
     # ---- Data: batch_size clean images per replica --------------------------------------------
     # The model's registered config decides the preprocessing, labels and class count.
@@ -390,6 +486,7 @@ def train(config: TrainConfig,
         is_training=True, data_dir=data_dir, model_config=model_config,
     )
     dataset_factory.log_image_size(model_config, config.dataset_image_size)
+    dataset = group_micro_batches(dataset, num_micro_batches, replicas)
     workers = distribution.num_workers(strategy)
     if workers > 1:
         options = tf.data.Options()
@@ -461,7 +558,7 @@ def train(config: TrainConfig,
     train_step = make_train_step(
         strategy, model, trainable, optimizer, ema, global_step, hparams, num_classes, bounds,
         seed=config.seed, num_summary_images=num_images, jit_compile=config.jit_compile,
-        loss_scale=loss_scale,
+        loss_scale=loss_scale, num_micro_batches=num_micro_batches,
     )
 
     def save_checkpoint() -> str:
@@ -507,7 +604,8 @@ def train(config: TrainConfig,
                     "(--hparams=learning_rate=...) or check the data"
                 )
             elapsed = time.time() - start_time
-            rate = (step - start_step) * hparams.batch_size * replicas / max(elapsed, 1e-9)
+            # An update consumes batch_size x lr_replicas examples (replicas x micro-batches).
+            rate = (step - start_step) * hparams.batch_size * lr_replicas / max(elapsed, 1e-9)
             eta = ""
             if config.max_steps > 0 and step > start_step:
                 remaining = (config.max_steps - step) * elapsed / (step - start_step)

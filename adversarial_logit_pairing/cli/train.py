@@ -39,10 +39,12 @@ flags.DEFINE_integer("save_model_steps", 500,
                      "The frequency with which the model is saved, in steps.")
 flags.DEFINE_string("hparams", "", "Hyper parameters, e.g. 'batch_size=64,train_lp_weight=0.5'.")
 flags.DEFINE_integer("replicas_to_aggregate", 1,
-                     "Number of gradients to collect before param updates: scales the learning "
-                     "rate and divides the steps per epoch, as in the original. Under a "
-                     "--strategy with several replicas, the replicas in sync do this (leave it "
-                     "at 1 or set it to their number).")
+                     "Number of gradients to collect before param updates, as the original's "
+                     "SyncReplicasOptimizer: one update averages the gradients of N batches "
+                     "(each replica in sync runs N/replicas successive batches of batch_size), "
+                     "global_step advances once per update, the learning rate is multiplied by "
+                     "N and the steps per epoch divided by it. 1: the replicas in sync; "
+                     "otherwise a multiple of them.")
 flags.DEFINE_integer("worker_replicas", 1,
                      "Number of worker replicas (TF1 SyncReplicasOptimizer). With "
                      "--strategy=multi_worker it must agree with TF_CONFIG; otherwise only 1.")

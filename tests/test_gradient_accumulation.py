@@ -48,8 +48,11 @@ EMA_DECAY = 0.9999
 def _hparams(method: str):
     from adversarial_logit_pairing import model_lib
 
+    # Clean runs without pairing: clean logit pairing pairs halves of each replica's batch,
+    # which are other pairs than one device's halves of the global batch.
+    lp_weight = 0.0 if method == "clean" else 0.5
     return model_lib.default_hparams().parse(
-        f"batch_size={BATCH},train_adv_method={method},train_lp_weight=0.5")
+        f"batch_size={BATCH},train_adv_method={method},train_lp_weight={lp_weight}")
 
 
 def _model(sync_bn: bool = False):

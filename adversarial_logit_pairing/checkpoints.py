@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional
 
 import tensorflow as tf
@@ -210,19 +210,40 @@ def plain_names_without_shadows(
     least one shadow is left alone, so a partly averaged checkpoint still fails loudly in
     :func:`restore`.
     """
-    if not any(name.endswith(EMA_SUFFIX) for name in assignments):
+    if not _wants_shadows(assignments) or has_moving_averages(checkpoint_path):
         return dict(assignments)
-    if has_moving_averages(checkpoint_path):
-        return dict(assignments)
-    logging.info(
-        "Checkpoint %s holds no %s shadows (saved without moving averages, like the released "
-        "ALP checkpoints): reading the averaged variables from their plain names",
-        checkpoint_path, EMA_SUFFIX,
-    )
+    logging.info("%s: reading the averaged variables from their plain names",
+                 _no_shadows(checkpoint_path))
     return {name.removesuffix(EMA_SUFFIX): variable for name, variable in assignments.items()}
 
 
+def require_shadows(assignments: Mapping[str, tf.Variable], checkpoint_path: str) -> None:
+    """Refuses, before any reading, to take moving averages from a checkpoint without any.
+
+    The usual mistake with the released ALP checkpoints (evaluation and export read every
+    variable from its shadow when ``--moving_average_decay > 0``); the message says what to do
+    instead of listing every missing shadow name.
+
+    Raises:
+      CheckpointError: ``assignments`` asks for ``/ExponentialMovingAverage`` names and the
+        checkpoint holds none, or the checkpoint cannot be read.
+    """
+    if _wants_shadows(assignments) and not has_moving_averages(checkpoint_path):
+        raise CheckpointError(f"{_no_shadows(checkpoint_path)}: use --moving_average_decay=-1")
+
+
+def _wants_shadows(names: Iterable[str]) -> bool:
+    return any(name.endswith(EMA_SUFFIX) for name in names)
+
+
+def _no_shadows(checkpoint_path: str) -> str:
+    """The one explanation of a checkpoint saved without moving averages."""
+    return (f"checkpoint {checkpoint_path} holds no {EMA_SUFFIX} shadows (saved without moving "
+            "averages, like the released ALP checkpoints)")
+
+
 def _hints(
+    checkpoint_path: str,
     assignments: Mapping[str, tf.Variable],
     shapes: Mapping[str, list[int]],
     missing: list[str],
@@ -236,13 +257,8 @@ def _hints(
     dimension is the class count in every family) is read as another class count.
     """
     hints = []
-    if any(name.endswith(EMA_SUFFIX) for name in missing) and not any(
-        name.endswith(EMA_SUFFIX) for name in shapes
-    ):
-        hints.append(
-            f"the checkpoint holds no {EMA_SUFFIX} shadows (saved without moving averages, like "
-            "the released ALP checkpoints): use --moving_average_decay=-1"
-        )
+    if _wants_shadows(missing) and not _wants_shadows(shapes):
+        hints.append(f"{_no_shadows(checkpoint_path)}: use --moving_average_decay=-1")
     plain = {name.removesuffix(EMA_SUFFIX) for name in assignments}
     if not any(name in shapes for name in plain):
         model_scopes = sorted({_scope(name) for name in plain})
@@ -313,7 +329,8 @@ def restore(
         scopes = sorted({_scope(name) for name in shapes} - {""})
         if scopes:
             parts.append("checkpoint scopes: " + ", ".join(scopes[:_MAX_LISTED]))
-        hints = _hints(assignments, shapes, missing, mismatched, what, classifier_scopes)
+        hints = _hints(checkpoint_path, assignments, shapes, missing, mismatched, what,
+                       classifier_scopes)
         if hints:
             parts.append("Likely cause: " + "; ".join(hints))
         raise CheckpointError(". ".join(parts))

@@ -28,7 +28,8 @@ import dataclasses
 import io
 import os
 import time
-from typing import Optional
+from collections.abc import Iterator
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -39,12 +40,13 @@ from adversarial_logit_pairing import (
     checkpoints,
     distribution,
     model_lib,
+    moving_average,
     summaries,
 )
 from adversarial_logit_pairing.checkpoints import EMA_SUFFIX
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import CheckpointError, ConfigError, DataError
-from adversarial_logit_pairing.models import get_model_config
+from adversarial_logit_pairing.models import ModelConfig, get_model_config
 from adversarial_logit_pairing.training import data_dir_for
 
 
@@ -96,141 +98,180 @@ def restore_assignments(model, moving_average_decay: float, trainable_scopes=Non
     it changes nothing here either.
     """
     del trainable_scopes  # kept for the original's flag; see the docstring
-    use_ema = bool(moving_average_decay) and moving_average_decay > 0
-    suffix = EMA_SUFFIX if use_ema else ""
+    suffix = EMA_SUFFIX if moving_average.enabled(moving_average_decay) else ""
     return {name + suffix: variable for name, variable in model.variables_by_name.items()}
 
 
-def _check_shadows(prefix: str, assignments: dict) -> None:
-    """Explains the usual mistake: EMA requested for a checkpoint saved without averages."""
-    wanted = any(name.endswith(EMA_SUFFIX) for name in assignments)
-    if wanted and not checkpoints.has_moving_averages(prefix):
-        raise CheckpointError(
-            f"checkpoint {prefix} holds no {EMA_SUFFIX} shadows (saved without moving averages, "
-            "like the released ALP checkpoints): evaluate it with --moving_average_decay=-1"
-        )
+@dataclasses.dataclass(frozen=True)
+class EvalPlan:
+    """What the flags decide, known before any file is opened or model built (``validate``).
+
+    Attributes:
+      batch_size: the global evaluation batch (``eval_batch_size``), shared by the replicas.
+      num_examples: ``--num_examples``, at most the split's size (-1: the whole split).
+      num_batches: ``int(num_examples / batch_size)`` full batches, as the original.
+      model_config: the registered config of ``--model_name``.
+      num_classes: logits of the model on ``--dataset``.
+      data_dir: the directory flag that belongs to ``--dataset``.
+    """
+
+    batch_size: int
+    num_examples: int
+    num_batches: int
+    model_config: ModelConfig
+    num_classes: int
+    data_dir: Optional[str]
 
 
-def validate(config: EvalConfig) -> model_lib.HParams:
-    """Checks the flags that need no data or checkpoint; returns the parsed hparams."""
+def validate(config: EvalConfig,
+             strategy: Optional[tf.distribute.Strategy] = None) -> EvalPlan:
+    """Checks every flag and its fit with the strategy; opens no file.
+
+    Raises:
+      ConfigError: bad hparams, attack, split, model or data set; a multi-worker strategy;
+        ``eval_batch_size`` not a multiple of the replicas; fewer examples than one batch.
+    """
     hparams = model_lib.default_hparams().parse(config.hparams)
     adversarial_attack.parse_attack_description(config.adv_method or "clean")
     if config.split_name not in ("train", "validation"):
         raise ConfigError(f"--split_name={config.split_name}: expected 'train' or 'validation'")
-    return hparams
+    strategy = strategy or tf.distribute.get_strategy()
+    if distribution.num_workers(strategy) > 1:
+        raise ConfigError("--strategy=multi_worker is for training; run eval.py as one "
+                          "process (--strategy=default or mirrored) beside the cluster")
+    batch_size, replicas = hparams.eval_batch_size, strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        raise ConfigError(f"eval_batch_size={batch_size} must be a multiple of the "
+                          f"{replicas} replicas (it is the global evaluation batch)")
+    model_config = get_model_config(config.model_name)
+    num_classes = dataset_factory.num_classes(config.dataset, model_config)
+    num_examples = dataset_factory.examples_per_epoch(config.dataset, config.split_name)
+    if config.num_examples > 0:
+        num_examples = min(num_examples, config.num_examples)
+    num_batches = int(num_examples / batch_size)
+    if num_batches < 1:
+        raise ConfigError(f"--num_examples={num_examples} is smaller than one batch "
+                          f"(eval_batch_size={batch_size}); nothing to evaluate")
+    return EvalPlan(batch_size, num_examples, num_batches, model_config, num_classes,
+                    data_dir_for(config.dataset, config.imagenet_data_dir,
+                                 config.tiny_imagenet_data_dir))
+
+
+def make_eval_step(strategy: tf.distribute.Strategy, model, adv_method: str,
+                   bounds: tuple[float, float], num_classes: int) -> Callable:
+    """The compiled step: ``eval_step(images, labels, batch_index) -> (correct, top5, logits)``.
+
+    Each replica attacks its share of the batch (model in inference mode, seeded by the batch
+    index and replica, so a checkpoint gives the same numbers on every run) and counts its
+    top-1 and top-5 hits; the counts are summed over the replicas, the logits concatenated in
+    replica order (the global batch's order).
+    """
+
+    def replica_step(images, labels, batch_index):
+        seed = distribution.replica_seed(tf.stack([tf.constant(0, tf.int64), batch_index]))
+        inputs = adversarial_attack.generate_adversarial_examples(
+            images, bounds, lambda x: model(x, is_training=False), adv_method, seed=seed)
+        logits = model(inputs, is_training=False)
+        labels = tf.cast(labels, tf.int64)
+        correct = tf.equal(tf.argmax(logits, axis=-1), labels)
+        in_top5 = tf.math.in_top_k(labels, tf.cast(logits, tf.float32), k=min(5, num_classes))
+        counts = tf.stack([tf.reduce_sum(tf.cast(correct, tf.int64)),
+                           tf.reduce_sum(tf.cast(in_top5, tf.int64))])
+        return counts, logits
+
+    @tf.function
+    def eval_step(images, labels, batch_index):
+        counts, logits = strategy.run(replica_step, args=(images, labels, batch_index))
+        counts = strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
+        # Replica i holds the i-th slice of the global batch.
+        logits = tf.concat(strategy.experimental_local_results(logits), axis=0)
+        return counts[0], counts[1], logits
+
+    return eval_step
 
 
 class Evaluator:
     """Holds the model, data and compiled eval step; evaluates checkpoints one at a time."""
 
     def __init__(self, config: EvalConfig, strategy: Optional[tf.distribute.Strategy] = None):
+        # ---- Checks: every flag, before any model or data
         self.config = config
-        hparams = validate(config)
         self.strategy = strategy = strategy or tf.distribute.get_strategy()
-        self.batch_size = hparams.eval_batch_size
-        replicas = strategy.num_replicas_in_sync
-        if distribution.num_workers(strategy) > 1:
-            raise ConfigError("--strategy=multi_worker is for training; run eval.py as one "
-                              "process (--strategy=default or mirrored) beside the cluster")
-        if self.batch_size % replicas:
-            raise ConfigError(f"eval_batch_size={self.batch_size} must be a multiple of the "
-                              f"{replicas} replicas (it is the global evaluation batch)")
-        self.data_dir = data_dir_for(config.dataset, config.imagenet_data_dir,
-                                     config.tiny_imagenet_data_dir)
-        # The model's registered config decides the preprocessing, labels and class count.
-        self.model_config = get_model_config(config.model_name)
-        self.dataset, split_size, num_classes, self.bounds = dataset_factory.get_dataset(
+        plan = validate(config, strategy)
+        self.batch_size, self.num_examples = plan.batch_size, plan.num_examples
+        self.num_batches, self.model_config = plan.num_batches, plan.model_config
+        self.data_dir = plan.data_dir
+        # ---- Data: the model's registered config decides the preprocessing and labels
+        self.dataset, _, _, self.bounds = dataset_factory.get_dataset(
             config.dataset, config.split_name, self.batch_size, config.dataset_image_size,
-            is_training=False, data_dir=self.data_dir, model_config=self.model_config,
-        )
+            is_training=False, data_dir=self.data_dir, model_config=self.model_config)
         dataset_factory.log_image_size(self.model_config, config.dataset_image_size)
-        self.num_examples = split_size
-        if config.num_examples > 0:
-            self.num_examples = min(split_size, config.num_examples)
-        self.num_batches = int(self.num_examples / self.batch_size)
-        if self.num_batches < 1:
-            raise ConfigError(
-                f"--num_examples={self.num_examples} is smaller than one batch "
-                f"(eval_batch_size={self.batch_size}); nothing to evaluate"
-            )
+        # ---- Model, what a checkpoint restores into it, the compiled step
         with strategy.scope():
-            self.model = model_lib.get_model(config.model_name, num_classes,
+            self.model = model_lib.get_model(config.model_name, plan.num_classes,
                                              compute_dtype=config.compute_dtype)
-        self.assignments = restore_assignments(
-            self.model, config.moving_average_decay, config.trainable_scopes
-        )
-        adv_method = config.adv_method or "clean"
-        model = self.model
-
-        def replica_step(images, labels, batch_index):
-            seed = distribution.replica_seed(tf.stack([tf.constant(0, tf.int64), batch_index]))
-            inputs = adversarial_attack.generate_adversarial_examples(
-                images, self.bounds, lambda x: model(x, is_training=False), adv_method,
-                seed=seed,
-            )
-            logits = model(inputs, is_training=False)
-            labels = tf.cast(labels, tf.int64)
-            correct = tf.equal(tf.argmax(logits, axis=-1), labels)
-            in_top5 = tf.math.in_top_k(labels, tf.cast(logits, tf.float32),
-                                       k=min(5, num_classes))
-            counts = tf.stack([tf.reduce_sum(tf.cast(correct, tf.int64)),
-                               tf.reduce_sum(tf.cast(in_top5, tf.int64))])
-            return counts, logits
-
-        @tf.function
-        def eval_step(images, labels, batch_index):
-            counts, logits = strategy.run(replica_step, args=(images, labels, batch_index))
-            counts = strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
-            # Replica i holds the i-th slice of the global batch.
-            logits = tf.concat(strategy.experimental_local_results(logits), axis=0)
-            return counts[0], counts[1], logits
-
-        self._eval_step = eval_step
+        self.assignments = restore_assignments(self.model, config.moving_average_decay,
+                                               config.trainable_scopes)
+        self._eval_step = make_eval_step(strategy, self.model, config.adv_method or "clean",
+                                         self.bounds, plan.num_classes)
 
     def evaluate(self, checkpoint_path: str) -> EvalResult:
         """Restores ``checkpoint_path`` into the model and evaluates it."""
-        _check_shadows(checkpoint_path, self.assignments)
-        checkpoints.restore(
-            self.assignments, checkpoint_path,
-            what=f"{self.config.model_name} evaluation model",
-            classifier_scopes=self.model_config.classifier_scopes,
-        )
+        config = self.config
+        # ---- Restore
+        checkpoints.require_shadows(self.assignments, checkpoint_path)
+        checkpoints.restore(self.assignments, checkpoint_path,
+                            what=f"{config.model_name} evaluation model",
+                            classifier_scopes=self.model_config.classifier_scopes)
         step = checkpoints.checkpoint_step(checkpoint_path)
+
+        # ---- The loop: count hits batch by batch
         correct = top5 = seen = 0
         all_logits, all_labels = [], []
-        start = time.time()
-        batches = self.strategy.experimental_distribute_dataset(
-            self.dataset.take(self.num_batches))
-        iterator = iter(batches)
+        progress = BatchLog(self.num_batches, self.batch_size)
+        batches = iter(self.strategy.experimental_distribute_dataset(
+            self.dataset.take(self.num_batches)))
         for batch_index in range(self.num_batches):
-            try:
-                images, labels = next(iterator)
-            except StopIteration:
+            batch = self._next_batch(batches)
+            if batch is None:
                 break
-            except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-                where = dataset_factory.locate_bad_record(
-                    self.config.dataset, self.config.split_name, self.data_dir,
-                    self.model_config)
-                raise DataError(
-                    f"bad {self.config.split_name} record: {where or 'unknown record'} "
-                    f"({exc.message.splitlines()[0]})"
-                ) from None
+            images, labels = batch
             c, t, logits = self._eval_step(images, labels, tf.constant(batch_index, tf.int64))
-            correct += int(c)
-            top5 += int(t)
-            if self.config.predictions_file:
+            correct, top5, seen = correct + int(c), top5 + int(t), seen + self.batch_size
+            if config.predictions_file:
                 all_logits.append(logits.numpy())
                 all_labels.append(np.concatenate(
                     [x.numpy() for x in self.strategy.experimental_local_results(labels)]))
-            seen += self.batch_size
-            if (batch_index + 1) % 10 == 0 or batch_index + 1 == self.num_batches:
-                elapsed = time.time() - start
-                rate = seen / max(elapsed, 1e-9)
-                logging.info(
-                    "Evaluated %d/%d batches (%.1f examples/s, ETA %.0fs)",
-                    batch_index + 1, self.num_batches, rate,
-                    (self.num_batches * self.batch_size - seen) / max(rate, 1e-9),
-                )
+            progress.log(batch_index + 1)
+
+        # ---- Result
+        self._check_seen(seen)
+        accuracy, top5_rate = metric_values(correct, top5, seen)
+        if config.predictions_file:
+            write_predictions(config.predictions_file, np.concatenate(all_labels),
+                              np.concatenate(all_logits))
+        logging.info(
+            "%s on %d examples of %s/%s at global step %s: Accuracy = %.4f, Top5 = %.4f",
+            config.adv_method or "clean", seen, config.dataset, config.split_name, step,
+            accuracy, top5_rate)
+        return EvalResult(checkpoint_path, step, accuracy, top5_rate, seen)
+
+    def _next_batch(self, batches: Iterator) -> Optional[tuple]:
+        """The next batch, None when the split ended; a bad record is named in a DataError."""
+        try:
+            return next(batches)
+        except StopIteration:
+            return None
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
+            where = dataset_factory.locate_bad_record(
+                self.config.dataset, self.config.split_name, self.data_dir, self.model_config)
+            raise DataError(
+                f"bad {self.config.split_name} record: {where or 'unknown record'} "
+                f"({exc.message.splitlines()[0]})"
+            ) from None
+
+    def _check_seen(self, seen: int) -> None:
+        """Refuses a split without one full batch; warns when it ended before the count."""
         if seen == 0:
             raise DataError(
                 f"split '{self.config.split_name}' of {self.config.dataset} yielded no full "
@@ -241,17 +282,24 @@ class Evaluator:
                 "The split ended after %d examples (%d batches), fewer than the %d requested",
                 seen, seen // self.batch_size, self.num_batches * self.batch_size,
             )
-        accuracy, top5_rate = metric_values(correct, top5, seen)
-        result = EvalResult(checkpoint_path, step, accuracy, top5_rate, seen)
-        if self.config.predictions_file:
-            write_predictions(self.config.predictions_file, np.concatenate(all_labels),
-                              np.concatenate(all_logits))
-        logging.info(
-            "%s on %d examples of %s/%s at global step %s: Accuracy = %.4f, Top5 = %.4f",
-            self.config.adv_method or "clean", seen, self.config.dataset,
-            self.config.split_name, step, result.accuracy, result.top5,
-        )
-        return result
+
+
+class BatchLog:
+    """The progress line of an evaluation: every 10 batches and at the last one."""
+
+    def __init__(self, num_batches: int, batch_size: int):
+        self.num_batches, self.batch_size = num_batches, batch_size
+        self.start = time.time()
+
+    def log(self, done: int) -> None:
+        """Logs after ``done`` batches when it is time."""
+        if done % 10 and done != self.num_batches:
+            return
+        seen = done * self.batch_size
+        rate = seen / max(time.time() - self.start, 1e-9)
+        logging.info("Evaluated %d/%d batches (%.1f examples/s, ETA %.0fs)", done,
+                     self.num_batches, rate,
+                     (self.num_batches * self.batch_size - seen) / max(rate, 1e-9))
 
 
 def metric_values(correct: int, in_top5: int, seen: int) -> tuple[float, float]:
@@ -331,7 +379,7 @@ def run(config: EvalConfig,
             "exactly one of --train_dir (continuous evaluation) or --checkpoint_path "
             "(one checkpoint) has to be provided"
         )
-    validate(config)
+    validate(config, strategy)
     if config.checkpoint_path:
         prefix = checkpoints.resolve_checkpoint(config.checkpoint_path, "--checkpoint_path")
         result = Evaluator(config, strategy).evaluate(prefix)

@@ -38,9 +38,9 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing import checkpoints, evaluation, model_lib
+from adversarial_logit_pairing import checkpoints, evaluation, model_lib, moving_average
 from adversarial_logit_pairing.datasets import dataset_factory
-from adversarial_logit_pairing.errors import CheckpointError, ConfigError
+from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.models import ImageClassifier, ModelConfig, get_model_config
 
 FORMATS = ("saved_model", "hub", "both")
@@ -144,13 +144,7 @@ def restore_model(checkpoint_path: str, model_name: str, num_classes: int,
     """
     model = model_lib.get_model(model_name, num_classes)
     assignments = evaluation.restore_assignments(model, moving_average_decay, trainable_scopes)
-    wants_shadows = any(name.endswith(checkpoints.EMA_SUFFIX) for name in assignments)
-    if wants_shadows and not checkpoints.has_moving_averages(checkpoint_path):
-        raise CheckpointError(
-            f"checkpoint {checkpoint_path} holds no {checkpoints.EMA_SUFFIX} shadows (saved "
-            "without moving averages, like the released ALP checkpoints): export it with "
-            "--moving_average_decay=-1"
-        )
+    checkpoints.require_shadows(assignments, checkpoint_path)
     checkpoints.restore(assignments, checkpoint_path,
                         what=f"{model_name} ({num_classes} classes) export model",
                         classifier_scopes=get_model_config(model_name).classifier_scopes)
@@ -265,7 +259,7 @@ def export(config: ExportConfig) -> ExportResult:
                                       config.dataset)
     model = restore_model(prefix, config.model_name, num_classes, config.moving_average_decay,
                           config.trainable_scopes)
-    use_ema = bool(config.moving_average_decay) and config.moving_average_decay > 0
+    use_ema = moving_average.enabled(config.moving_average_decay)
     step = checkpoints.checkpoint_step(prefix)
     root = build_export_module(model, config.image_size, config.export_format)
     low, high = dataset_factory.BOUNDS

@@ -23,6 +23,15 @@ from typing import Any, Optional
 import tensorflow as tf
 
 
+def enabled(decay: Optional[float]) -> bool:
+    """Whether ``--moving_average_decay`` turns the moving average on: a decay above 0.
+
+    The one reading of the flag for training (keep shadows), evaluation and export (read
+    them); 0, a negative value (the released checkpoints' ``-1``) or None mean plain variables.
+    """
+    return bool(decay) and decay > 0
+
+
 def _on_read(variable: tf.Variable) -> bool:
     return variable.synchronization == tf.VariableSynchronization.ON_READ
 

@@ -1,8 +1,10 @@
 """The training loop behind ``train.py``: mixed clean + adversarial minibatches and ALP.
 
-``train(config)`` reads top to bottom: data, model, optimizer and averages, restore (resume or
-fine-tune), the compiled training step, then the loop with its marked sections (step, log,
-summaries, checkpoint). The step follows the original ``train.py``:
+``train(config)`` reads top to bottom: every flag check (``validate``, before any model or
+data), the training state (``build_train_state``: model, global step, schedule, optimizer,
+moving averages; also what the benchmarks and tests build), the data, resume or fine-tune
+(``restore_or_finetune``), the compiled training step, then the loop with its marked sections
+(step, log, summaries, checkpoint). The step follows the original ``train.py``:
 
 * clean: logits of the batch in training mode;
 * adversarial: attack the batch with the model in inference mode (no gradient flows back
@@ -39,7 +41,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Optional
+from collections.abc import Iterator
+from typing import Callable, Optional, Union
 
 import tensorflow as tf
 from absl import logging
@@ -49,12 +52,14 @@ from adversarial_logit_pairing import (
     checkpoints,
     distribution,
     model_lib,
+    moving_average,
+    optimizers,
     precision,
     summaries,
 )
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import ConfigError, DataError, TrainingDivergedError
-from adversarial_logit_pairing.models import get_model_config
+from adversarial_logit_pairing.models import ImageClassifier, ModelConfig, get_model_config
 from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
 
 
@@ -159,16 +164,6 @@ def alp_losses(
         total += losses["loss_wd"]
     losses["total_loss"] = total
     return losses
-
-
-def checkpoint_variables(model, global_step, optimizer, ema) -> dict:
-    """Every variable a training checkpoint holds, by TF1 name."""
-    variables = dict(model.variables_by_name)
-    variables["global_step"] = global_step
-    variables.update(optimizer.variables_by_name())
-    if ema is not None:
-        variables.update(ema.variables_by_name())
-    return variables
 
 
 def finetune_assignments(model, checkpoint_path: str, exclude_scopes, trainable_names: set,
@@ -431,6 +426,343 @@ def shard_policy(dataset_name: str, data_dir: Optional[str],
     return tf.data.experimental.AutoShardPolicy.DATA
 
 
+# ---- Checks, before anything is built -------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """What the flags decide, known before any file is opened or model built (``validate``).
+
+    Attributes:
+      hparams: the parsed ``--hparams``.
+      model_config: the registered config of ``--model_name`` (preprocessing, head scopes).
+      num_classes: logits of the model on ``--dataset``.
+      examples_per_epoch: the original's training-split size (the schedule counts epochs).
+      lr_replicas: gradients averaged per update: the learning-rate factor and the
+        steps-per-epoch divisor (``learning_rate_replicas``).
+      num_micro_batches: successive batches each replica accumulates per update.
+      data_dir: the directory flag that belongs to ``--dataset``.
+    """
+
+    hparams: model_lib.HParams
+    model_config: ModelConfig
+    num_classes: int
+    examples_per_epoch: int
+    lr_replicas: int
+    num_micro_batches: int
+    data_dir: Optional[str]
+
+
+def validate(config: TrainConfig,
+             strategy: Optional[tf.distribute.Strategy] = None) -> TrainPlan:
+    """Checks every flag, hparam and their combinations with the strategy; opens no file.
+
+    A mistake in the command line should cost seconds, not the minutes of building a model
+    and reading data (or, on a cluster, the wait for every worker).
+
+    Raises:
+      ConfigError: no ``output_dir``; bad hparams or attack; clean logit pairing with an odd
+        batch; ``--jit_compile --sync_batch_norm`` off TPU on several replicas; a bad
+        ``--replicas_to_aggregate``; float16 on several replicas; an unknown model, data set
+        or compute dtype.
+    """
+    if not config.output_dir:
+        raise ConfigError("--output_dir has to be provided")
+    hparams = model_lib.default_hparams().parse(config.hparams)
+    check_logit_pairing(hparams)  # parses train_adv_method too
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    if (config.jit_compile and config.sync_batch_norm and replicas > 1
+            and not isinstance(strategy, tf.distribute.TPUStrategy)):
+        raise ConfigError("--jit_compile with --sync_batch_norm needs --strategy=tpu: on other "
+                          "devices XLA compiles each replica alone, and synchronised batch norm "
+                          "talks to the others in the middle of the step")
+    if precision.needs_loss_scaling(config.compute_dtype) and replicas > 1:
+        raise ConfigError("--compute_dtype=float16 (loss scaling) runs on one device only for "
+                          "now; use bfloat16 with several replicas")
+    lr_replicas = learning_rate_replicas(replicas, config.replicas_to_aggregate)
+    model_config = get_model_config(config.model_name)
+    return TrainPlan(
+        hparams, model_config, dataset_factory.num_classes(config.dataset, model_config),
+        dataset_factory.examples_per_epoch(config.dataset, "train"), lr_replicas,
+        lr_replicas // replicas,
+        data_dir_for(config.dataset, config.imagenet_data_dir, config.tiny_imagenet_data_dir))
+
+
+def log_plan(config: TrainConfig, plan: TrainPlan, strategy: tf.distribute.Strategy) -> None:
+    """Logs the hparams and, when one update averages several batches, how many examples."""
+    logging.info("User provided hparams: %s", config.hparams)
+    logging.info("All hyper parameters: %s", plan.hparams)
+    if plan.lr_replicas > 1:
+        logging.info("%d replicas in sync x %d micro-batches per update: %d examples per "
+                     "update, learning rate x%d", strategy.num_replicas_in_sync,
+                     plan.num_micro_batches, plan.hparams.batch_size * plan.lr_replicas,
+                     plan.lr_replicas)
+
+
+# ---- The training state: model, step, schedule, optimizer, moving averages -----------------
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything the training step changes and a training checkpoint holds.
+
+    Built by ``build_train_state`` for ``train``, the benchmarks and the tests alike, so that
+    what they time or check is what ``train.py`` runs.
+    """
+
+    strategy: tf.distribute.Strategy
+    model: ImageClassifier
+    trainable: list  # the variables the optimizer updates (and weight decay covers)
+    global_step: tf.Variable
+    learning_rate: Union[Callable, float]  # the schedule, already multiplied by lr_replicas
+    steps_per_epoch: float
+    optimizer: optimizers.TF1Optimizer
+    ema: Optional[ExponentialMovingAverage]
+    loss_scale: Optional[precision.LossScale]
+
+    def checkpoint_variables(self) -> dict[str, tf.Variable]:
+        """Every variable a training checkpoint holds, by TF1 name."""
+        variables = dict(self.model.variables_by_name)
+        variables["global_step"] = self.global_step
+        variables.update(self.optimizer.variables_by_name())
+        if self.ema is not None:
+            variables.update(self.ema.variables_by_name())
+        if self.loss_scale is not None:
+            variables["loss_scale/current"] = self.loss_scale.current
+            variables["loss_scale/good_steps"] = self.loss_scale.good_steps
+        return variables
+
+
+def build_train_state(
+    strategy: tf.distribute.Strategy,
+    model_name: str,
+    num_classes: int,
+    hparams: model_lib.HParams,
+    examples_per_epoch: int,
+    lr_replicas: int = 1,
+    moving_average_decay: float = 0.9999,
+    trainable_scopes: Optional[str] = None,
+    sync_batch_norm: bool = False,
+    compute_dtype: str = "float32",
+    seed: int = 0,
+) -> TrainState:
+    """Builds the training state under ``strategy``'s scope, freshly initialised.
+
+    Args:
+      strategy: where the variables live.
+      model_name, num_classes, seed, compute_dtype: the model (``model_lib.get_model``).
+      hparams: the optimizer and learning-rate hparams.
+      examples_per_epoch: the schedule's epoch (``dataset_factory.examples_per_epoch``).
+      lr_replicas: gradients averaged per update (``learning_rate_replicas``).
+      moving_average_decay: ``moving_average.enabled`` decides whether there are shadows.
+      trainable_scopes: ``--finetune_trainable_scopes``; None: every trainable variable.
+      sync_batch_norm: normalise with the statistics of the global batch.
+
+    Raises:
+      ConfigError: ``trainable_scopes`` matches no variable of the model.
+    """
+    with strategy.scope():
+        model = model_lib.get_model(model_name, num_classes, seed=seed,
+                                    compute_dtype=compute_dtype)
+        if sync_batch_norm:
+            distribution.use_cross_replica_batch_norm(model)
+        trainable = model_lib.filter_trainable_variables(trainable_scopes,
+                                                         model.trainable_variables)
+        if not trainable:
+            raise ConfigError(f"--finetune_trainable_scopes={trainable_scopes}: matches no "
+                              f"variable of {model_name} (its variables start with "
+                              f"'{model.scope}/')")
+        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        learning_rate, steps_per_epoch = model_lib.get_lr_schedule(
+            hparams, examples_per_epoch, lr_replicas)
+        optimizer = model_lib.get_optimizer(hparams, learning_rate)
+        optimizer.build(trainable)
+        ema = (ExponentialMovingAverage(moving_average_decay, model.variables_by_name)
+               if moving_average.enabled(moving_average_decay) else None)
+        loss_scale = precision.LossScale() if precision.needs_loss_scaling(compute_dtype) else None
+    return TrainState(strategy, model, trainable, global_step, learning_rate, steps_per_epoch,
+                      optimizer, ema, loss_scale)
+
+
+def restore_or_finetune(state: TrainState, config: TrainConfig, plan: TrainPlan) -> Optional[str]:
+    """Resumes from ``output_dir``'s latest checkpoint, else fine-tunes when asked to.
+
+    Fine-tuning (only for a run without a checkpoint yet) reads the model variables outside
+    ``--finetune_exclude_pretrained_scopes``; with the moving average on, the trainable ones
+    from their shadows (or, for a checkpoint saved without any, their plain names). The shadows
+    then restart from the fine-tuned values.
+
+    Returns:
+      The checkpoint resumed from; None for a fresh or fine-tuned start.
+
+    Raises:
+      CheckpointError, MissingCheckpointError: a checkpoint that is missing or does not fit.
+    """
+    resume_from = checkpoints.latest_checkpoint(config.output_dir)
+    if resume_from is not None:
+        logging.info("Resuming from %s", resume_from)
+        checkpoints.restore(state.checkpoint_variables(), resume_from, what="training state")
+        return resume_from
+    if not config.finetune_checkpoint_path:
+        return None
+    source = checkpoints.resolve_checkpoint(config.finetune_checkpoint_path,
+                                            "--finetune_checkpoint_path")
+    logging.info("Fine-tuning from %s", source)
+    assignments = finetune_assignments(
+        state.model, source, config.finetune_exclude_pretrained_scopes,
+        {model_lib.variable_name(v) for v in state.trainable}, state.ema is not None)
+    checkpoints.restore(checkpoints.plain_names_without_shadows(assignments, source), source,
+                        what=f"{config.model_name} ({plan.num_classes} classes) for fine-tuning",
+                        classifier_scopes=plan.model_config.classifier_scopes)
+    if state.ema is not None:
+        with state.strategy.scope():
+            for name, variable in state.model.variables_by_name.items():
+                state.ema.shadow(name).assign(variable.read_value())
+    return None
+
+
+# ---- Pieces of the loop -----------------------------------------------------------------------
+
+def training_input(config: TrainConfig, plan: TrainPlan,
+                   strategy: tf.distribute.Strategy) -> tf.distribute.DistributedDataset:
+    """``batch_size`` clean images per replica, in the micro-batches of one update each.
+
+    The model's registered config decides the preprocessing and labels; a multi-worker job
+    shards the data between its workers (``shard_policy``).
+    """
+    replicas = strategy.num_replicas_in_sync
+    dataset, _, _, _ = dataset_factory.get_dataset(
+        config.dataset, "train", plan.hparams.batch_size * replicas, config.dataset_image_size,
+        is_training=True, data_dir=plan.data_dir, model_config=plan.model_config)
+    dataset_factory.log_image_size(plan.model_config, config.dataset_image_size)
+    dataset = group_micro_batches(dataset, plan.num_micro_batches, replicas)
+    workers = distribution.num_workers(strategy)
+    if workers > 1:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = shard_policy(
+            config.dataset, plan.data_dir, workers)
+        dataset = dataset.with_options(options)
+    return strategy.experimental_distribute_dataset(dataset)
+
+
+def prepare_output_dir(output_dir: str, strategy: tf.distribute.Strategy) -> str:
+    """Creates ``output_dir``, clears what a killed run left there; returns where to save.
+
+    The chief saves into ``output_dir``; the other workers take part in every checkpoint
+    (reading synchronised variables is collective) by writing it to a temporary directory of
+    their own, deleted after each save.
+    """
+    chief = distribution.is_chief(strategy)
+    save_dir = output_dir if chief else distribution.worker_temp_dir(output_dir, strategy)
+    tf.io.gfile.makedirs(output_dir)
+    if chief:
+        checkpoints.remove_stale_temporaries(output_dir)
+    elif tf.io.gfile.exists(save_dir):
+        tf.io.gfile.rmtree(save_dir)
+    return save_dir
+
+
+def next_batch(batches: Iterator, config: TrainConfig, plan: TrainPlan) -> tuple:
+    """The next training batch; a corrupt image or truncated file is named in a DataError.
+
+    Finding the record takes a slow scan of the split, run only after the pipeline failed.
+    """
+    try:
+        return next(batches)
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
+        where = dataset_factory.locate_bad_record(config.dataset, "train", plan.data_dir,
+                                                  plan.model_config)
+        raise DataError(f"bad training record: {where or 'unknown record'} "
+                        f"({exc.message.splitlines()[0]})") from None
+
+
+class StepLog:
+    """The per-step log line: loss, seconds per step, examples per second and ETA.
+
+    ``tests/test_fault_tolerance.py`` reads ``global_step N: total_loss = X`` from it. A loss
+    that is NaN or infinite stops training here, before the step is summarised or saved.
+    """
+
+    def __init__(self, start_step: int, examples_per_update: int, max_steps: int):
+        self.start_step, self.start_time = start_step, time.time()
+        self.examples_per_update, self.max_steps = examples_per_update, max_steps
+
+    def log(self, step: int, total_loss: float, step_seconds: float) -> None:
+        """Logs one finished update.
+
+        Raises:
+          TrainingDivergedError: the loss is not finite.
+        """
+        if not math.isfinite(total_loss):
+            raise TrainingDivergedError(
+                f"loss is {total_loss} at global step {step}; lower the learning rate "
+                "(--hparams=learning_rate=...) or check the data")
+        done, elapsed = step - self.start_step, time.time() - self.start_time
+        rate = done * self.examples_per_update / max(elapsed, 1e-9)
+        eta = ""
+        if self.max_steps > 0 and done > 0:
+            eta = f", ETA {(self.max_steps - step) * elapsed / done:.0f}s"
+        logging.info("global_step %d: total_loss = %.4f (%.3f s/step, %.1f examples/s%s)",
+                     step, total_loss, step_seconds, rate, eta)
+
+
+class SummarySchedule:
+    """When summaries are due: every ``secs`` seconds when set, else every ``steps`` steps.
+
+    The first call is due; ``steps`` of 0 or None (without ``secs``) means never.
+    """
+
+    def __init__(self, steps: Optional[int], secs: Optional[int]):
+        self.steps, self.secs = steps or 0, secs
+        self.last_time: Optional[float] = None
+        self.last_step: Optional[int] = None
+
+    def due(self, step: int) -> bool:
+        """Whether to write at ``step``; a due step restarts the count."""
+        if self.secs:
+            due = self.last_time is None or time.time() - self.last_time >= self.secs
+        else:
+            due = self.steps > 0 and (self.last_step is None
+                                      or step - self.last_step >= self.steps)
+        if due:
+            self.last_time, self.last_step = time.time(), step
+        return due
+
+
+def write_summaries(writer: tf.summary.SummaryWriter, outputs: dict, step: int,
+                    steps_per_epoch: float, num_images: int) -> None:
+    """The original's TensorBoard scalars and images of one step (host-side writes)."""
+    with writer.as_default():
+        for name in SCALAR_OUTPUTS:
+            if name in outputs:
+                summaries.scalar(name, outputs[name], step)
+        summaries.scalar("current_epoch", step / steps_per_epoch, step)
+        for name in ("images", "adv_images"):
+            if num_images and name in outputs:
+                # As the original: tf.summary.image(name, x[:num_summary_images]) of
+                # model-unit images, with TF1's default max_outputs of 3.
+                summaries.image(name, outputs[name][:num_images], step)
+    writer.flush()
+
+
+def save_checkpoint(state: TrainState, save_dir: str, step: int, max_to_keep: int) -> str:
+    """Writes the training state at ``step``; a non-chief worker then deletes its copy."""
+    path = checkpoints.save(state.checkpoint_variables(), save_dir, step, max_to_keep)
+    if not distribution.is_chief(state.strategy):
+        tf.io.gfile.rmtree(save_dir)
+    return path
+
+
+def lost_worker(exc: tf.errors.OpError, step: int,
+                last_saved_step: Optional[int]) -> distribution.ClusterError:
+    """The error a multi-worker job stops with when a peer died or stopped answering."""
+    return distribution.ClusterError(
+        f"lost contact with another worker at global step {step} "
+        f"({distribution.describe_op_error(exc)}); restart every worker with the same command "
+        f"to resume from the last checkpoint (global step {last_saved_step})")
+
+
+# ---- The training loop ------------------------------------------------------------------------
+
 def train(config: TrainConfig,
           strategy: Optional[tf.distribute.Strategy] = None) -> TrainResult:
     """Trains ``config.model_name`` on ``config.dataset`` until ``config.max_steps``.
@@ -448,210 +780,66 @@ def train(config: TrainConfig,
       TrainingDivergedError: the loss became NaN or infinite.
       ClusterError: another worker of a multi-worker job died or stopped answering.
     """
-    if not config.output_dir:
-        raise ConfigError("--output_dir has to be provided")
-    hparams = model_lib.default_hparams().parse(config.hparams)
-    check_logit_pairing(hparams)
-    logging.info("User provided hparams: %s", config.hparams)
-    logging.info("All hyper parameters: %s", hparams)
+    # ---- Checks: every flag and hparam, before any model or data ------------------------------
     strategy = strategy or tf.distribute.get_strategy()
-    replicas = strategy.num_replicas_in_sync
-    if (config.jit_compile and config.sync_batch_norm and replicas > 1
-            and not isinstance(strategy, tf.distribute.TPUStrategy)):
-        raise ConfigError("--jit_compile with --sync_batch_norm needs --strategy=tpu: on other "
-                          "devices XLA compiles each replica alone, and synchronised batch norm "
-                          "talks to the others in the middle of the step")
-    lr_replicas = learning_rate_replicas(replicas, config.replicas_to_aggregate)
-    num_micro_batches = lr_replicas // replicas
-    chief = distribution.is_chief(strategy)
-    # Non-chief workers write their share of each checkpoint here and delete it.
-    save_dir = config.output_dir if chief else distribution.worker_temp_dir(
-        config.output_dir, strategy)
-    tf.io.gfile.makedirs(config.output_dir)
-    if chief:
-        checkpoints.remove_stale_temporaries(config.output_dir)
-    elif tf.io.gfile.exists(save_dir):
-        tf.io.gfile.rmtree(save_dir)
-    if lr_replicas > 1:
-        logging.info("%d replicas in sync x %d micro-batches per update: %d examples per "
-                     "update, learning rate x%d", replicas, num_micro_batches,
-                     hparams.batch_size * lr_replicas, lr_replicas)
+    plan = validate(config, strategy)
+    hparams, chief = plan.hparams, distribution.is_chief(strategy)
+    log_plan(config, plan, strategy)
 
-    # ---- Data: batch_size clean images per replica --------------------------------------------
-    # The model's registered config decides the preprocessing, labels and class count.
-    model_config = get_model_config(config.model_name)
-    data_dir = data_dir_for(config.dataset, config.imagenet_data_dir, config.tiny_imagenet_data_dir)
-    dataset, examples_per_epoch, num_classes, bounds = dataset_factory.get_dataset(
-        config.dataset, "train", hparams.batch_size * replicas, config.dataset_image_size,
-        is_training=True, data_dir=data_dir, model_config=model_config,
-    )
-    dataset_factory.log_image_size(model_config, config.dataset_image_size)
-    dataset = group_micro_batches(dataset, num_micro_batches, replicas)
-    workers = distribution.num_workers(strategy)
-    if workers > 1:
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = shard_policy(
-            config.dataset, data_dir, workers)
-        dataset = dataset.with_options(options)
-    dataset = strategy.experimental_distribute_dataset(dataset)
+    # ---- Model, step, schedule, optimizer, moving averages (fresh) ---------------------------
+    state = build_train_state(
+        strategy, config.model_name, plan.num_classes, hparams, plan.examples_per_epoch,
+        lr_replicas=plan.lr_replicas, moving_average_decay=config.moving_average_decay,
+        trainable_scopes=config.finetune_trainable_scopes,
+        sync_batch_norm=config.sync_batch_norm, compute_dtype=config.compute_dtype,
+        seed=config.seed)
 
-    # ---- Model, optimizer, moving averages ---------------------------------------------------
-    with strategy.scope():
-        model = model_lib.get_model(config.model_name, num_classes, seed=config.seed,
-                                    compute_dtype=config.compute_dtype)
-        if config.sync_batch_norm:
-            distribution.use_cross_replica_batch_norm(model)
-        trainable = model_lib.filter_trainable_variables(
-            config.finetune_trainable_scopes, model.trainable_variables
-        )
-        if not trainable:
-            raise ConfigError(
-                f"--finetune_trainable_scopes={config.finetune_trainable_scopes}: matches no "
-                f"variable of {config.model_name} (its variables start with '{model.scope}/')"
-            )
-        trainable_names = {model_lib.variable_name(v) for v in trainable}
-        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        learning_rate, steps_per_epoch = model_lib.get_lr_schedule(
-            hparams, examples_per_epoch, lr_replicas
-        )
-        optimizer = model_lib.get_optimizer(hparams, learning_rate)
-        optimizer.build(trainable)
-        loss_scale = None
-        if precision.needs_loss_scaling(config.compute_dtype):
-            if strategy.num_replicas_in_sync > 1:
-                raise ConfigError(
-                    "--compute_dtype=float16 (loss scaling) runs on one device only for now; "
-                    "use bfloat16 with several replicas")
-            loss_scale = precision.LossScale()
-
-    # ---- Restore: resume, or fine-tune from another run's checkpoint -------------------------
-    use_ema = bool(config.moving_average_decay) and config.moving_average_decay > 0
-    resume_from = checkpoints.latest_checkpoint(config.output_dir)
-    if resume_from is None and config.finetune_checkpoint_path:
-        source = checkpoints.resolve_checkpoint(
-            config.finetune_checkpoint_path, "--finetune_checkpoint_path"
-        )
-        logging.info("Fine-tuning from %s", source)
-        assignments = finetune_assignments(
-            model, source, config.finetune_exclude_pretrained_scopes, trainable_names, use_ema)
-        # The released ALP checkpoints were saved without shadows: read their plain values.
-        assignments = checkpoints.plain_names_without_shadows(assignments, source)
-        checkpoints.restore(assignments, source,
-                            what=f"{config.model_name} ({num_classes} classes) for fine-tuning",
-                            classifier_scopes=model_config.classifier_scopes)
-    with strategy.scope():
-        # Shadows start from the (possibly fine-tuned) current values.
-        ema = (ExponentialMovingAverage(config.moving_average_decay, model.variables_by_name)
-               if use_ema else None)
-    saved = checkpoint_variables(model, global_step, optimizer, ema)
-    if loss_scale is not None:
-        saved["loss_scale/current"] = loss_scale.current
-        saved["loss_scale/good_steps"] = loss_scale.good_steps
-    if resume_from is not None:
-        logging.info("Resuming from %s", resume_from)
-        checkpoints.restore(saved, resume_from, what="training state")
-    step = int(global_step.numpy())
+    # ---- Data, output directory, restore (resume, or fine-tune from another run) -------------
+    dataset = training_input(config, plan, strategy)
+    save_dir = prepare_output_dir(config.output_dir, strategy)
+    resume_from = restore_or_finetune(state, config, plan)
+    step = int(state.global_step.numpy())
     distribution.check_same_on_all_workers(strategy, step, "global step to resume from")
 
     # ---- The compiled training step ----------------------------------------------------------
     num_images = max(0, config.num_summary_images)
     train_step = make_train_step(
-        strategy, model, trainable, optimizer, ema, global_step, hparams, num_classes, bounds,
-        seed=config.seed, num_summary_images=num_images, jit_compile=config.jit_compile,
-        loss_scale=loss_scale, num_micro_batches=num_micro_batches,
-    )
-
-    def save_checkpoint() -> str:
-        path = checkpoints.save(saved, save_dir, step, config.max_checkpoints_to_keep)
-        if not chief:
-            tf.io.gfile.rmtree(save_dir)
-        return path
+        strategy, state.model, state.trainable, state.optimizer, state.ema, state.global_step,
+        hparams, plan.num_classes, dataset_factory.BOUNDS, seed=config.seed,
+        num_summary_images=num_images, jit_compile=config.jit_compile,
+        loss_scale=state.loss_scale, num_micro_batches=plan.num_micro_batches)
 
     # ---- The loop ----------------------------------------------------------------------------
     writer = (tf.summary.create_file_writer(config.output_dir) if chief
               else tf.summary.create_noop_writer())
-    last_checkpoint = resume_from if chief else None
-    last_saved_step = step if resume_from is not None else None
-    if resume_from is None:
-        last_checkpoint, last_saved_step = save_checkpoint(), step
-    iterator = iter(dataset)
-    last_summary_time = None
-    last_summary_step = None
-    start_step, start_time = step, time.time()
-    outputs: dict = {}
+    keep = config.max_checkpoints_to_keep
+    last_checkpoint = resume_from or save_checkpoint(state, save_dir, step, keep)
+    last_saved_step = step
+    step_log = StepLog(step, hparams.batch_size * plan.lr_replicas, config.max_steps)
+    summary_schedule = SummarySchedule(config.save_summaries_steps, config.save_summaries_secs)
+    batches, outputs = iter(dataset), {}
     try:
         while config.max_steps < 0 or step < config.max_steps:
             # -- step
-            try:
-                images, labels = next(iterator)
-            except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-                # A corrupt image or a truncated file: name it (slow scan, only on failure).
-                where = dataset_factory.locate_bad_record(config.dataset, "train", data_dir,
-                                                          model_config)
-                raise DataError(
-                    f"bad training record: {where or 'unknown record'} "
-                    f"({exc.message.splitlines()[0]})"
-                ) from None
+            images, labels = next_batch(batches, config, plan)
             tick = time.time()
             outputs = train_step(images, labels)
-            total_loss = float(outputs["total_loss"])
-            step = int(global_step.numpy())
-
-            # -- log
-            if not math.isfinite(total_loss):
-                raise TrainingDivergedError(
-                    f"loss is {total_loss} at global step {step}; lower the learning rate "
-                    "(--hparams=learning_rate=...) or check the data"
-                )
-            elapsed = time.time() - start_time
-            # An update consumes batch_size x lr_replicas examples (replicas x micro-batches).
-            rate = (step - start_step) * hparams.batch_size * lr_replicas / max(elapsed, 1e-9)
-            eta = ""
-            if config.max_steps > 0 and step > start_step:
-                remaining = (config.max_steps - step) * elapsed / (step - start_step)
-                eta = f", ETA {remaining:.0f}s"
-            logging.info(
-                "global_step %d: total_loss = %.4f (%.3f s/step, %.1f examples/s%s)",
-                step, total_loss, time.time() - tick, rate, eta,
-            )
-
+            step = int(state.global_step.numpy())
+            # -- log (stops on a NaN or infinite loss)
+            step_log.log(step, float(outputs["total_loss"]), time.time() - tick)
             # -- summaries (host-side writes of values every worker already has)
-            if config.save_summaries_secs:
-                due = last_summary_time is None or (
-                    time.time() - last_summary_time >= config.save_summaries_secs)
-            else:
-                every = config.save_summaries_steps or 0
-                due = every > 0 and (last_summary_step is None
-                                     or step - last_summary_step >= every)
-            if due and chief:
-                with writer.as_default():
-                    for name in SCALAR_OUTPUTS:
-                        if name in outputs:
-                            summaries.scalar(name, outputs[name], step)
-                    summaries.scalar("current_epoch", step / steps_per_epoch, step)
-                    for name in ("images", "adv_images"):
-                        if num_images and name in outputs:
-                            # As the original: tf.summary.image(name, x[:num_summary_images])
-                            # of model-unit images, with TF1's default max_outputs of 3.
-                            summaries.image(name, outputs[name][:num_images], step)
-                writer.flush()
-            if due:
-                last_summary_time, last_summary_step = time.time(), step
-
+            if summary_schedule.due(step) and chief:
+                write_summaries(writer, outputs, step, state.steps_per_epoch, num_images)
             # -- checkpoint (every worker: reading synchronised variables is collective)
             if config.save_model_steps > 0 and step % config.save_model_steps == 0:
-                last_checkpoint, last_saved_step = save_checkpoint(), step
-
+                last_checkpoint = save_checkpoint(state, save_dir, step, keep)
+                last_saved_step = step
         if last_saved_step != step:
-            last_checkpoint, last_saved_step = save_checkpoint(), step
+            last_checkpoint, last_saved_step = save_checkpoint(state, save_dir, step, keep), step
     except _CLUSTER_ERRORS as exc:
         if distribution.num_workers(strategy) < 2:
             raise
-        raise distribution.ClusterError(
-            f"lost contact with another worker at global step {step} "
-            f"({distribution.describe_op_error(exc)}); restart every worker with the same command "
-            f"to resume from the last checkpoint (global step {last_saved_step})"
-        ) from None
+        raise lost_worker(exc, step, last_saved_step) from None
     finally:
         writer.close()
     if not chief:

@@ -4,9 +4,10 @@
   mode) of a model: the unit of every bound. A PGD step cannot cost less.
 * ``attack_fn``: the project's attack as a user calls it, eagerly
   (``adversarial_attack.generate_adversarial_examples``).
-* ``make_train_step``: ``training.make_train_step``, the step ``train.py`` runs (attack in
-  inference mode; one training-mode pass over ``[clean; adversarial]``; the TF1 RMSProp of
-  ``model_lib.get_optimizer``; the moving average), without data or checkpoints.
+* ``make_train_step``: ``training.make_train_step`` on ``training.build_train_state``, the
+  step ``train.py`` runs (attack in inference mode; one training-mode pass over
+  ``[clean; adversarial]``; the TF1 RMSProp of ``model_lib.get_optimizer``; the moving
+  average), without data or checkpoints.
 * ``alp_step_images_per_second``: what ``bench/data_pipeline.py`` compares its pipelines with.
 """
 
@@ -29,7 +30,6 @@ from adversarial_logit_pairing.models import (  # noqa: E402
     create_model,
     get_model_config,
 )
-from adversarial_logit_pairing.moving_average import ExponentialMovingAverage  # noqa: E402
 
 BOUNDS = (-1.0, 1.0)
 
@@ -83,25 +83,30 @@ def attack_fn(model: ImageClassifier, description: str) -> Callable:
     return attack
 
 
-def make_train_step(model: ImageClassifier, attack: str = "pgdll_16_2_10",
-                    lp_weight: float = 0.5, num_classes: int = 200,
-                    moving_average_decay: float = 0.9999) -> Callable:
-    """``training.make_train_step`` (what ``train.py`` runs each step), without data or
-    checkpoints: ALP (or clean, ``attack='clean'``) with the TF1 RMSProp and the moving average.
+def make_train_step(model_name: str, attack: str = "pgdll_16_2_10", lp_weight: float = 0.5,
+                    num_classes: int = 200, compute_dtype: str = "float32",
+                    moving_average_decay: float = 0.9999) -> tuple[Callable, ImageClassifier]:
+    """What ``train.py`` builds and runs each step, without data or checkpoints.
+
+    ``training.build_train_state`` (model, TF1 RMSProp, schedule, moving average, loss scale)
+    and ``training.make_train_step``: ALP (or clean, ``attack='clean'``).
+
+    Returns:
+      ``step(images, labels) -> total_loss`` and the model it trains (for the bounds).
     """
     from adversarial_logit_pairing import training
 
     hparams = model_lib.default_hparams().parse(
         f"train_adv_method={attack},train_lp_weight={lp_weight}")
-    trainable = list(model.trainable_variables)
-    global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
-    learning_rate, _ = model_lib.get_lr_schedule(hparams, 100_000, 1)
-    optimizer = model_lib.get_optimizer(hparams, learning_rate)
-    optimizer.build(trainable)
-    ema = ExponentialMovingAverage(moving_average_decay, model.variables_by_name)
-    step = training.make_train_step(tf.distribute.get_strategy(), model, trainable, optimizer,
-                                    ema, global_step, hparams, num_classes, BOUNDS)
-    return lambda images, labels: step(images, labels)["total_loss"]
+    strategy = tf.distribute.get_strategy()
+    state = training.build_train_state(
+        strategy, model_name, num_classes, hparams,
+        dataset_factory.examples_per_epoch("tiny_imagenet", "train"),
+        moving_average_decay=moving_average_decay, compute_dtype=compute_dtype)
+    step = training.make_train_step(strategy, state.model, state.trainable, state.optimizer,
+                                    state.ema, state.global_step, hparams, num_classes, BOUNDS,
+                                    loss_scale=state.loss_scale)
+    return (lambda images, labels: step(images, labels)["total_loss"]), state.model
 
 
 def make_training_pass(model: ImageClassifier, num_classes: int) -> Callable:
@@ -130,8 +135,7 @@ def alp_step_images_per_second(dataset_name: str, image_size: int, batch_size: i
 
     model_name = model_name or "resnet_v2_50"
     num_classes = dataset_factory.num_classes(dataset_name, get_model_config(model_name))
-    model = build_model(model_name, num_classes, compute_dtype)
-    step = make_train_step(model, num_classes=num_classes)
+    step, _ = make_train_step(model_name, num_classes=num_classes, compute_dtype=compute_dtype)
     images, labels = images_and_labels(batch_size, image_size, num_classes)
     seconds = median_seconds(lambda: step(images, labels), repetitions=repetitions, warmup=1)
     return batch_size / seconds

@@ -43,8 +43,8 @@ def current_rss_bytes() -> int:
 def measure(dtype: str) -> dict:
     from bench import _steps
 
-    model = _steps.build_model(FLAGS.model, FLAGS.num_classes, dtype)
-    step = _steps.make_train_step(model, "pgdll_16_2_10", 0.5, FLAGS.num_classes)
+    step, _ = _steps.make_train_step(FLAGS.model, "pgdll_16_2_10", 0.5, FLAGS.num_classes,
+                                     dtype)
     images, labels = _steps.images_and_labels(FLAGS.batch_size, FLAGS.image_size,
                                               FLAGS.num_classes)
     before = current_rss_bytes()

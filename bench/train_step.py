@@ -70,11 +70,11 @@ def measure(dtype: str, images, labels) -> list[list[object]]:
     """The two table rows (ALP step, clean step) of one compute dtype."""
     b, n = FLAGS.batch_size, FLAGS.fit_steps
     double = (tf.concat([images, images], 0), tf.concat([labels, labels], 0))
-    model = _steps.build_model(FLAGS.model, FLAGS.num_classes, dtype)
+    alp, model = _steps.make_train_step(FLAGS.model, "pgdll_16_2_10", 0.5, FLAGS.num_classes,
+                                        dtype)
+    clean, _ = _steps.make_train_step(FLAGS.model, "clean", 0.0, FLAGS.num_classes, dtype)
     gradient = _steps.input_gradient_fn(model)
     training_pass = _steps.make_training_pass(model, FLAGS.num_classes)
-    alp = _steps.make_train_step(model, "pgdll_16_2_10", 0.5, FLAGS.num_classes)
-    clean = _steps.make_train_step(model, "clean", 0.0, FLAGS.num_classes)
     fit = keras_fit(model, images, labels, n)
 
     def alp_bound():

@@ -67,29 +67,16 @@ def _hparams(method: str):
 
 
 def _build(strategy, hparams, lr_replicas: int, sync_bn: bool):
-    """Model, trainable variables, step, optimizer and moving average, as train() builds them."""
-    from adversarial_logit_pairing import distribution, model_lib
-    from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
-
-    with strategy.scope():
-        model = model_lib.get_model(MODEL, NUM_CLASSES, seed=0)
-        if sync_bn:
-            distribution.use_cross_replica_batch_norm(model)
-        trainable = list(model.trainable_variables)
-        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        learning_rate, _ = model_lib.get_lr_schedule(hparams, 100000, lr_replicas)
-        optimizer = model_lib.get_optimizer(hparams, learning_rate)
-        optimizer.build(trainable)
-        ema = ExponentialMovingAverage(0.9999, model.variables_by_name)
-    return model, trainable, global_step, optimizer, ema
-
-
-def _state(model, global_step, optimizer, ema) -> dict:
+    """The training state train() builds: model, step, schedule, optimizer, moving average."""
     from adversarial_logit_pairing import training
 
-    variables = training.checkpoint_variables(model, global_step, optimizer, ema)
+    return training.build_train_state(strategy, MODEL, NUM_CLASSES, hparams, 100000,
+                                      lr_replicas=lr_replicas, sync_batch_norm=sync_bn)
+
+
+def _state(state) -> dict:
     # A read outside the step: on-read variables give their mean over the replicas.
-    return {name: np.asarray(v.read_value()) for name, v in variables.items()}
+    return {name: np.asarray(v.read_value()) for name, v in state.checkpoint_variables().items()}
 
 
 def _train(strategy, images, labels, method: str, sync_bn: bool):
@@ -100,10 +87,10 @@ def _train(strategy, images, labels, method: str, sync_bn: bool):
     replicas = strategy.num_replicas_in_sync
     # On one device --replicas_to_aggregate=2 gives the learning rate two replicas get.
     lr_replicas = training.learning_rate_replicas(replicas, 1 if replicas > 1 else 2)
-    model, trainable, global_step, optimizer, ema = _build(strategy, hparams, lr_replicas,
-                                                           sync_bn)
-    step = training.make_train_step(strategy, model, trainable, optimizer, ema, global_step,
-                                    hparams, NUM_CLASSES, BOUNDS, seed=SEED)
+    state = _build(strategy, hparams, lr_replicas, sync_bn)
+    step = training.make_train_step(strategy, state.model, state.trainable, state.optimizer,
+                                    state.ema, state.global_step, hparams, NUM_CLASSES, BOUNDS,
+                                    seed=SEED)
     global_batch = tf.data.Dataset.from_tensor_slices(
         (images.reshape(-1, *images.shape[2:]), labels.reshape(-1))
     ).batch(images.shape[1], drop_remainder=True)
@@ -113,9 +100,9 @@ def _train(strategy, images, labels, method: str, sync_bn: bool):
         losses.append(float(outputs["total_loss"]))
         rates.append(float(outputs["learning_rate"]))
     copies = strategy.experimental_local_results(
-        model.variables_by_name[f"{MODEL}/postnorm/moving_mean"])
+        state.model.variables_by_name[f"{MODEL}/postnorm/moving_mean"])
     spread = float(max(np.abs(np.asarray(c) - np.asarray(copies[0])).max() for c in copies))
-    return _state(model, global_step, optimizer, ema), losses, rates, spread
+    return _state(state), losses, rates, spread
 
 
 def _per_replica_reference(images, labels, method: str, replicas: int = 2):
@@ -123,8 +110,9 @@ def _per_replica_reference(images, labels, method: str, replicas: int = 2):
     from adversarial_logit_pairing import adversarial_attack, training
 
     hparams = _hparams(method)
-    model, trainable, global_step, optimizer, ema = _build(
-        tf.distribute.get_strategy(), hparams, replicas, sync_bn=False)
+    state = _build(tf.distribute.get_strategy(), hparams, replicas, sync_bn=False)
+    model, trainable, global_step, optimizer, ema = (
+        state.model, state.trainable, state.global_step, state.optimizer, state.ema)
     statistics = {name: v for name, v in model.variables_by_name.items()
                   if v.synchronization == tf.VariableSynchronization.ON_READ}
     copies = [{name: v.numpy() for name, v in statistics.items()} for _ in range(replicas)]
@@ -159,7 +147,7 @@ def _per_replica_reference(images, labels, method: str, replicas: int = 2):
                                   global_step)
         ema.apply(global_step)
         losses.append(float(np.mean(totals)))
-    return _state(model, global_step, optimizer, ema), losses
+    return _state(state), losses
 
 
 def _evaluate(strategies: dict, data_dir: str, out_path: str) -> dict:
@@ -351,10 +339,11 @@ def test_training_step_with_attack_compiles_with_xla_and_runs_on_cpu():
 
     hparams = _hparams(ALP_METHOD)
     strategy = tf.distribute.get_strategy()
-    model, trainable, global_step, optimizer, ema = _build(strategy, hparams, 1, sync_bn=False)
-    step = training.make_train_step(strategy, model, trainable, optimizer, ema, global_step,
-                                    hparams, NUM_CLASSES, BOUNDS, seed=SEED,
-                                    num_summary_images=2, jit_compile=True)
+    state = _build(strategy, hparams, 1, sync_bn=False)
+    trainable, global_step = state.trainable, state.global_step
+    step = training.make_train_step(strategy, state.model, trainable, state.optimizer,
+                                    state.ema, global_step, hparams, NUM_CLASSES, BOUNDS,
+                                    seed=SEED, num_summary_images=2, jit_compile=True)
     rng = np.random.default_rng(1)
     images = tf.constant(rng.uniform(-1, 1, (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32)
     labels = tf.constant(rng.integers(0, NUM_CLASSES, BATCH))

@@ -55,18 +55,25 @@ def _hparams(method: str):
         f"batch_size={BATCH},train_adv_method={method},train_lp_weight={lp_weight}")
 
 
-def _model(sync_bn: bool = False):
-    """The tiny ResNet with fast-moving batch-norm statistics (see the module docstring)."""
-    from adversarial_logit_pairing import distribution, model_lib
+def _fast_batch_norm(model):
+    """Makes the batch-norm statistics move fast (see the module docstring); returns ``model``.
+
+    Synchronised batch norm reads the decay of the layer it wraps, so this works after
+    ``--sync_batch_norm`` too.
+    """
     from adversarial_logit_pairing.models.layers import BatchNorm
 
-    model = model_lib.get_model(MODEL, NUM_CLASSES, seed=0)
     for module in model.submodules:
         if isinstance(module, BatchNorm):
             module.decay = BN_DECAY
-    if sync_bn:
-        distribution.use_cross_replica_batch_norm(model)
     return model
+
+
+def _model():
+    """The tiny ResNet of the references, with fast-moving batch-norm statistics."""
+    from adversarial_logit_pairing import model_lib
+
+    return _fast_batch_norm(model_lib.get_model(MODEL, NUM_CLASSES, seed=0))
 
 
 def _batches(num_batches: int, global_batch: int, seed: int = 0):
@@ -83,30 +90,26 @@ def _run(strategy, images, labels, method: str, replicas_to_aggregate: int,
     Returns the state (checkpoint names -> values, on-read variables averaged over the
     replicas, as a checkpoint reads them) and the outputs of every update.
     """
-    from adversarial_logit_pairing import model_lib, training
-    from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
+    from adversarial_logit_pairing import training
 
     hparams = _hparams(method)
     replicas = strategy.num_replicas_in_sync
     factor = training.learning_rate_replicas(replicas, replicas_to_aggregate)
-    with strategy.scope():
-        model = _model(sync_bn)
-        trainable = list(model.trainable_variables)
-        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        learning_rate, _ = model_lib.get_lr_schedule(hparams, 100000, factor)
-        optimizer = model_lib.get_optimizer(hparams, learning_rate)
-        optimizer.build(trainable)
-        ema = ExponentialMovingAverage(EMA_DECAY, model.variables_by_name)
+    state = training.build_train_state(strategy, MODEL, NUM_CLASSES, hparams, 100000,
+                                       lr_replicas=factor, moving_average_decay=EMA_DECAY,
+                                       sync_batch_norm=sync_bn)
+    _fast_batch_norm(state.model)
     step = training.make_train_step(
-        strategy, model, trainable, optimizer, ema, global_step, hparams, NUM_CLASSES, BOUNDS,
-        seed=SEED, num_micro_batches=factor // replicas, **step_options)
+        strategy, state.model, state.trainable, state.optimizer, state.ema, state.global_step,
+        hparams, NUM_CLASSES, BOUNDS, seed=SEED, num_micro_batches=factor // replicas,
+        **step_options)
     dataset = training.group_micro_batches(
         tf.data.Dataset.from_tensor_slices((images, labels)), factor // replicas, replicas)
     outputs = [{name: np.asarray(value) for name, value in step(x, y).items()}
                for x, y in strategy.experimental_distribute_dataset(dataset)]
-    variables = training.checkpoint_variables(model, global_step, optimizer, ema)
-    state = {name: np.asarray(v.read_value()) for name, v in variables.items()}
-    return state, outputs
+    values = {name: np.asarray(v.read_value())
+              for name, v in state.checkpoint_variables().items()}
+    return values, outputs
 
 
 def _reference(images, labels, method: str, replicas: int, micro_batches: int,

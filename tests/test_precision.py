@@ -10,7 +10,6 @@ from adversarial_logit_pairing import adversarial_attack, model_lib, precision
 from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.models import create_model
 from adversarial_logit_pairing.models.layers import BatchNorm
-from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
 from adversarial_logit_pairing.training import alp_losses
 from tests.data_builders import class_pattern_image
 
@@ -133,13 +132,15 @@ def test_attack_in_bfloat16_stays_in_box_and_raises_the_loss(trained_float32_mod
 
 @pytest.mark.parametrize("dtype", LOW)
 def test_low_precision_training_step_keeps_loss_gradients_optimizer_and_average_float32(dtype):
-    model = create_model(MODEL, NUM_CLASSES, seed=0, compute_dtype=dtype)
-    hparams = model_lib.default_hparams().parse("train_lp_weight=0.5")
-    trainable = list(model.trainable_variables)
-    optimizer = model_lib.get_optimizer(hparams, lambda step: 0.01)
-    optimizer.build(trainable)
-    ema = ExponentialMovingAverage(0.99, model.variables_by_name)
-    global_step = tf.Variable(0, dtype=tf.int64)
+    from adversarial_logit_pairing import training
+
+    hparams = model_lib.default_hparams().parse(
+        "train_lp_weight=0.5,lr_schedule=fixed,learning_rate=0.01")
+    state = training.build_train_state(tf.distribute.get_strategy(), MODEL, NUM_CLASSES,
+                                       hparams, 100000, moving_average_decay=0.99,
+                                       compute_dtype=dtype)
+    model, trainable, optimizer = state.model, state.trainable, state.optimizer
+    ema, global_step = state.ema, state.global_step
     images, labels = _pattern_batch(8, seed=3)
     one_hot = tf.one_hot(tf.concat([labels, labels], 0), NUM_CLASSES)
     adv = adversarial_attack.generate_adversarial_examples(

@@ -71,19 +71,17 @@ def test_clean_training_step_adds_clean_logit_pairing():
     """The compiled step of train.py: loss_lp from the training-mode logits of the batch."""
     from adversarial_logit_pairing import model_lib, training
 
-    hp = default_hparams().parse(
-        "batch_size=4,train_adv_method=clean,train_lp_weight=0.5,weight_decay=0.0")
+    hp = default_hparams().parse("batch_size=4,train_adv_method=clean,train_lp_weight=0.5,"
+                                 "weight_decay=0.0,lr_schedule=fixed,learning_rate=0.01")
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32))
     labels = tf.constant([0, 1, 2, 3], tf.int64)
-    model = model_lib.get_model("resnet_v2_tiny", 5, seed=1)
+    strategy = tf.distribute.get_strategy()
+    state = training.build_train_state(strategy, "resnet_v2_tiny", 5, hp, 100000,
+                                       moving_average_decay=-1, seed=1)
     twin = model_lib.get_model("resnet_v2_tiny", 5, seed=1)
-    global_step = tf.Variable(0, dtype=tf.int64)
-    optimizer = model_lib.get_optimizer(hp, 0.01)
-    trainable = list(model.trainable_variables)
-    optimizer.build(trainable)
-    step = training.make_train_step(tf.distribute.get_strategy(), model, trainable, optimizer,
-                                    None, global_step, hp, 5, (-1.0, 1.0))
+    step = training.make_train_step(strategy, state.model, state.trainable, state.optimizer,
+                                    state.ema, state.global_step, hp, 5, (-1.0, 1.0))
     outputs = step(images, labels)
     first, second = np.split(twin(images, is_training=True).numpy(), 2)
     expected = 0.5 * np.mean((first - second) ** 2)

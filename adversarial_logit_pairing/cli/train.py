@@ -78,16 +78,17 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"]
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from adversarial_logit_pairing import model_lib, training
+    from adversarial_logit_pairing import training
 
-    # Cheap checks first: a multi-worker start-up waits for the whole cluster.
+    # Cheap checks first: a multi-worker start-up waits for the whole cluster. Those that
+    # depend on the replicas run again in train() once the strategy exists.
     dist_config = distribution.apply_legacy_flags(
         distribution.config_from_flags(FLAGS), ps_tasks=FLAGS.ps_tasks, task=FLAGS.task,
         master=FLAGS.master, worker_replicas=FLAGS.worker_replicas)
-    training.check_logit_pairing(model_lib.default_hparams().parse(FLAGS.hparams))
+    config = config_from_flags(training.TrainConfig)
+    training.validate(config)
     logging.set_verbosity(logging.INFO)
     strategy = distribution.create_strategy(dist_config)
-    config = config_from_flags(training.TrainConfig)
     training.train(config, strategy)
 
 

@@ -75,6 +75,22 @@ def num_classes(dataset_name: str, model_config: Optional[ModelConfig] = None) -
     return _input_module(dataset_name).num_classes(_config(model_config))
 
 
+def examples_per_epoch(dataset_name: str, split: str) -> int:
+    """The original's size of a split, whatever a directory holds; no file is opened.
+
+    ImageNet 1,281,167 / 50,000, Tiny ImageNet 100,000 / 10,000: the learning-rate schedule
+    and ``current_epoch`` count epochs of the full data set, and evaluation plans its batches
+    with it before reading any record.
+
+    Raises:
+      ConfigError: unknown data set or split.
+    """
+    sizes = _input_module(dataset_name).EXAMPLES_PER_EPOCH
+    if split not in sizes:
+        raise ConfigError(f"invalid split '{split}': expected 'train' or 'validation'")
+    return sizes[split]
+
+
 def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
                 is_training: bool, data_dir: str | None = None,
                 model_config: Optional[ModelConfig] = None,
@@ -126,7 +142,7 @@ def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
     else:
         dataset = tiny_imagenet_input.tiny_imagenet_input(files, batch_size, image_size,
                                                           is_training, model_config)
-    return dataset, module.EXAMPLES_PER_EPOCH[split], classes, BOUNDS
+    return dataset, examples_per_epoch(dataset_name, split), classes, BOUNDS
 
 
 def log_image_size(model_config: ModelConfig, image_size: int) -> None:

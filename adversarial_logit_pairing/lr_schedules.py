@@ -89,8 +89,8 @@ class PiecewiseConstant(LearningRateSchedule):
 
     def unscaled(self, step: Step) -> tf.Tensor:
         if not self.boundaries:
-            # TF1's piecewise_constant needs a boundary; the original's single-value list
-            # never reached it.
+            # TF1's piecewise_constant fails without a boundary (IndexError); one value
+            # means that rate at every step.
             return tf.constant(self.values[0], tf.float32)
         # int64 step and boundaries: TF1 promotes only int32 boundaries to an int64 step.
         return _evaluated(tf.compat.v1.train.piecewise_constant(

@@ -30,8 +30,9 @@ def _evaluated(rate: Any) -> tf.Tensor:
 class LearningRateSchedule:
     """Base class: ``schedule(step)`` is the rate before scaling, times ``scale``.
 
-    ``scale`` is the original's multiplication by ``replicas_to_aggregate`` (the synchronous
-    replicas summed their gradients, so the rate grew with their number).
+    ``scale`` is the original's multiplication by ``replicas_to_aggregate``: its
+    SyncReplicasOptimizer averaged that many gradients into one update, and the larger rate
+    made up for the fewer updates.
     """
 
     def __init__(self, scale: float = 1.0) -> None:

@@ -20,6 +20,10 @@ numbers on every run (with the same number of replicas).
 
 Under a strategy (``--strategy=mirrored`` or ``tpu``), ``eval_batch_size`` stays the global
 batch, so the same examples are counted as on one device; each replica gets its share.
+
+Progress is one absl log line every 10 batches, not ``tf.keras.utils.Progbar``: Keras 3.15's
+Progbar redraws with carriage returns, backspaces and ANSI colours on stdout even when stdout is
+a file (measured: 5 updates wrote one 898-byte line of them), outside the timestamped absl log.
 """
 
 from __future__ import annotations

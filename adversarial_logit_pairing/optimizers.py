@@ -8,6 +8,15 @@ so the port applies the very training kernels TF1 used (``ResourceApplyRMSProp``
 (``<var>/RMSProp``, ``<var>/RMSProp_1``, ``<var>/Momentum``, ``<var>/Adam``, ``<var>/Adam_1``,
 ``beta1_power``, ``beta2_power``).
 
+Why not ``tf.compat.v1.train.RMSPropOptimizer`` (and ``Momentum``/``Adam``) itself: on one device it
+gives the same numbers at the same speed (``bench/tf_parts.py``, resnet_v2_50: difference 0,
+1.07-1.11x our step time in two runs), but under ``MirroredStrategy`` its ``apply_gradients`` SUMS
+the replicas' gradients (its ``compute_gradients`` divides the loss instead), so RMSProp moved
+elsewhere (2 CPU replicas, 3 steps: -0.0641 where the mean gradient gives 0.2839); dividing the
+gradients first matches only for a power-of-two replica count (3 replicas: 64 of 1000 values differ
+in the last bit), and in a cross-replica context it raises ``RuntimeError: Use
+_distributed_apply()`` (TF 2.21, measured).
+
 ``apply_gradients`` follows TF1 step semantics: the learning rate is computed from
 ``global_step`` BEFORE the step increments it, every variable is updated, then ``global_step``
 grows by one.

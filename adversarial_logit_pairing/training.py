@@ -32,6 +32,11 @@ MultiWorkerMirroredStrategy) by writing it to a temporary directory they delete.
 Fault tolerance: a checkpoint becomes the latest only when complete (``checkpoints.save``), so
 a run killed at any moment and restarted with the same command resumes from the last complete
 checkpoint with its global step, model, moving averages and optimizer slots.
+
+Progress is one absl log line per step (``global_step N: total_loss = ...``, which
+tests/test_fault_tolerance.py parses), not ``tf.keras.utils.Progbar``: Keras 3.15's Progbar
+redraws with carriage returns, backspaces and ANSI colours on stdout even when stdout is a file
+(measured: 5 updates wrote one 898-byte line of them), outside the timestamped absl log.
 """
 
 from __future__ import annotations

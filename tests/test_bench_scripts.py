@@ -91,3 +91,12 @@ def test_gradient_profile_attributes_time_to_convolutions():
     output = run_bench("profile_gradient.py", *TINY, "--repetitions=1")
     families = {row[0] for row in table_rows(output, "family")}
     assert "conv" in families  # 'conv forward' and 'conv backward (input)' split on spaces
+
+
+def test_tf_parts_bench_finds_tensorflows_numbers_and_names():
+    output = run_bench("tf_parts.py", "--model=resnet_v2_tiny", "--image_size=16",
+                       "--repetitions=1")
+    rows = table_rows(output, "piece")
+    assert [row[0] for row in rows] == ["moving", "RMSProp", "checkpoint"]
+    assert [row[-1] for row in rows[:2]] == ["0.000", "0.000"]  # largest difference
+    assert rows[2][-2:] == ["same", "names"]

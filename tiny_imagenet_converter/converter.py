@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 
 from absl import flags, logging  # noqa: E402
 
-from adversarial_logit_pairing.cli import run_program  # noqa: E402
+from adversarial_logit_pairing.cli import config_from_flags, run_program  # noqa: E402
 from adversarial_logit_pairing.datasets import tiny_imagenet_conversion  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -34,8 +34,7 @@ flags.DEFINE_string("imagenet_synsets_path", "",
 def main(argv: list[str]) -> None:
     """Runs the conversion (``run_program`` turns a user error into a one-line message)."""
     del argv
-    counts = tiny_imagenet_conversion.convert_tiny_imagenet(
-        FLAGS.input_dir, FLAGS.output_dir, FLAGS.imagenet_synsets_path or None)
+    counts = config_from_flags(tiny_imagenet_conversion.convert_tiny_imagenet)
     logging.info("Wrote %s", ", ".join(f"{count} {split}" for split, count in counts.items()))
 
 

@@ -6,17 +6,18 @@ into a one-line message and a non-zero exit status, instead of a traceback.
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import os
 import sys
 from collections.abc import Sequence
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 from absl import app, flags
 
 from adversarial_logit_pairing.errors import UserError
 
 EXIT_USER_ERROR = 2
+T = TypeVar("T")
 
 
 def run_program(main: Callable[[Sequence[str]], None], prog: str) -> None:
@@ -37,12 +38,17 @@ def run_program(main: Callable[[Sequence[str]], None], prog: str) -> None:
     app.run(guarded)
 
 
-def config_from_flags(config_class: type, flag_values: flags.FlagValues = flags.FLAGS):
-    """A config dataclass filled from the flags of the same names.
+def config_from_flags(target: Callable[..., T], flag_values: flags.FlagValues = flags.FLAGS,
+                      **values: Any) -> T:
+    """``target`` called with ``values`` and, for its other parameters, the flags of their names.
 
-    The configs mirror the programs' flags field for field, so copying them by name keeps the
-    two from drifting apart; fields without a flag (library-only settings) keep their defaults.
+    ``target`` is a config dataclass or a function whose keyword parameters are its
+    configuration (the converters). The configs mirror the programs' flags field for field,
+    so copying them by name keeps the two from drifting apart; ``values`` gives what a flag
+    holds in another form (a renamed flag, numbers parsed from a list), and parameters without
+    a flag (library-only settings) keep their defaults.
     """
-    values = {field.name: flag_values[field.name].value
-              for field in dataclasses.fields(config_class) if field.name in flag_values}
-    return config_class(**values)
+    for name in inspect.signature(target).parameters:
+        if name not in values and name in flag_values:
+            values[name] = flag_values[name].value
+    return target(**values)

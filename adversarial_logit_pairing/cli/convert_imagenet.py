@@ -14,7 +14,7 @@ The record layout is described in adversarial_logit_pairing/datasets/imagenet_co
 
 from absl import flags, logging
 
-from adversarial_logit_pairing.cli import run_program
+from adversarial_logit_pairing.cli import config_from_flags, run_program
 from adversarial_logit_pairing.datasets import imagenet_conversion
 
 FLAGS = flags.FLAGS
@@ -41,18 +41,7 @@ flags.DEFINE_integer("num_threads", 8, "Threads converting images in parallel")
 def main(argv: list[str]) -> None:
     """Runs the conversion (``run_program`` turns a user error into a one-line message)."""
     del argv
-    counts = imagenet_conversion.convert_imagenet(
-        output_dir=FLAGS.output_dir,
-        labels_file=FLAGS.labels_file,
-        train_dir=FLAGS.train_dir,
-        validation_dir=FLAGS.validation_dir,
-        validation_labels_file=FLAGS.validation_labels_file,
-        bounding_box_dir=FLAGS.bounding_box_dir,
-        imagenet_metadata_file=FLAGS.imagenet_metadata_file,
-        train_shards=FLAGS.train_shards,
-        validation_shards=FLAGS.validation_shards,
-        num_threads=FLAGS.num_threads,
-    )
+    counts = config_from_flags(imagenet_conversion.convert_imagenet)
     logging.info("Wrote %s", ", ".join(f"{count} {split}" for split, count in counts.items()))
 
 

@@ -69,8 +69,8 @@ def main(argv: Sequence[str]) -> None:
     del argv
     from adversarial_logit_pairing import evaluation
 
-    dist_config = distribution.apply_legacy_flags(distribution.config_from_flags(FLAGS),
-                                                  master=FLAGS.master)
+    dist_config = config_from_flags(distribution.apply_legacy_flags,
+                                    config=config_from_flags(distribution.DistributionConfig))
     if dist_config.strategy == "multi_worker":
         raise ConfigError("--strategy=multi_worker is for training; run eval.py as one process "
                           "(--strategy=default or mirrored) beside the cluster, on the chief's "

@@ -79,9 +79,8 @@ def main(argv: Sequence[str]) -> None:
     from adversarial_logit_pairing import model_lib, training
 
     # Cheap checks first: a multi-worker start-up waits for the whole cluster.
-    dist_config = distribution.apply_legacy_flags(
-        distribution.config_from_flags(FLAGS), ps_tasks=FLAGS.ps_tasks, task=FLAGS.task,
-        master=FLAGS.master, worker_replicas=FLAGS.worker_replicas)
+    dist_config = config_from_flags(distribution.apply_legacy_flags,
+                                    config=config_from_flags(distribution.DistributionConfig))
     training.check_logit_pairing(model_lib.default_hparams().parse(FLAGS.hparams))
     logging.set_verbosity(logging.INFO)
     strategy = distribution.create_strategy(dist_config)

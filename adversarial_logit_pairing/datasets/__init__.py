@@ -7,6 +7,5 @@
   image_decoding             TF-only decoding (any JPEG colour space, PNG), crops, TF1 resize
   tiny_imagenet_conversion   raw Tiny ImageNet folder -> train/validation/test.tfrecord
   imagenet_conversion        raw ImageNet folders -> train-*/validation-* TF-Slim shards
-  tfrecord_files             atomic TFRecord writing, record counting, progress logs
-  tf_error_text              the one useful line of a TensorFlow error message
+  tfrecord_files             atomic TFRecord writing, tf.train.Example features, counting
 """

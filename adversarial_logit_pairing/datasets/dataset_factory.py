@@ -18,12 +18,8 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing.datasets import (
-    imagenet_input,
-    tf_error_text,
-    tfrecord_files,
-    tiny_imagenet_input,
-)
+from adversarial_logit_pairing import tf_error_text
+from adversarial_logit_pairing.datasets import imagenet_input, tfrecord_files, tiny_imagenet_input
 from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.models import ModelConfig, get_model_config
 

@@ -12,12 +12,10 @@ The record layout is described in adversarial_logit_pairing/datasets/imagenet_co
 """
 
 
-from absl import flags, logging
+from absl import flags
 
-from adversarial_logit_pairing.cli import config_from_flags, run_program
+from adversarial_logit_pairing.cli import run_converter
 from adversarial_logit_pairing.datasets import imagenet_conversion
-
-FLAGS = flags.FLAGS
 
 flags.DEFINE_string("train_dir", None, "Training images: <train_dir>/<wnid>/*.JPEG")
 flags.DEFINE_string("validation_dir", None, "Validation images, one flat folder")
@@ -38,16 +36,9 @@ flags.DEFINE_integer("validation_shards", 128, "Number of validation shards")
 flags.DEFINE_integer("num_threads", 8, "Threads converting images in parallel")
 
 
-def main(argv: list[str]) -> None:
-    """Runs the conversion (``run_program`` turns a user error into a one-line message)."""
-    del argv
-    counts = config_from_flags(imagenet_conversion.convert_imagenet)
-    logging.info("Wrote %s", ", ".join(f"{count} {split}" for split, count in counts.items()))
-
-
 def run() -> None:
     """Console-script entry point (alp-convert-imagenet)."""
-    run_program(main, "convert_imagenet.py")
+    run_converter(imagenet_conversion.convert_imagenet, "convert_imagenet.py")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Input pipelines of the original TFRecord layouts, and the converters that write them.
 
   dataset_factory            get_dataset / count_records / locate_bad_record by data set name
+  dataset_facts              each data set's directory flag, files, epoch sizes, class count
   imagenet_input             TF-Slim ImageNet shards -> preprocessed batches
   tiny_imagenet_input        converted Tiny ImageNet records -> preprocessed batches
   input_pipeline             tf.data plumbing shared by both (read, shuffle, map, batch)

@@ -36,7 +36,11 @@ from absl import logging
 
 from adversarial_logit_pairing import tf_error_text
 from adversarial_logit_pairing.datasets import tfrecord_files
-from adversarial_logit_pairing.datasets.wnid_lists import read_lines, read_wnid_list
+from adversarial_logit_pairing.datasets.wnid_lists import (
+    class_folders,
+    read_lines,
+    read_wnid_list,
+)
 from adversarial_logit_pairing.errors import ConfigError, DataError, MissingDataError
 from adversarial_logit_pairing.progress import ProgressLog
 
@@ -99,11 +103,7 @@ def find_training_images(train_dir: str, synsets: list[str]) -> list[SourceImage
         raise MissingDataError(f"--train_dir={train_dir}: no such directory")
     labels = {wnid: index + 1 for index, wnid in enumerate(synsets)}
     images = []
-    for entry in sorted(tf.io.gfile.listdir(train_dir)):
-        name = entry.rstrip("/")
-        folder = os.path.join(train_dir, name)
-        if not tf.io.gfile.isdir(folder):
-            continue
+    for name, folder in class_folders(train_dir):
         if name not in labels:
             logging.warning("Ignoring %s: %s is not in --labels_file", folder, name)
             continue

@@ -78,6 +78,7 @@ def _unpack_archive(role: str, archive: str) -> str:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     try:
         with atomic_files.staged(target, overwrite=False) as staging:
+            os.makedirs(staging)
             with tarfile.open(archive, "r:*") as tar:
                 for member in tar.getmembers():
                     name = os.path.normpath(member.name)

@@ -105,6 +105,13 @@ def list_examples(data_dir: str, split: str) -> list[Example]:
     return examples
 
 
+def _in_seeded_order(examples: list[Example], seed: Optional[int]) -> list[Example]:
+    """A seeded permutation of ``examples`` (None: as they are), mixing the two classes."""
+    if seed is None:
+        return examples
+    return [examples[i] for i in np.random.default_rng(seed).permutation(len(examples))]
+
+
 def image_format(encoded: bytes) -> str:
     """'jpeg' or 'png' from the file's magic bytes; '' for anything else."""
     if encoded[:3] == b"\xff\xd8\xff":
@@ -241,10 +248,7 @@ def iterate_split(
         raise DataError(f"batch size must be >= 1, got {batch_size}")
 
     def from_folder():
-        examples = list_examples(data_dir, split)
-        if shuffle_seed is not None:
-            order = np.random.default_rng(shuffle_seed).permutation(len(examples))
-            examples = [examples[i] for i in order]
+        examples = _in_seeded_order(list_examples(data_dir, split), shuffle_seed)
         if num_examples >= 0:
             examples = examples[:num_examples]
         for ex in examples:
@@ -297,10 +301,7 @@ def write_tfrecord(data_dir: str, split: str, output_path: str,
     Raises:
       MissingDataError, DataError: as :func:`list_examples` and :func:`decode_image`.
     """
-    examples = list_examples(data_dir, split)
-    if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(len(examples))
-        examples = [examples[i] for i in order]
+    examples = _in_seeded_order(list_examples(data_dir, split), shuffle_seed)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     progress = ProgressLog(split, len(examples), every_n=1000)
     with atomic_files.staged(output_path) as staging, tf.io.TFRecordWriter(staging) as writer:

@@ -33,12 +33,19 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
+from adversarial_logit_pairing import tf_error_text
 from adversarial_logit_pairing.errors import CheckpointError, MissingDataError
 
 CHECKPOINT_BASENAME = "model.ckpt"
 # Suffix of the moving-average shadows, as TF1's ExponentialMovingAverage named them.
 EMA_SUFFIX = "/ExponentialMovingAverage"
 _MAX_LISTED = 8
+
+
+def variable_name(variable: tf.Variable) -> str:
+    """The TF1 name of a variable (``v.op.name`` in TF1), its checkpoint key: no ``:0``."""
+    name = variable.name
+    return name[: name.rindex(":")] if ":" in name else name
 
 
 def latest_checkpoint(directory: str) -> Optional[str]:
@@ -333,10 +340,9 @@ def restore(
         try:
             values[name] = reader.get_tensor(name)
         except (tf.errors.OpError, ValueError, IndexError) as exc:
-            reason = (getattr(exc, "message", None) or str(exc) or type(exc).__name__)
             raise CheckpointError(
                 f"checkpoint {checkpoint_path} cannot be read at {name} "
-                f"({reason.splitlines()[0]}): its data file is truncated or corrupt; nothing "
+                f"({tf_error_text.reason(exc)}): its data file is truncated or corrupt; nothing "
                 f"of the {what} was restored"
             ) from None
     for name, variable in assignments.items():

@@ -34,6 +34,7 @@ from typing import Any, Optional
 import tensorflow as tf
 from absl import flags, logging
 
+from adversarial_logit_pairing import tf_error_text
 from adversarial_logit_pairing.errors import ConfigError, UserError
 from adversarial_logit_pairing.models.layers import BatchNorm
 
@@ -77,19 +78,6 @@ def define_flags() -> None:
     flags.DEFINE_float("worker_timeout_secs", 600.0,
                        "--strategy=multi_worker: how long a worker waits for the others, at "
                        "start-up and in each collective, before stopping with an error.")
-
-
-def config_from_flags(values: Any) -> DistributionConfig:
-    """The :class:`DistributionConfig` of parsed absl flag ``values`` (e.g. ``flags.FLAGS``)."""
-    return DistributionConfig(
-        strategy=values.strategy,
-        devices=values.devices,
-        cpu_devices=values.cpu_devices,
-        tpu=values.tpu,
-        tpu_zone=values.tpu_zone,
-        gcp_project=values.gcp_project,
-        worker_timeout_secs=values.worker_timeout_secs,
-    )
 
 
 def _tf_config() -> dict:
@@ -220,7 +208,7 @@ def _multi_worker_strategy(config: DistributionConfig) -> tf.distribute.Strategy
         missing_text = f" (missing: {', '.join(missing)})" if missing else ""
         raise ClusterError(
             "the workers of TF_CONFIG did not all join within --worker_timeout_secs="
-            f"{config.worker_timeout_secs:g}{missing_text}: {describe_op_error(exc)}") from None
+            f"{config.worker_timeout_secs:g}{missing_text}: {tf_error_text.reason(exc)}") from None
 
 
 def _tpu_strategy(config: DistributionConfig) -> tf.distribute.Strategy:
@@ -312,24 +300,6 @@ def worker_temp_dir(output_dir: str, strategy: tf.distribute.Strategy) -> str:
     """Where a non-chief worker writes the checkpoints it must take part in (then deletes)."""
     task_id = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
     return os.path.join(output_dir, f"workertemp_{task_id}")
-
-
-def describe_op_error(exc: tf.errors.OpError) -> str:
-    """The informative line of a TensorFlow error raised inside a compiled step.
-
-    Such messages start with 'Graph execution error:' and a Python stack; the cause (e.g. which
-    task stopped sending heartbeats) follows, with the task named on the next line.
-    """
-    lines = [line.strip() for line in exc.message.splitlines()
-             if line.strip() and not line[:1].isspace()]
-    lines = [line for line in lines
-             if not line.startswith(("Graph execution error", "Detected at node", "[["))]
-    if not lines:
-        return exc.message.strip().splitlines()[0] if exc.message.strip() else type(exc).__name__
-    text = lines[0]
-    if len(lines) > 1 and lines[1].startswith("/job:"):
-        text += " " + lines[1]
-    return text
 
 
 def check_same_on_all_workers(strategy: tf.distribute.Strategy, value: int, what: str) -> None:

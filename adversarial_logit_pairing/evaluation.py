@@ -40,10 +40,12 @@ from absl import logging
 
 from adversarial_logit_pairing import (
     adversarial_attack,
+    atomic_files,
     checkpoints,
     distribution,
     model_lib,
     summaries,
+    tf_error_text,
 )
 from adversarial_logit_pairing.checkpoints import EMA_SUFFIX
 from adversarial_logit_pairing.datasets import dataset_factory
@@ -217,7 +219,7 @@ class Evaluator:
                     self.model_config)
                 raise DataError(
                     f"bad {self.config.split_name} record: {where or 'unknown record'} "
-                    f"({exc.message.splitlines()[0]})"
+                    f"({tf_error_text.reason(exc)})"
                 ) from None
             c, t, logits = self._eval_step(images, labels, tf.constant(batch_index, tf.int64))
             correct += int(c)
@@ -277,10 +279,7 @@ def write_predictions(path: str, labels: np.ndarray, logits: np.ndarray) -> None
     """
     buffer = io.BytesIO()  # np.savez needs a seekable file; GFile (for gs:// paths) is not
     np.savez(buffer, labels=labels, logits=logits, predictions=np.argmax(logits, axis=-1))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    atomic_files.write_file(path, buffer.getvalue())
 
 
 def append_result_line(output_file: str, eval_name: str, result: EvalResult) -> None:

@@ -23,7 +23,8 @@ checkpoints have no shadows). The export is one SavedModel directory offering, b
 
 ``assets.extra/alp_export.json`` records where the weights came from and how to feed the
 model. The directory is written under a temporary sibling name and renamed into place when
-complete; a non-empty ``export_dir`` is replaced only with ``overwrite``.
+complete (:mod:`adversarial_logit_pairing.atomic_files`); a non-empty ``export_dir`` is
+replaced only with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ import dataclasses
 import json
 import os
 import time
-import uuid
 from typing import Optional
 
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing import checkpoints, evaluation, model_lib
+from adversarial_logit_pairing import atomic_files, checkpoints, evaluation, model_lib
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import CheckpointError, ConfigError
 from adversarial_logit_pairing.models import ImageClassifier, ModelConfig, get_model_config
@@ -211,9 +211,8 @@ def write_export(root: tf.train.Checkpoint, export_dir: str, metadata: dict,
                  overwrite: bool = False) -> str:
     """Saves ``root`` (with ``metadata`` as JSON) into ``export_dir``, atomically.
 
-    The SavedModel is written into a temporary sibling directory, then renamed into place; an
-    existing directory is moved aside first and deleted last, so ``export_dir`` never holds a
-    partial export (if the final rename fails, the old one is left as ``<dir>.old-*``).
+    The SavedModel is written and replaced as :mod:`atomic_files` says, so ``export_dir``
+    never holds a partial export.
 
     Raises:
       ConfigError: ``export_dir`` is a file, or a non-empty directory without ``overwrite``.
@@ -223,23 +222,12 @@ def write_export(root: tf.train.Checkpoint, export_dir: str, metadata: dict,
     parent = os.path.dirname(export_dir)
     if parent:
         tf.io.gfile.makedirs(parent)
-    token = uuid.uuid4().hex[:8]
-    tmp_dir = f"{export_dir}.tmp-{token}"
-    old_dir = f"{export_dir}.old-{token}"
     signatures = {SIGNATURE_KEY: root.serve} if hasattr(root, "serve") else None
-    try:
-        tf.saved_model.save(root, tmp_dir, signatures=signatures)
-        tf.io.gfile.makedirs(os.path.dirname(os.path.join(tmp_dir, METADATA_PATH)))
-        with tf.io.gfile.GFile(os.path.join(tmp_dir, METADATA_PATH), "w") as f:
+    with atomic_files.staged(export_dir) as staging:
+        tf.saved_model.save(root, staging, signatures=signatures)
+        tf.io.gfile.makedirs(os.path.dirname(os.path.join(staging, METADATA_PATH)))
+        with tf.io.gfile.GFile(os.path.join(staging, METADATA_PATH), "w") as f:
             f.write(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        if tf.io.gfile.exists(export_dir):
-            tf.io.gfile.rename(export_dir, old_dir)
-        tf.io.gfile.rename(tmp_dir, export_dir)
-    finally:
-        if tf.io.gfile.exists(tmp_dir):
-            tf.io.gfile.rmtree(tmp_dir)
-    if tf.io.gfile.exists(old_dir):
-        tf.io.gfile.rmtree(old_dir)
     return export_dir
 
 

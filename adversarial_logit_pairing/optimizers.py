@@ -37,15 +37,10 @@ from typing import Any, Union
 
 import tensorflow as tf
 
+from adversarial_logit_pairing.checkpoints import variable_name
 from adversarial_logit_pairing.errors import ConfigError
 
 LearningRate = Union[float, Callable[[Any], Any]]
-
-
-def tf1_name(variable: tf.Variable) -> str:
-    """The TF1 name of a variable (``v.op.name``): ``v.name`` without the ``:0`` suffix."""
-    name = variable.name
-    return name[: name.rindex(":")] if ":" in name else name
 
 
 def _key(variable: tf.Variable) -> Any:
@@ -91,15 +86,15 @@ class TF1Optimizer(tf.Module):
                 if (isinstance(var, tf.distribute.DistributedValues)
                         and not tf.distribute.has_strategy()):
                     raise ValueError(
-                        f"{type(self).__name__}.build: '{tf1_name(var)}' is a distributed "
+                        f"{type(self).__name__}.build: '{variable_name(var)}' is a distributed "
                         "variable; call build() under strategy.scope()"
                     )
                 slots = []
                 with strategy.extended.colocate_vars_with(var):
                     for index, (_, initial) in enumerate(self.SLOTS):
-                        name = f"{tf1_name(var)}/{self.name}" + (f"_{index}" if index else "")
+                        name = f"{variable_name(var)}/{self.name}" + (f"_{index}" if index else "")
                         if name in self._by_name:
-                            raise ValueError(f"two variables are named '{tf1_name(var)}'; "
+                            raise ValueError(f"two variables are named '{variable_name(var)}'; "
                                              "their optimizer slots would share a name")
                         slot = tf.Variable(
                             tf.fill(var.shape, tf.constant(initial, var.dtype.base_dtype)),
@@ -149,7 +144,7 @@ class TF1Optimizer(tf.Module):
         if missing:
             if tf.inside_function():
                 raise ValueError(
-                    f"{type(self).__name__}: slots of {[tf1_name(v) for v in missing]} do not "
+                    f"{type(self).__name__}: slots of {[variable_name(v) for v in missing]} do not "
                     "exist; call build(var_list) eagerly before the compiled step"
                 )
             self.build(missing)

@@ -56,6 +56,7 @@ from adversarial_logit_pairing import (
     model_lib,
     precision,
     summaries,
+    tf_error_text,
 )
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import ConfigError, DataError, TrainingDivergedError
@@ -595,7 +596,7 @@ def train(config: TrainConfig,
                                                           model_config)
                 raise DataError(
                     f"bad training record: {where or 'unknown record'} "
-                    f"({exc.message.splitlines()[0]})"
+                    f"({tf_error_text.reason(exc)})"
                 ) from None
             tick = time.time()
             outputs = train_step(images, labels)
@@ -654,7 +655,7 @@ def train(config: TrainConfig,
             raise
         raise distribution.ClusterError(
             f"lost contact with another worker at global step {step} "
-            f"({distribution.describe_op_error(exc)}); restart every worker with the same command "
+            f"({tf_error_text.reason(exc)}); restart every worker with the same command "
             f"to resume from the last checkpoint (global step {last_saved_step})"
         ) from None
     finally:

@@ -24,6 +24,7 @@ import tensorflow as tf  # noqa: E402
 
 from adversarial_logit_pairing import adversarial_attack, model_lib  # noqa: E402
 from adversarial_logit_pairing.datasets import dataset_factory  # noqa: E402
+from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET  # noqa: E402
 from adversarial_logit_pairing.models import (  # noqa: E402
     ImageClassifier,
     create_model,
@@ -84,7 +85,8 @@ def attack_fn(model: ImageClassifier, description: str) -> Callable:
 
 
 def make_train_step(model: ImageClassifier, attack: str = "pgdll_16_2_10",
-                    lp_weight: float = 0.5, num_classes: int = 200,
+                    lp_weight: float = 0.5,
+                    num_classes: int = TINY_IMAGENET.stored_classes,
                     moving_average_decay: float = 0.9999) -> Callable:
     """``training.make_train_step`` (what ``train.py`` runs each step), without data or
     checkpoints: ALP (or clean, ``attack='clean'``) with the TF1 RMSProp and the moving average.
@@ -95,7 +97,8 @@ def make_train_step(model: ImageClassifier, attack: str = "pgdll_16_2_10",
         f"train_adv_method={attack},train_lp_weight={lp_weight}")
     trainable = list(model.trainable_variables)
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
-    learning_rate, _ = model_lib.get_lr_schedule(hparams, 100_000, 1)
+    learning_rate, _ = model_lib.get_lr_schedule(
+        hparams, TINY_IMAGENET.examples_per_epoch["train"], 1)
     optimizer = model_lib.get_optimizer(hparams, learning_rate)
     optimizer.build(trainable)
     ema = ExponentialMovingAverage(moving_average_decay, model.variables_by_name)

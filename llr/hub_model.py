@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-import tempfile
 from typing import Any
 
 import tensorflow as tf
 
+from adversarial_logit_pairing import atomic_files
 from adversarial_logit_pairing.errors import CheckpointError
 from llr import tf1_hub_format
 
@@ -76,33 +76,33 @@ def _unpack_archive(role: str, archive: str) -> str:
     if os.path.isdir(target) and os.listdir(target):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{key}.tmp-")
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar.getmembers():
-                name = os.path.normpath(member.name)
-                if os.path.isabs(name) or name.startswith(".."):
-                    raise HubModuleError(role, archive, f"archive member {member.name!r} "
-                                         "points outside the archive")
-                if not (member.isfile() or member.isdir()):
-                    raise HubModuleError(role, archive, f"archive member {member.name!r} "
-                                         "is not a regular file or directory")
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(staging, filter="data")
-            else:  # Python < 3.11.4: the members were checked above
-                tar.extractall(staging)
-        root = staging
-        entries = os.listdir(staging)
-        # Hand-made archives often wrap the module in one top-level directory.
-        if len(entries) == 1 and os.path.isdir(os.path.join(staging, entries[0])):
-            root = os.path.join(staging, entries[0])
-        os.rename(root, target)
-    except (tarfile.TarError, OSError) as exc:
+        with atomic_files.staged(target, overwrite=False) as staging:
+            os.makedirs(staging)
+            with tarfile.open(archive, "r:*") as tar:
+                for member in tar.getmembers():
+                    name = os.path.normpath(member.name)
+                    if os.path.isabs(name) or name.startswith(".."):
+                        raise HubModuleError(role, archive, f"archive member {member.name!r} "
+                                             "points outside the archive")
+                    if not (member.isfile() or member.isdir()):
+                        raise HubModuleError(role, archive, f"archive member {member.name!r} "
+                                             "is not a regular file or directory")
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(staging, filter="data")
+                else:  # Python < 3.11.4: the members were checked above
+                    tar.extractall(staging)
+            entries = os.listdir(staging)
+            # Hand-made archives often wrap the module in one top-level directory: unwrap it.
+            if len(entries) == 1 and os.path.isdir(os.path.join(staging, entries[0])):
+                wrapper = atomic_files.sibling_name(target)
+                os.rename(staging, wrapper)
+                os.rename(os.path.join(wrapper, entries[0]), staging)
+                shutil.rmtree(wrapper)
+    except (tarfile.TarError, OSError, tf.errors.OpError) as exc:
         if os.path.isdir(target) and os.listdir(target):
             return target  # another process unpacked the same archive meanwhile
         raise HubModuleError(role, archive, f"cannot unpack the archive: {exc}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import tensorflow as tf
 
+from adversarial_logit_pairing.checkpoints import variable_name
+
 if TYPE_CHECKING:
     from adversarial_logit_pairing.models import ModelConfig
 
@@ -129,7 +131,7 @@ class Layer(tf.Module):
     @property
     def variables_by_name(self) -> dict[str, tf.Variable]:
         """TF1 name (without ':0') -> variable, in the order Slim created them."""
-        return {variable.name[: -len(":0")]: variable for variable in self._ordered}
+        return {variable_name(variable): variable for variable in self._ordered}
 
 
 class Conv2D(Layer):

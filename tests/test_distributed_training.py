@@ -319,7 +319,9 @@ def test_tf1_cluster_flags_that_agree_with_the_cluster_are_kept(monkeypatch):
         (dict(strategy="multi_worker"), "TF_CONFIG"),
         (dict(cpu_devices=2), "--cpu_devices=2 goes with --strategy=mirrored"),
         (dict(strategy="tpu"), "--tpu="),
-        (dict(strategy="multi_worker", worker_timeout_secs=0), "TF_CONFIG|--worker_timeout"),
+        # With a valid TF_CONFIG, so that the timeout check is the one that fires.
+        (dict(strategy="multi_worker", worker_timeout_secs=0),
+         r"^--worker_timeout_secs=0(\.0)?: must be > 0$"),
     ],
 )
 def test_strategy_flags_that_do_not_fit_are_refused_before_tensorflow_starts(
@@ -327,7 +329,10 @@ def test_strategy_flags_that_do_not_fit_are_refused_before_tensorflow_starts(
     from adversarial_logit_pairing import distribution
     from adversarial_logit_pairing.errors import ConfigError
 
-    monkeypatch.delenv("TF_CONFIG", raising=False)
+    if "worker_timeout_secs" in config:
+        monkeypatch.setenv("TF_CONFIG", tf_configs(2)[0])
+    else:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ConfigError, match=culprit):
         distribution.create_strategy(distribution.DistributionConfig(**config))
 

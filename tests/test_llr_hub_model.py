@@ -16,8 +16,12 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from llr import hub_model, tf1_hub_format
-from tests.llr_builders import (load_folder_images, write_decay_rate_probe, write_photo_folder,
-                                write_standin_pair)
+from tests.llr_builders import (
+    load_folder_images,
+    write_decay_rate_probe,
+    write_photo_folder,
+    write_standin_pair,
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from tests.data_builders import write_tiny_imagenet_tfrecords
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script, *flags, check=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+def _run(script, *flags, check=True, env=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     proc = subprocess.run([sys.executable, os.path.join(REPO, script), *flags],
                           capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
@@ -165,12 +165,19 @@ def test_eval_bad_input_with_a_real_checkpoint_gives_one_line_error(data_dir, tr
 @pytest.mark.slow
 def test_mirrored_xla_training_and_mirrored_eval_run_from_the_command_line(tmp_path, data_dir):
     out = str(tmp_path / "train")
+    dump = tmp_path / "xla_dump"
+    # XLA writes the HLO of every module it compiles here: the evidence that it ran.
     proc = _run("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}",
                 *COMMON, "--strategy=mirrored", "--cpu_devices=2", "--jit_compile",
                 "--hparams=batch_size=4,train_adv_method=pgdll_16_2_2,train_lp_weight=0.5",
-                "--max_steps=2", "--save_model_steps=2", "--save_summaries_steps=0")
+                "--max_steps=2", "--save_model_steps=2", "--save_summaries_steps=0",
+                env={"XLA_FLAGS": f"--xla_dump_to={dump}"})
     assert tf.train.latest_checkpoint(out).endswith("model.ckpt-2")
     assert "2 replicas" in proc.stderr, proc.stderr[-3000:]
+    # Each replica's attack, forward and backward pass is one compiled module.
+    dumped = sorted(os.listdir(dump)) if dump.exists() else []
+    assert any("forward_backward" in name and name.endswith("after_optimizations.txt")
+               for name in dumped), dumped[:20]
     results = tmp_path / "results.csv"
     proc = _run("eval.py", f"--checkpoint_path={out}", f"--tiny_imagenet_data_dir={data_dir}",
                 *COMMON, "--strategy=mirrored", "--cpu_devices=2",

@@ -49,7 +49,7 @@ from adversarial_logit_pairing import (
     precision,
     summaries,
 )
-from adversarial_logit_pairing.datasets import dataset_factory
+from adversarial_logit_pairing.datasets import dataset_factory, tf_error_text
 from adversarial_logit_pairing.errors import ConfigError, DataError, TrainingDivergedError
 from adversarial_logit_pairing.models import get_model_config
 from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
@@ -372,7 +372,11 @@ def train(config: TrainConfig,
     # Non-chief workers write their share of each checkpoint here and delete it.
     save_dir = config.output_dir if chief else distribution.worker_temp_dir(
         config.output_dir, strategy)
-    tf.io.gfile.makedirs(config.output_dir)
+    try:
+        tf.io.gfile.makedirs(config.output_dir)
+    except tf.errors.OpError as exc:
+        raise DataError(f"--output_dir={config.output_dir}: cannot create it "
+                        f"({tf_error_text.reason(exc)})") from None
     if chief:
         checkpoints.remove_stale_temporaries(config.output_dir)
     elif tf.io.gfile.exists(save_dir):

@@ -137,7 +137,13 @@ def check_settings(settings: EvalSettings) -> None:
          "--spatial_grid takes 3 positive integers: n_dx,n_dy,n_angle"),
         (0.0 <= settings.spatial_black_border < 0.5, "--spatial_black_border must be in [0, 0.5)"),
         (settings.pgd_iters >= 1, "--pgd_iters must be >= 1"),
+        (settings.pgd_eps > 0 and settings.pgd_step_size > 0,
+         "--pgd_eps and --pgd_step_size must be > 0"),
         (settings.spsa_steps >= 1, "--spsa_steps must be >= 1"),
+        (settings.spsa_eps > 0, "--spsa_eps must be > 0"),
+        (settings.spsa_delta > 0, "--spsa_delta must be > 0 (the gradient estimate divides "
+         "by it)"),
+        (settings.spsa_learning_rate > 0, "--spsa_learning_rate must be > 0"),
         (settings.spsa_samples >= 2 and settings.spsa_samples % 2 == 0,
          "--spsa_samples must be even and >= 2 (half of the probes are mirrored)"),
         (settings.spsa_batch_size >= 1, "--spsa_batch_size must be >= 1"),

@@ -304,15 +304,21 @@ def csv_text(records: list[dict]) -> str:
 
 
 def write_results(path: str, records: list[dict]) -> None:
-    """Writes JSON lines (CSV when ``path`` ends in .csv); the file appears only when complete."""
+    """Writes JSON lines (CSV when ``path`` ends in .csv); the file appears only when complete.
+
+    Raises:
+      DataError: naming ``--output_file`` when it cannot be written.
+    """
     text = csv_text(records) if path.lower().endswith(".csv") else json_lines(records)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     staging = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
     try:
+        os.makedirs(directory, exist_ok=True)
         with open(staging, "w") as f:
             f.write(text)
         os.replace(staging, path)
+    except OSError as exc:
+        raise DataError(f"--output_file={path}: cannot write it ({exc.strerror or exc})") from None
     finally:
         if os.path.exists(staging):
             os.remove(staging)

@@ -34,7 +34,7 @@ import tensorflow as tf
 from absl import logging
 
 from adversarial_logit_pairing import tf_error_text
-from adversarial_logit_pairing.errors import CheckpointError, MissingDataError
+from adversarial_logit_pairing.errors import CheckpointError, MissingCheckpointError
 
 CHECKPOINT_BASENAME = "model.ckpt"
 # Suffix of the moving-average shadows, as TF1's ExponentialMovingAverage named them.
@@ -68,10 +68,12 @@ def resolve_checkpoint(path: str, flag_name: str) -> str:
     """Turns a directory (its latest checkpoint) or a prefix into an existing prefix.
 
     Raises:
-      MissingDataError: naming ``flag_name`` and ``path`` when nothing is found there.
+      MissingCheckpointError: (a FileNotFoundError) naming ``flag_name`` and ``path`` when
+        nothing is found there.
+      CheckpointError: a directory without a ``checkpoint`` state file holds several.
     """
     if not path:
-        raise MissingDataError(f"{flag_name} is empty")
+        raise MissingCheckpointError(f"{flag_name} is empty")
     if tf.io.gfile.isdir(path):
         prefix = latest_checkpoint(path)
         if prefix is not None:
@@ -85,15 +87,15 @@ def resolve_checkpoint(path: str, flag_name: str) -> str:
                          path, prefixes[0])
             return os.path.join(path, prefixes[0])
         if prefixes:
-            raise MissingDataError(
+            raise CheckpointError(
                 f"{flag_name}={path}: directory has no 'checkpoint' state file and "
                 f"{len(prefixes)} checkpoints ({_describe(prefixes, len(prefixes))}); "
                 "pass one prefix"
             )
-        raise MissingDataError(f"{flag_name}={path}: directory holds no checkpoint")
+        raise MissingCheckpointError(f"{flag_name}={path}: directory holds no checkpoint")
     if tf.io.gfile.exists(path + ".index"):
         return path
-    raise MissingDataError(
+    raise MissingCheckpointError(
         f"{flag_name}={path}: no such checkpoint (expected a directory or a prefix "
         "with a .index file)"
     )
@@ -200,7 +202,18 @@ def _reader(checkpoint_path: str):
     try:
         return tf.train.load_checkpoint(checkpoint_path)
     except (tf.errors.OpError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {checkpoint_path}: {exc}") from None
+        reason = (getattr(exc, "message", None) or str(exc) or type(exc).__name__)
+        raise CheckpointError(f"cannot read checkpoint {checkpoint_path}: "
+                              f"{reason.strip().splitlines()[0]}") from None
+
+
+def variable_shapes(checkpoint_path: str) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a checkpoint (``tf.train.list_variables`` as a dict).
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read (a corrupt or truncated index).
+    """
+    return dict(_reader(checkpoint_path).get_variable_to_shape_map())
 
 
 def has_moving_averages(checkpoint_path: str) -> bool:

@@ -15,7 +15,9 @@ A multi-worker job never waits silently: start-up waits at most ``--worker_timeo
 every worker of ``TF_CONFIG`` to register, a collective op waits at most as long, and the
 coordination service's heartbeats (TensorFlow's default: 10 s) end every surviving worker
 with an ``UnavailableError`` when one dies. Training then stops with a :class:`ClusterError`;
-restarting all workers with the same command resumes from the last checkpoint.
+restarting all workers with the same command resumes from the last checkpoint. The start-up
+deadline needs TensorFlow internals (``_configure_coordination``); without them it falls back
+to TensorFlow's default wait, with a warning.
 
 Synchronised batch norm (``--sync_batch_norm``): the original normalised each replica's batch
 with its own statistics; ``use_cross_replica_batch_norm`` makes training-mode batch norm use
@@ -158,28 +160,48 @@ def split_cpu(num_devices: int) -> None:
                           f"before TensorFlow starts ({exc})") from None
 
 
-def _configure_coordination(resolver: Any, timeout_secs: float) -> None:
+def _configure_coordination(resolver: Any, timeout_secs: float) -> bool:
     """Makes cluster start-up fail after ``timeout_secs`` instead of waiting forever.
 
     MultiWorkerMirroredStrategy configures the coordination service itself, without a
     registration deadline for the leader; configured here first (same leader and jobs), every
-    task waits at a registration barrier that times out.
-    """
-    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-    from tensorflow.python.eager import context
+    task waits at a registration barrier that times out. Heartbeats (a dead worker during
+    training) and the collective timeout work without this.
 
-    ctx = context.context()
-    if ctx.coordination_service is not None:
-        return
-    spec = resolver.cluster_spec()
-    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
-            for job in ("chief", "worker") if job in spec.jobs]
-    leader = "/job:chief/replica:0/task:0" if "chief" in spec.jobs else \
-        "/job:worker/replica:0/task:0"
-    ctx.configure_coordination_service(
-        service_type="standalone", service_leader=leader, coordinated_jobs=jobs,
-        cluster_register_timeout_in_ms=int(timeout_secs * 1000))
-    ctx.coordination_service.cluster_register_with_barrier = True
+    No public API sets that deadline (checked up to TF 2.21:
+    ``tf.distribute.experimental.CommunicationOptions`` bounds collectives only), so this
+    reaches into ``tensorflow.python``, which TensorFlow's compatibility promise does not
+    cover; where those internals moved, start-up waits as long as TensorFlow's default,
+    with a warning (docs/DISTRIBUTED.md), instead of failing.
+
+    Returns:
+      Whether the deadline is in place.
+    """
+    try:
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        from tensorflow.python.eager import context
+
+        ctx = context.context()
+        if ctx.coordination_service is not None:
+            return True
+        spec = resolver.cluster_spec()
+        jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+                for job in ("chief", "worker") if job in spec.jobs]
+        leader = "/job:chief/replica:0/task:0" if "chief" in spec.jobs else \
+            "/job:worker/replica:0/task:0"
+        ctx.configure_coordination_service(
+            service_type="standalone", service_leader=leader, coordinated_jobs=jobs,
+            cluster_register_timeout_in_ms=int(timeout_secs * 1000))
+        ctx.coordination_service.cluster_register_with_barrier = True
+        return True
+    except (ImportError, AttributeError, TypeError) as exc:
+        logging.warning(
+            "TensorFlow %s lacks the internal coordination API this program was tested with "
+            "(%s): --worker_timeout_secs bounds collectives but not start-up, where a missing "
+            "worker is waited for as long as TensorFlow's default allows; a worker dying "
+            "during training is still detected by heartbeats. See docs/DISTRIBUTED.md.",
+            tf.__version__, exc)
+        return False
 
 
 def _multi_worker_strategy(config: DistributionConfig) -> tf.distribute.Strategy:
@@ -398,8 +420,9 @@ def use_cross_replica_batch_norm(model: tf.Module) -> int:
       The number of batch-norm layers switched.
 
     Raises:
-      ValueError: a batch-norm layer is reachable only through a container (list, dict), where
-        it cannot be switched; the model would silently keep per-replica statistics there.
+      ConfigError: (a ValueError) a batch-norm layer is reachable only through a container
+        (list, dict), where it cannot be switched; the model would silently keep per-replica
+        statistics there, so ``--sync_batch_norm`` is refused for such a model.
     """
     modules = (model, *model.submodules)
     present = {id(m): m for m in modules if isinstance(m, BatchNorm)}
@@ -413,6 +436,6 @@ def use_cross_replica_batch_norm(model: tf.Module) -> int:
                 switched[id(value)] = value
     missed = [present[key].scope for key in present if key not in switched]
     if missed:
-        raise ValueError(f"--sync_batch_norm: cannot switch the batch norm of {missed} (not an "
-                         "attribute of a module)")
+        raise ConfigError(f"--sync_batch_norm: cannot switch the batch norm of {missed} (not "
+                          "an attribute of a module)")
     return len(switched)

@@ -276,16 +276,31 @@ def write_predictions(path: str, labels: np.ndarray, logits: np.ndarray) -> None
     """Saves per-example ``labels``, ``logits`` and ``predictions`` (argmax) as ``.npz``.
 
     Written under a temporary name and renamed, so a reader never sees a partial file.
+
+    Raises:
+      DataError: naming ``--predictions_file`` when it cannot be written.
     """
     buffer = io.BytesIO()  # np.savez needs a seekable file; GFile (for gs:// paths) is not
     np.savez(buffer, labels=labels, logits=logits, predictions=np.argmax(logits, axis=-1))
-    atomic_files.write_file(path, buffer.getvalue())
+    try:
+        atomic_files.write_file(path, buffer.getvalue())
+    except tf.errors.OpError as exc:
+        raise DataError(f"--predictions_file={path}: cannot write it "
+                        f"({tf_error_text.reason(exc)})") from None
 
 
 def append_result_line(output_file: str, eval_name: str, result: EvalResult) -> None:
-    """Appends the original's ``eval_name,accuracy,top5`` line."""
-    with tf.io.gfile.GFile(output_file, "a") as f:
-        f.write(f"{eval_name},{result.accuracy:.3f},{result.top5:.3f}\n")
+    """Appends the original's ``eval_name,accuracy,top5`` line.
+
+    Raises:
+      DataError: naming ``--output_file`` when it cannot be written.
+    """
+    try:
+        with tf.io.gfile.GFile(output_file, "a") as f:
+            f.write(f"{eval_name},{result.accuracy:.3f},{result.top5:.3f}\n")
+    except tf.errors.OpError as exc:
+        raise DataError(f"--output_file={output_file}: cannot append to it "
+                        f"({tf_error_text.reason(exc)})") from None
 
 
 def pending_checkpoints(train_dir: str, after_step: Optional[int]) -> list[tuple[int, str]]:

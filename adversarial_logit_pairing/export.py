@@ -38,9 +38,15 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing import atomic_files, checkpoints, evaluation, model_lib
+from adversarial_logit_pairing import (
+    atomic_files,
+    checkpoints,
+    evaluation,
+    model_lib,
+    tf_error_text,
+)
 from adversarial_logit_pairing.datasets import dataset_factory
-from adversarial_logit_pairing.errors import CheckpointError, ConfigError
+from adversarial_logit_pairing.errors import CheckpointError, ConfigError, DataError
 from adversarial_logit_pairing.models import ImageClassifier, ModelConfig, get_model_config
 
 FORMATS = ("saved_model", "hub", "both")
@@ -83,7 +89,7 @@ def _checkpoint_class_count(model_config: ModelConfig, checkpoint_path: str
     ``logits/biases``, Inception's ``Logits/Conv2d_1c_1x1/biases``, EfficientNet's
     ``head/dense/bias``); its plain or moving-average entry gives the class count.
     """
-    shapes = tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()
+    shapes = checkpoints.variable_shapes(checkpoint_path)
     for scope in model_config.classifier_scopes:
         prefix = scope.rstrip("/") + "/"
         for name in sorted(shapes):
@@ -105,6 +111,7 @@ def resolve_num_classes(model_name: str, checkpoint_path: str, num_classes: Opti
     Raises:
       ConfigError: an unknown model or data set, a class count that disagrees with the data
         set's, or nothing to take the count from.
+      CheckpointError: the checkpoint has to be read and cannot be.
     """
     model_config = get_model_config(model_name)
     dataset_classes = None
@@ -216,12 +223,17 @@ def write_export(root: tf.train.Checkpoint, export_dir: str, metadata: dict,
 
     Raises:
       ConfigError: ``export_dir`` is a file, or a non-empty directory without ``overwrite``.
+      DataError: its parent directory cannot be created.
     """
     export_dir = export_dir.rstrip("/") or export_dir
     _prepare_destination(export_dir, overwrite)
     parent = os.path.dirname(export_dir)
     if parent:
-        tf.io.gfile.makedirs(parent)
+        try:
+            tf.io.gfile.makedirs(parent)
+        except tf.errors.OpError as exc:
+            raise DataError(f"--export_dir={export_dir}: cannot create {parent} "
+                            f"({tf_error_text.reason(exc)})") from None
     signatures = {SIGNATURE_KEY: root.serve} if hasattr(root, "serve") else None
     with atomic_files.staged(export_dir) as staging:
         tf.saved_model.save(root, staging, signatures=signatures)
@@ -236,8 +248,8 @@ def export(config: ExportConfig) -> ExportResult:
 
     Raises:
       ConfigError: bad flags or an occupied export directory.
-      MissingDataError: no checkpoint at ``config.checkpoint_path``.
-      CheckpointError: the checkpoint does not fit the model.
+      MissingCheckpointError: no checkpoint at ``config.checkpoint_path``.
+      CheckpointError: the checkpoint cannot be read or does not fit the model.
     """
     if not config.export_dir:
         raise ConfigError("--export_dir has to be provided")

@@ -49,13 +49,16 @@ class LearningRateSchedule:
 
 
 class StaircaseExponentialDecay(LearningRateSchedule):
-    """``learning_rate * decay_factor ** floor(step / decay_steps)``."""
+    """``learning_rate * decay_factor ** floor(step / decay_steps)``.
+
+    Raises ConfigError (a ValueError) for ``decay_steps`` < 1: it comes from the hparams.
+    """
 
     def __init__(self, learning_rate: float, decay_steps: int, decay_factor: float,
                  scale: float = 1.0) -> None:
         super().__init__(scale)
         if decay_steps < 1:
-            raise ValueError(f"decay_steps must be >= 1, got {decay_steps}")
+            raise ConfigError(f"decay_steps must be >= 1, got {decay_steps}")
         self.learning_rate = learning_rate
         self.decay_steps = decay_steps
         self.decay_factor = decay_factor
@@ -74,17 +77,18 @@ class PiecewiseConstant(LearningRateSchedule):
     """``values[i]`` for ``boundaries[i-1] < step <= boundaries[i]`` (TF1 piecewise_constant).
 
     ``values[0]`` applies up to and including ``boundaries[0]``, ``values[-1]`` after the last
-    boundary; ``boundaries`` must not decrease.
+    boundary; ``boundaries`` must not decrease. Other lists raise ConfigError (a ValueError):
+    they come from the hparams ``lr_list`` and ``lr_decay_epochs``.
     """
 
     def __init__(self, boundaries: Sequence[int], values: Sequence[float],
                  scale: float = 1.0) -> None:
         super().__init__(scale)
         if len(values) != len(boundaries) + 1:
-            raise ValueError(f"need len(values) == len(boundaries) + 1, got {len(values)} "
+            raise ConfigError(f"need len(values) == len(boundaries) + 1, got {len(values)} "
                              f"values and {len(boundaries)} boundaries")
         if any(b < a for a, b in zip(boundaries, boundaries[1:])):
-            raise ValueError(f"boundaries must not decrease, got {list(boundaries)}")
+            raise ConfigError(f"boundaries must not decrease, got {list(boundaries)}")
         self.boundaries = [int(b) for b in boundaries]
         self.values = [float(v) for v in values]
 

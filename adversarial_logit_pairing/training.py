@@ -473,7 +473,11 @@ def train(config: TrainConfig,
     # Non-chief workers write their share of each checkpoint here and delete it.
     save_dir = config.output_dir if chief else distribution.worker_temp_dir(
         config.output_dir, strategy)
-    tf.io.gfile.makedirs(config.output_dir)
+    try:
+        tf.io.gfile.makedirs(config.output_dir)
+    except tf.errors.OpError as exc:
+        raise DataError(f"--output_dir={config.output_dir}: cannot create it "
+                        f"({tf_error_text.reason(exc)})") from None
     if chief:
         checkpoints.remove_stale_temporaries(config.output_dir)
     elif tf.io.gfile.exists(save_dir):

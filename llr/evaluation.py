@@ -139,7 +139,13 @@ def check_settings(settings: EvalSettings) -> None:
          "--spatial_grid takes 3 positive integers: n_dx,n_dy,n_angle"),
         (0.0 <= settings.spatial_black_border < 0.5, "--spatial_black_border must be in [0, 0.5)"),
         (settings.pgd_iters >= 1, "--pgd_iters must be >= 1"),
+        (settings.pgd_eps > 0 and settings.pgd_step_size > 0,
+         "--pgd_eps and --pgd_step_size must be > 0"),
         (settings.spsa_steps >= 1, "--spsa_steps must be >= 1"),
+        (settings.spsa_eps > 0, "--spsa_eps must be > 0"),
+        (settings.spsa_delta > 0, "--spsa_delta must be > 0 (the gradient estimate divides "
+         "by it)"),
+        (settings.spsa_learning_rate > 0, "--spsa_learning_rate must be > 0"),
         (settings.spsa_samples >= 2 and settings.spsa_samples % 2 == 0,
          "--spsa_samples must be even and >= 2 (half of the probes are mirrored)"),
         (settings.spsa_batch_size >= 1, "--spsa_batch_size must be >= 1"),
@@ -299,7 +305,15 @@ def csv_text(records: list[dict]) -> str:
 
 
 def write_results(path: str, records: list[dict]) -> None:
-    """Writes JSON lines (CSV when ``path`` ends in .csv); the file appears only when complete."""
+    """Writes JSON lines (CSV when ``path`` ends in .csv); the file appears only when complete.
+
+    Raises:
+      DataError: naming ``--output_file`` when it cannot be written.
+    """
     text = csv_text(records) if path.lower().endswith(".csv") else json_lines(records)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_files.write_file(path, text)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_files.write_file(path, text)
+    except (OSError, tf.errors.OpError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "message", None) or exc
+        raise DataError(f"--output_file={path}: cannot write it ({reason})") from None

@@ -24,7 +24,7 @@ from typing import Any
 import tensorflow as tf
 
 from adversarial_logit_pairing import atomic_files
-from adversarial_logit_pairing.errors import CheckpointError
+from adversarial_logit_pairing.errors import CheckpointError, MissingCheckpointError
 from llr import tf1_hub_format
 
 DEFAULT_LATENTS_HANDLE = "https://tfhub.dev/deepmind/llr-pretrain-adv/latents/1"
@@ -40,7 +40,12 @@ _OPTIONAL_INPUTS = ("decay_rate",)
 
 
 class HubModuleError(CheckpointError):
-    """A module handle does not lead to a usable TF1 Hub module of the expected interface."""
+    """A module handle does not lead to a usable TF1 Hub module of the expected interface.
+
+    A Hub module is the model's stored weights, as a checkpoint is for ``eval.py``: the same
+    :class:`CheckpointError` (a ValueError), printed by ``llr-evaluate`` as one line naming the
+    ``--latents_module`` or ``--linear_module`` flag.
+    """
 
     def __init__(self, role: str, handle: str, message: str):
         super().__init__(f"{role} module {handle!r}: {message}")
@@ -49,8 +54,11 @@ class HubModuleError(CheckpointError):
         self.detail = message
 
 
-class HubModuleNotFoundError(HubModuleError, FileNotFoundError):
-    """A module handle cannot be resolved: missing path, or no network and no cached copy."""
+class HubModuleNotFoundError(HubModuleError, MissingCheckpointError):
+    """A module handle cannot be resolved: missing path, or no network and no cached copy.
+
+    A :class:`MissingCheckpointError`, hence also a FileNotFoundError.
+    """
 
 
 def _is_url(handle: str) -> bool:

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -337,6 +338,24 @@ def test_strategy_flags_that_do_not_fit_are_refused_before_tensorflow_starts(
         distribution.create_strategy(distribution.DistributionConfig(**config))
 
 
+def test_without_tensorflow_internals_multi_worker_start_up_falls_back_with_a_warning(
+        monkeypatch, caplog):
+    from tensorflow.compiler.xla.tsl import protobuf as tsl_protobuf
+
+    from adversarial_logit_pairing import distribution
+
+    # A TensorFlow where the internal module moved: importing it fails.
+    monkeypatch.delattr(tsl_protobuf, "coordination_config_pb2", raising=False)
+    monkeypatch.setitem(sys.modules,
+                        "tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2", None)
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": ["localhost:12345", "localhost:12346"]}))
+    with caplog.at_level("WARNING"):
+        assert distribution._configure_coordination(resolver, 5.0) is False
+    assert "lacks the internal coordination API" in caplog.text
+    assert "docs/DISTRIBUTED.md" in caplog.text
+
+
 def test_learning_rate_scale_follows_the_replicas_in_sync():
     from adversarial_logit_pairing import training
     from adversarial_logit_pairing.errors import ConfigError
@@ -438,10 +457,17 @@ def test_xla_training_step_with_attack_compiles_and_trains_on_its_adversarial_ex
     _assert_close_states(compiled, _state(model, global_step, optimizer, ema), before)
 
 
-def _op_types(dataset: tf.data.Dataset) -> set:
-    graph = tf.compat.v1.GraphDef()
-    # The serialized input pipeline: what a TPU host would run.
-    graph.ParseFromString(dataset._as_serialized_graph().numpy())
+def _op_types(make_dataset: Callable[[], tf.data.Dataset]) -> set:
+    """Op types of the input pipeline ``make_dataset`` builds: what a TPU host would run.
+
+    The pipeline is built while tracing a tf.function, whose public GraphDef then holds its
+    dataset ops and (in the function library) the map functions' ops.
+    """
+    @tf.function
+    def first_batch():
+        return next(iter(make_dataset()))
+
+    graph = first_batch.get_concrete_function().graph.as_graph_def()
     ops = {node.op for node in graph.node}
     for function in graph.library.function:
         ops.update(node.op for node in function.node_def)
@@ -452,11 +478,14 @@ def test_training_input_pipeline_has_static_shapes_and_no_python_callbacks(tmp_p
     from adversarial_logit_pairing.datasets import dataset_factory
 
     write_tiny_imagenet_tfrecords(str(tmp_path), num_train=8, num_val=8, image_size=32, seed=2)
-    dataset, _, _, _ = dataset_factory.get_dataset("tiny_imagenet", "train", 4, 32,
-                                                   is_training=True, data_dir=str(tmp_path))
-    images, labels = dataset.element_spec
+
+    def make_dataset():
+        return dataset_factory.get_dataset("tiny_imagenet", "train", 4, 32, is_training=True,
+                                           data_dir=str(tmp_path))[0]
+
+    images, labels = make_dataset().element_spec
     assert images.shape.as_list() == [4, 32, 32, 3] and labels.shape.as_list() == [4]
-    ops = _op_types(dataset)
+    ops = _op_types(make_dataset)
     assert "ParseExampleV2" in ops or "ParseSingleExample" in ops  # the real pipeline
     assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
 

@@ -64,7 +64,9 @@ class VariableFactory:
 
         Raises:
           RuntimeError: when an enclosing name scope (e.g. a TF1 graph that already holds the
-            name) changed the name, which would break checkpoint compatibility.
+            name) changed the name, which would break checkpoint compatibility. Only code
+            calling the library can cause it (the programs build each model once, eagerly),
+            so it is an internal error with a traceback, not a ``UserError``.
         """
         kwargs = {}
         if moving_statistic:

@@ -14,7 +14,10 @@ setup(
         include=["adversarial_logit_pairing*", "llr*", "tiny_imagenet_converter*"]
     ),
     install_requires=[
-        "tensorflow>=2.16",
+        # The one TensorFlow CI tests (.ci/run installs this file's pins): the multi-worker
+        # start-up deadline uses TensorFlow internals (distribution._configure_coordination),
+        # and tf-keras/tf-slim in the tests follow TensorFlow's minor version.
+        "tensorflow>=2.21,<2.22",
         "tensorflow-hub>=0.16",
         "absl-py",
         "pandas",
@@ -24,7 +27,7 @@ setup(
         "test": [
             "pytest",
             "tf-slim",
-            "tf-keras",
+            "tf-keras>=2.21,<2.22",
             "Pillow",
             "ruff",
             "scikit-learn",

@@ -9,4 +9,6 @@ Modules, each with one job as in the original:
   datasets/                 input pipelines of the original TFRecord layouts
   training, evaluation      the train and eval loops behind train.py / eval.py
   checkpoints, moving_average, optimizers   TF1-compatible state
+  atomic_files, progress, tf_error_text     outputs renamed into place when complete,
+                            progress/ETA log lines, the one useful line of a TF error
 """

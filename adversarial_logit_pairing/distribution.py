@@ -15,7 +15,9 @@ A multi-worker job never waits silently: start-up waits at most ``--worker_timeo
 every worker of ``TF_CONFIG`` to register, a collective op waits at most as long, and the
 coordination service's heartbeats (TensorFlow's default: 10 s) end every surviving worker
 with an ``UnavailableError`` when one dies. Training then stops with a :class:`ClusterError`;
-restarting all workers with the same command resumes from the last checkpoint.
+restarting all workers with the same command resumes from the last checkpoint. The start-up
+deadline needs TensorFlow internals (``_configure_coordination``); without them it falls back
+to TensorFlow's default wait, with a warning.
 
 Synchronised batch norm (``--sync_batch_norm``): the original normalised each replica's batch
 with its own statistics; ``use_cross_replica_batch_norm`` makes training-mode batch norm use
@@ -34,6 +36,7 @@ from typing import Any, Optional
 import tensorflow as tf
 from absl import flags, logging
 
+from adversarial_logit_pairing import tf_error_text
 from adversarial_logit_pairing.errors import ConfigError, UserError
 from adversarial_logit_pairing.models.layers import BatchNorm
 
@@ -77,19 +80,6 @@ def define_flags() -> None:
     flags.DEFINE_float("worker_timeout_secs", 600.0,
                        "--strategy=multi_worker: how long a worker waits for the others, at "
                        "start-up and in each collective, before stopping with an error.")
-
-
-def config_from_flags(values: Any) -> DistributionConfig:
-    """The :class:`DistributionConfig` of parsed absl flag ``values`` (e.g. ``flags.FLAGS``)."""
-    return DistributionConfig(
-        strategy=values.strategy,
-        devices=values.devices,
-        cpu_devices=values.cpu_devices,
-        tpu=values.tpu,
-        tpu_zone=values.tpu_zone,
-        gcp_project=values.gcp_project,
-        worker_timeout_secs=values.worker_timeout_secs,
-    )
 
 
 def _tf_config() -> dict:
@@ -170,28 +160,48 @@ def split_cpu(num_devices: int) -> None:
                           f"before TensorFlow starts ({exc})") from None
 
 
-def _configure_coordination(resolver: Any, timeout_secs: float) -> None:
+def _configure_coordination(resolver: Any, timeout_secs: float) -> bool:
     """Makes cluster start-up fail after ``timeout_secs`` instead of waiting forever.
 
     MultiWorkerMirroredStrategy configures the coordination service itself, without a
     registration deadline for the leader; configured here first (same leader and jobs), every
-    task waits at a registration barrier that times out.
-    """
-    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-    from tensorflow.python.eager import context
+    task waits at a registration barrier that times out. Heartbeats (a dead worker during
+    training) and the collective timeout work without this.
 
-    ctx = context.context()
-    if ctx.coordination_service is not None:
-        return
-    spec = resolver.cluster_spec()
-    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
-            for job in ("chief", "worker") if job in spec.jobs]
-    leader = "/job:chief/replica:0/task:0" if "chief" in spec.jobs else \
-        "/job:worker/replica:0/task:0"
-    ctx.configure_coordination_service(
-        service_type="standalone", service_leader=leader, coordinated_jobs=jobs,
-        cluster_register_timeout_in_ms=int(timeout_secs * 1000))
-    ctx.coordination_service.cluster_register_with_barrier = True
+    No public API sets that deadline (checked up to TF 2.21:
+    ``tf.distribute.experimental.CommunicationOptions`` bounds collectives only), so this
+    reaches into ``tensorflow.python``, which TensorFlow's compatibility promise does not
+    cover; where those internals moved, start-up waits as long as TensorFlow's default,
+    with a warning (docs/DISTRIBUTED.md), instead of failing.
+
+    Returns:
+      Whether the deadline is in place.
+    """
+    try:
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        from tensorflow.python.eager import context
+
+        ctx = context.context()
+        if ctx.coordination_service is not None:
+            return True
+        spec = resolver.cluster_spec()
+        jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+                for job in ("chief", "worker") if job in spec.jobs]
+        leader = "/job:chief/replica:0/task:0" if "chief" in spec.jobs else \
+            "/job:worker/replica:0/task:0"
+        ctx.configure_coordination_service(
+            service_type="standalone", service_leader=leader, coordinated_jobs=jobs,
+            cluster_register_timeout_in_ms=int(timeout_secs * 1000))
+        ctx.coordination_service.cluster_register_with_barrier = True
+        return True
+    except (ImportError, AttributeError, TypeError) as exc:
+        logging.warning(
+            "TensorFlow %s lacks the internal coordination API this program was tested with "
+            "(%s): --worker_timeout_secs bounds collectives but not start-up, where a missing "
+            "worker is waited for as long as TensorFlow's default allows; a worker dying "
+            "during training is still detected by heartbeats. See docs/DISTRIBUTED.md.",
+            tf.__version__, exc)
+        return False
 
 
 def _multi_worker_strategy(config: DistributionConfig) -> tf.distribute.Strategy:
@@ -220,7 +230,7 @@ def _multi_worker_strategy(config: DistributionConfig) -> tf.distribute.Strategy
         missing_text = f" (missing: {', '.join(missing)})" if missing else ""
         raise ClusterError(
             "the workers of TF_CONFIG did not all join within --worker_timeout_secs="
-            f"{config.worker_timeout_secs:g}{missing_text}: {describe_op_error(exc)}") from None
+            f"{config.worker_timeout_secs:g}{missing_text}: {tf_error_text.reason(exc)}") from None
 
 
 def _tpu_strategy(config: DistributionConfig) -> tf.distribute.Strategy:
@@ -312,24 +322,6 @@ def worker_temp_dir(output_dir: str, strategy: tf.distribute.Strategy) -> str:
     """Where a non-chief worker writes the checkpoints it must take part in (then deletes)."""
     task_id = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
     return os.path.join(output_dir, f"workertemp_{task_id}")
-
-
-def describe_op_error(exc: tf.errors.OpError) -> str:
-    """The informative line of a TensorFlow error raised inside a compiled step.
-
-    Such messages start with 'Graph execution error:' and a Python stack; the cause (e.g. which
-    task stopped sending heartbeats) follows, with the task named on the next line.
-    """
-    lines = [line.strip() for line in exc.message.splitlines()
-             if line.strip() and not line[:1].isspace()]
-    lines = [line for line in lines
-             if not line.startswith(("Graph execution error", "Detected at node", "[["))]
-    if not lines:
-        return exc.message.strip().splitlines()[0] if exc.message.strip() else type(exc).__name__
-    text = lines[0]
-    if len(lines) > 1 and lines[1].startswith("/job:"):
-        text += " " + lines[1]
-    return text
 
 
 def check_same_on_all_workers(strategy: tf.distribute.Strategy, value: int, what: str) -> None:
@@ -428,8 +420,9 @@ def use_cross_replica_batch_norm(model: tf.Module) -> int:
       The number of batch-norm layers switched.
 
     Raises:
-      ValueError: a batch-norm layer is reachable only through a container (list, dict), where
-        it cannot be switched; the model would silently keep per-replica statistics there.
+      ConfigError: (a ValueError) a batch-norm layer is reachable only through a container
+        (list, dict), where it cannot be switched; the model would silently keep per-replica
+        statistics there, so ``--sync_batch_norm`` is refused for such a model.
     """
     modules = (model, *model.submodules)
     present = {id(m): m for m in modules if isinstance(m, BatchNorm)}
@@ -443,6 +436,6 @@ def use_cross_replica_batch_norm(model: tf.Module) -> int:
                 switched[id(value)] = value
     missed = [present[key].scope for key in present if key not in switched]
     if missed:
-        raise ValueError(f"--sync_batch_norm: cannot switch the batch norm of {missed} (not an "
-                         "attribute of a module)")
+        raise ConfigError(f"--sync_batch_norm: cannot switch the batch norm of {missed} (not "
+                          "an attribute of a module)")
     return len(switched)

@@ -20,6 +20,11 @@ numbers on every run (with the same number of replicas).
 
 Under a strategy (``--strategy=mirrored`` or ``tpu``), ``eval_batch_size`` stays the global
 batch, so the same examples are counted as on one device; each replica gets its share.
+
+Progress is one absl log line every 10 batches (``progress.ProgressLog``), not
+``tf.keras.utils.Progbar``: Keras 3.15's Progbar redraws with carriage returns, backspaces and
+ANSI colours on stdout even when stdout is a file (measured: 5 updates wrote one 898-byte line
+of them), outside the timestamped absl log.
 """
 
 from __future__ import annotations
@@ -37,16 +42,19 @@ from absl import logging
 
 from adversarial_logit_pairing import (
     adversarial_attack,
+    atomic_files,
     checkpoints,
     distribution,
     model_lib,
     moving_average,
     summaries,
+    tf_error_text,
 )
 from adversarial_logit_pairing.checkpoints import EMA_SUFFIX
 from adversarial_logit_pairing.datasets import dataset_factory
 from adversarial_logit_pairing.errors import CheckpointError, ConfigError, DataError
 from adversarial_logit_pairing.models import ModelConfig, get_model_config
+from adversarial_logit_pairing.progress import ProgressLog
 from adversarial_logit_pairing.training import data_dir_for
 
 
@@ -228,7 +236,9 @@ class Evaluator:
         # ---- The loop: count hits batch by batch
         correct = top5 = seen = 0
         all_logits, all_labels = [], []
-        progress = BatchLog(self.num_batches, self.batch_size)
+        progress = ProgressLog(f"{config.adv_method or 'clean'} evaluation",
+                               self.num_batches * self.batch_size, unit="examples",
+                               every_n=10 * self.batch_size)
         batches = iter(self.strategy.experimental_distribute_dataset(
             self.dataset.take(self.num_batches)))
         for batch_index in range(self.num_batches):
@@ -242,7 +252,7 @@ class Evaluator:
                 all_logits.append(logits.numpy())
                 all_labels.append(np.concatenate(
                     [x.numpy() for x in self.strategy.experimental_local_results(labels)]))
-            progress.log(batch_index + 1)
+            progress.update(self.batch_size)
 
         # ---- Result
         self._check_seen(seen)
@@ -267,7 +277,7 @@ class Evaluator:
                 self.config.dataset, self.config.split_name, self.data_dir, self.model_config)
             raise DataError(
                 f"bad {self.config.split_name} record: {where or 'unknown record'} "
-                f"({exc.message.splitlines()[0]})"
+                f"({tf_error_text.reason(exc)})"
             ) from None
 
     def _check_seen(self, seen: int) -> None:
@@ -282,24 +292,6 @@ class Evaluator:
                 "The split ended after %d examples (%d batches), fewer than the %d requested",
                 seen, seen // self.batch_size, self.num_batches * self.batch_size,
             )
-
-
-class BatchLog:
-    """The progress line of an evaluation: every 10 batches and at the last one."""
-
-    def __init__(self, num_batches: int, batch_size: int):
-        self.num_batches, self.batch_size = num_batches, batch_size
-        self.start = time.time()
-
-    def log(self, done: int) -> None:
-        """Logs after ``done`` batches when it is time."""
-        if done % 10 and done != self.num_batches:
-            return
-        seen = done * self.batch_size
-        rate = seen / max(time.time() - self.start, 1e-9)
-        logging.info("Evaluated %d/%d batches (%.1f examples/s, ETA %.0fs)", done,
-                     self.num_batches, rate,
-                     (self.num_batches * self.batch_size - seen) / max(rate, 1e-9))
 
 
 def metric_values(correct: int, in_top5: int, seen: int) -> tuple[float, float]:
@@ -318,19 +310,31 @@ def write_predictions(path: str, labels: np.ndarray, logits: np.ndarray) -> None
     """Saves per-example ``labels``, ``logits`` and ``predictions`` (argmax) as ``.npz``.
 
     Written under a temporary name and renamed, so a reader never sees a partial file.
+
+    Raises:
+      DataError: naming ``--predictions_file`` when it cannot be written.
     """
     buffer = io.BytesIO()  # np.savez needs a seekable file; GFile (for gs:// paths) is not
     np.savez(buffer, labels=labels, logits=logits, predictions=np.argmax(logits, axis=-1))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    try:
+        atomic_files.write_file(path, buffer.getvalue())
+    except tf.errors.OpError as exc:
+        raise DataError(f"--predictions_file={path}: cannot write it "
+                        f"({tf_error_text.reason(exc)})") from None
 
 
 def append_result_line(output_file: str, eval_name: str, result: EvalResult) -> None:
-    """Appends the original's ``eval_name,accuracy,top5`` line."""
-    with tf.io.gfile.GFile(output_file, "a") as f:
-        f.write(f"{eval_name},{result.accuracy:.3f},{result.top5:.3f}\n")
+    """Appends the original's ``eval_name,accuracy,top5`` line.
+
+    Raises:
+      DataError: naming ``--output_file`` when it cannot be written.
+    """
+    try:
+        with tf.io.gfile.GFile(output_file, "a") as f:
+            f.write(f"{eval_name},{result.accuracy:.3f},{result.top5:.3f}\n")
+    except tf.errors.OpError as exc:
+        raise DataError(f"--output_file={output_file}: cannot append to it "
+                        f"({tf_error_text.reason(exc)})") from None
 
 
 def pending_checkpoints(train_dir: str, after_step: Optional[int]) -> list[tuple[int, str]]:

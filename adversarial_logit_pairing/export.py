@@ -23,7 +23,8 @@ checkpoints have no shadows). The export is one SavedModel directory offering, b
 
 ``assets.extra/alp_export.json`` records where the weights came from and how to feed the
 model. The directory is written under a temporary sibling name and renamed into place when
-complete; a non-empty ``export_dir`` is replaced only with ``overwrite``.
+complete (:mod:`adversarial_logit_pairing.atomic_files`); a non-empty ``export_dir`` is
+replaced only with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -32,15 +33,21 @@ import dataclasses
 import json
 import os
 import time
-import uuid
 from typing import Optional
 
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing import checkpoints, evaluation, model_lib, moving_average
+from adversarial_logit_pairing import (
+    atomic_files,
+    checkpoints,
+    evaluation,
+    model_lib,
+    moving_average,
+    tf_error_text,
+)
 from adversarial_logit_pairing.datasets import dataset_factory
-from adversarial_logit_pairing.errors import ConfigError
+from adversarial_logit_pairing.errors import ConfigError, DataError
 from adversarial_logit_pairing.models import ImageClassifier, ModelConfig, get_model_config
 
 FORMATS = ("saved_model", "hub", "both")
@@ -83,7 +90,7 @@ def _checkpoint_class_count(model_config: ModelConfig, checkpoint_path: str
     ``logits/biases``, Inception's ``Logits/Conv2d_1c_1x1/biases``, EfficientNet's
     ``head/dense/bias``); its plain or moving-average entry gives the class count.
     """
-    shapes = tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()
+    shapes = checkpoints.variable_shapes(checkpoint_path)
     for scope in model_config.classifier_scopes:
         prefix = scope.rstrip("/") + "/"
         for name in sorted(shapes):
@@ -105,6 +112,7 @@ def resolve_num_classes(model_name: str, checkpoint_path: str, num_classes: Opti
     Raises:
       ConfigError: an unknown model or data set, a class count that disagrees with the data
         set's, or nothing to take the count from.
+      CheckpointError: the checkpoint has to be read and cannot be.
     """
     model_config = get_model_config(model_name)
     dataset_classes = None
@@ -205,35 +213,28 @@ def write_export(root: tf.train.Checkpoint, export_dir: str, metadata: dict,
                  overwrite: bool = False) -> str:
     """Saves ``root`` (with ``metadata`` as JSON) into ``export_dir``, atomically.
 
-    The SavedModel is written into a temporary sibling directory, then renamed into place; an
-    existing directory is moved aside first and deleted last, so ``export_dir`` never holds a
-    partial export (if the final rename fails, the old one is left as ``<dir>.old-*``).
+    The SavedModel is written and replaced as :mod:`atomic_files` says, so ``export_dir``
+    never holds a partial export.
 
     Raises:
       ConfigError: ``export_dir`` is a file, or a non-empty directory without ``overwrite``.
+      DataError: its parent directory cannot be created.
     """
     export_dir = export_dir.rstrip("/") or export_dir
     _prepare_destination(export_dir, overwrite)
     parent = os.path.dirname(export_dir)
     if parent:
-        tf.io.gfile.makedirs(parent)
-    token = uuid.uuid4().hex[:8]
-    tmp_dir = f"{export_dir}.tmp-{token}"
-    old_dir = f"{export_dir}.old-{token}"
+        try:
+            tf.io.gfile.makedirs(parent)
+        except tf.errors.OpError as exc:
+            raise DataError(f"--export_dir={export_dir}: cannot create {parent} "
+                            f"({tf_error_text.reason(exc)})") from None
     signatures = {SIGNATURE_KEY: root.serve} if hasattr(root, "serve") else None
-    try:
-        tf.saved_model.save(root, tmp_dir, signatures=signatures)
-        tf.io.gfile.makedirs(os.path.dirname(os.path.join(tmp_dir, METADATA_PATH)))
-        with tf.io.gfile.GFile(os.path.join(tmp_dir, METADATA_PATH), "w") as f:
+    with atomic_files.staged(export_dir) as staging:
+        tf.saved_model.save(root, staging, signatures=signatures)
+        tf.io.gfile.makedirs(os.path.dirname(os.path.join(staging, METADATA_PATH)))
+        with tf.io.gfile.GFile(os.path.join(staging, METADATA_PATH), "w") as f:
             f.write(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        if tf.io.gfile.exists(export_dir):
-            tf.io.gfile.rename(export_dir, old_dir)
-        tf.io.gfile.rename(tmp_dir, export_dir)
-    finally:
-        if tf.io.gfile.exists(tmp_dir):
-            tf.io.gfile.rmtree(tmp_dir)
-    if tf.io.gfile.exists(old_dir):
-        tf.io.gfile.rmtree(old_dir)
     return export_dir
 
 
@@ -242,8 +243,8 @@ def export(config: ExportConfig) -> ExportResult:
 
     Raises:
       ConfigError: bad flags or an occupied export directory.
-      MissingDataError: no checkpoint at ``config.checkpoint_path``.
-      CheckpointError: the checkpoint does not fit the model.
+      MissingCheckpointError: no checkpoint at ``config.checkpoint_path``.
+      CheckpointError: the checkpoint cannot be read or does not fit the model.
     """
     if not config.export_dir:
         raise ConfigError("--export_dir has to be provided")

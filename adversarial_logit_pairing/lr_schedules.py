@@ -2,8 +2,10 @@
 
 A schedule is a callable ``schedule(global_step) -> float32 scalar tensor`` that works eagerly,
 inside ``tf.function`` and under XLA, for a Python int or an int64 tensor/variable step. The
-arithmetic follows ``tf.compat.v1.train.exponential_decay`` and ``piecewise_constant`` op by op
-(float32, step cast to float32 for the decay), so the values are the ones TF1 produced.
+decaying ones call TensorFlow's own ``tf.compat.v1.train.exponential_decay`` and
+``piecewise_constant``, the functions the original called, so the values are TF1's by
+construction; these classes add what the original did around them (the multiplication by
+``replicas_to_aggregate``, a single-value 'step' list) and the checks that give a clear error.
 """
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ from adversarial_logit_pairing.hparams import validate
 Step = Union[int, tf.Tensor, tf.Variable]
 
 
+def _evaluated(rate: Any) -> tf.Tensor:
+    # Eagerly the compat.v1 decay functions return a no-argument callable; in a graph (inside
+    # tf.function) they return the tensor itself.
+    return rate() if callable(rate) else rate
+
+
 class LearningRateSchedule:
     """Base class: ``schedule(step)`` is the rate before scaling, times ``scale``.
 
-    ``scale`` is the original's multiplication by ``replicas_to_aggregate`` (the synchronous
-    replicas summed their gradients, so the rate grew with their number).
+    ``scale`` is the original's multiplication by ``replicas_to_aggregate``: its
+    SyncReplicasOptimizer averaged that many gradients into one update, and the larger rate
+    made up for the fewer updates.
     """
 
     def __init__(self, scale: float = 1.0) -> None:
@@ -40,21 +49,23 @@ class LearningRateSchedule:
 
 
 class StaircaseExponentialDecay(LearningRateSchedule):
-    """``learning_rate * decay_factor ** floor(step / decay_steps)``."""
+    """``learning_rate * decay_factor ** floor(step / decay_steps)``.
+
+    Raises ConfigError (a ValueError) for ``decay_steps`` < 1: it comes from the hparams.
+    """
 
     def __init__(self, learning_rate: float, decay_steps: int, decay_factor: float,
                  scale: float = 1.0) -> None:
         super().__init__(scale)
         if decay_steps < 1:
-            raise ValueError(f"decay_steps must be >= 1, got {decay_steps}")
+            raise ConfigError(f"decay_steps must be >= 1, got {decay_steps}")
         self.learning_rate = learning_rate
         self.decay_steps = decay_steps
         self.decay_factor = decay_factor
 
     def unscaled(self, step: Step) -> tf.Tensor:
-        initial = tf.constant(self.learning_rate, tf.float32)
-        p = tf.math.floor(tf.cast(step, tf.float32) / tf.constant(self.decay_steps, tf.float32))
-        return initial * tf.pow(tf.constant(self.decay_factor, tf.float32), p)
+        return _evaluated(tf.compat.v1.train.exponential_decay(
+            self.learning_rate, step, self.decay_steps, self.decay_factor, staircase=True))
 
     def __repr__(self) -> str:
         return (f"StaircaseExponentialDecay(learning_rate={self.learning_rate}, "
@@ -66,29 +77,30 @@ class PiecewiseConstant(LearningRateSchedule):
     """``values[i]`` for ``boundaries[i-1] < step <= boundaries[i]`` (TF1 piecewise_constant).
 
     ``values[0]`` applies up to and including ``boundaries[0]``, ``values[-1]`` after the last
-    boundary; ``boundaries`` must not decrease.
+    boundary; ``boundaries`` must not decrease. Other lists raise ConfigError (a ValueError):
+    they come from the hparams ``lr_list`` and ``lr_decay_epochs``.
     """
 
     def __init__(self, boundaries: Sequence[int], values: Sequence[float],
                  scale: float = 1.0) -> None:
         super().__init__(scale)
         if len(values) != len(boundaries) + 1:
-            raise ValueError(f"need len(values) == len(boundaries) + 1, got {len(values)} "
+            raise ConfigError(f"need len(values) == len(boundaries) + 1, got {len(values)} "
                              f"values and {len(boundaries)} boundaries")
         if any(b < a for a, b in zip(boundaries, boundaries[1:])):
-            raise ValueError(f"boundaries must not decrease, got {list(boundaries)}")
+            raise ConfigError(f"boundaries must not decrease, got {list(boundaries)}")
         self.boundaries = [int(b) for b in boundaries]
         self.values = [float(v) for v in values]
 
     def unscaled(self, step: Step) -> tf.Tensor:
-        values = tf.constant(self.values, tf.float32)
         if not self.boundaries:
-            return values[0]
-        step = tf.cast(step, tf.int64)
-        # With non-decreasing boundaries, the index of the active value is the number of
-        # boundaries strictly below the step; this is what TF1's exclusive tf.case selects.
-        passed = tf.cast(step > tf.constant(self.boundaries, tf.int64), tf.int32)
-        return tf.gather(values, tf.reduce_sum(passed))
+            # TF1's piecewise_constant fails without a boundary (IndexError); one value
+            # means that rate at every step.
+            return tf.constant(self.values[0], tf.float32)
+        # int64 step and boundaries: TF1 promotes only int32 boundaries to an int64 step.
+        return _evaluated(tf.compat.v1.train.piecewise_constant(
+            tf.cast(step, tf.int64), [tf.constant(b, tf.int64) for b in self.boundaries],
+            [tf.constant(v, tf.float32) for v in self.values]))
 
     def __repr__(self) -> str:
         return (f"PiecewiseConstant(boundaries={self.boundaries}, values={self.values}, "

@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import tensorflow as tf
 
+from adversarial_logit_pairing.checkpoints import variable_name
 from adversarial_logit_pairing.hparams import HParams, default_hparams
 from adversarial_logit_pairing.lr_schedules import get_lr_schedule
 from adversarial_logit_pairing.models import ImageClassifier, create_model
@@ -52,12 +53,6 @@ def parse_scopes(scopes: Union[None, str, Iterable[str]]) -> list[str]:
     if isinstance(scopes, str):
         scopes = scopes.split(",")
     return [scope.strip() for scope in scopes if scope and scope.strip()]
-
-
-def variable_name(variable: tf.Variable) -> str:
-    """The TF1 name of a variable (``v.op.name`` in TF1): its name without ``:0``."""
-    name = variable.name
-    return name[: name.rindex(":")] if ":" in name else name
 
 
 def filter_trainable_variables(

@@ -8,6 +8,15 @@ so the port applies the very training kernels TF1 used (``ResourceApplyRMSProp``
 (``<var>/RMSProp``, ``<var>/RMSProp_1``, ``<var>/Momentum``, ``<var>/Adam``, ``<var>/Adam_1``,
 ``beta1_power``, ``beta2_power``).
 
+Why not ``tf.compat.v1.train.RMSPropOptimizer`` (and ``Momentum``/``Adam``) itself: on one device it
+gives the same numbers at the same speed (``bench/tf_parts.py``, resnet_v2_50: difference 0,
+1.07-1.11x our step time in two runs), but under ``MirroredStrategy`` its ``apply_gradients`` SUMS
+the replicas' gradients (its ``compute_gradients`` divides the loss instead), so RMSProp moved
+elsewhere (2 CPU replicas, 3 steps: -0.0641 where the mean gradient gives 0.2839); dividing the
+gradients first matches only for a power-of-two replica count (3 replicas: 64 of 1000 values differ
+in the last bit), and in a cross-replica context it raises ``RuntimeError: Use
+_distributed_apply()`` (TF 2.21, measured).
+
 ``apply_gradients`` follows TF1 step semantics: the learning rate is computed from
 ``global_step`` BEFORE the step increments it, every variable is updated, then ``global_step``
 grows by one.
@@ -28,15 +37,10 @@ from typing import Any, Union
 
 import tensorflow as tf
 
+from adversarial_logit_pairing.checkpoints import variable_name
 from adversarial_logit_pairing.errors import ConfigError
 
 LearningRate = Union[float, Callable[[Any], Any]]
-
-
-def tf1_name(variable: tf.Variable) -> str:
-    """The TF1 name of a variable (``v.op.name``): ``v.name`` without the ``:0`` suffix."""
-    name = variable.name
-    return name[: name.rindex(":")] if ":" in name else name
 
 
 def _key(variable: tf.Variable) -> Any:
@@ -82,15 +86,15 @@ class TF1Optimizer(tf.Module):
                 if (isinstance(var, tf.distribute.DistributedValues)
                         and not tf.distribute.has_strategy()):
                     raise ValueError(
-                        f"{type(self).__name__}.build: '{tf1_name(var)}' is a distributed "
+                        f"{type(self).__name__}.build: '{variable_name(var)}' is a distributed "
                         "variable; call build() under strategy.scope()"
                     )
                 slots = []
                 with strategy.extended.colocate_vars_with(var):
                     for index, (_, initial) in enumerate(self.SLOTS):
-                        name = f"{tf1_name(var)}/{self.name}" + (f"_{index}" if index else "")
+                        name = f"{variable_name(var)}/{self.name}" + (f"_{index}" if index else "")
                         if name in self._by_name:
-                            raise ValueError(f"two variables are named '{tf1_name(var)}'; "
+                            raise ValueError(f"two variables are named '{variable_name(var)}'; "
                                              "their optimizer slots would share a name")
                         slot = tf.Variable(
                             tf.fill(var.shape, tf.constant(initial, var.dtype.base_dtype)),
@@ -140,7 +144,7 @@ class TF1Optimizer(tf.Module):
         if missing:
             if tf.inside_function():
                 raise ValueError(
-                    f"{type(self).__name__}: slots of {[tf1_name(v) for v in missing]} do not "
+                    f"{type(self).__name__}: slots of {[variable_name(v) for v in missing]} do not "
                     "exist; call build(var_list) eagerly before the compiled step"
                 )
             self.build(missing)

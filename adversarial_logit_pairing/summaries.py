@@ -7,6 +7,13 @@ image summary is one ``Summary.Image`` (PNG, height, width, colorspace) per imag
 both ops (they need no TensorBoard install), so this module runs them and hands the serialized
 ``Summary`` to the default ``tf.summary`` writer with ``write_raw_pb``: the event files hold the
 same tags, value kinds and pixels as the original's, and TensorBoard shows them the same way.
+
+Why not ``tf.summary.scalar``/``image``: without TensorBoard installed they raise
+``TBNotInstalledError`` (TF 2.21), and with tensorboard 2.21 they write TF2 summaries (measured):
+a scalar as a float32 ``tensor`` value with ``scalars`` plugin metadata instead of a
+``simple_value``, and the images as ONE tag ``images`` holding a string tensor instead of TF1's
+``images/image/0``, ``images/image/1``, ... (tests/test_summaries.py pins the TF1 form); the
+event-file writer itself is TensorFlow's (``tf.summary.create_file_writer``).
 """
 
 from __future__ import annotations

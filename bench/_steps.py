@@ -25,6 +25,7 @@ import tensorflow as tf  # noqa: E402
 
 from adversarial_logit_pairing import adversarial_attack, model_lib  # noqa: E402
 from adversarial_logit_pairing.datasets import dataset_factory  # noqa: E402
+from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET  # noqa: E402
 from adversarial_logit_pairing.models import (  # noqa: E402
     ImageClassifier,
     create_model,
@@ -84,7 +85,8 @@ def attack_fn(model: ImageClassifier, description: str) -> Callable:
 
 
 def make_train_step(model_name: str, attack: str = "pgdll_16_2_10", lp_weight: float = 0.5,
-                    num_classes: int = 200, compute_dtype: str = "float32",
+                    num_classes: int = TINY_IMAGENET.stored_classes,
+                    compute_dtype: str = "float32",
                     moving_average_decay: float = 0.9999) -> tuple[Callable, ImageClassifier]:
     """What ``train.py`` builds and runs each step, without data or checkpoints.
 
@@ -101,7 +103,7 @@ def make_train_step(model_name: str, attack: str = "pgdll_16_2_10", lp_weight: f
     strategy = tf.distribute.get_strategy()
     state = training.build_train_state(
         strategy, model_name, num_classes, hparams,
-        dataset_factory.examples_per_epoch("tiny_imagenet", "train"),
+        TINY_IMAGENET.examples_per_epoch["train"],
         moving_average_decay=moving_average_decay, compute_dtype=compute_dtype)
     step = training.make_train_step(strategy, state.model, state.trainable, state.optimizer,
                                     state.ema, state.global_step, hparams, num_classes, BOUNDS,

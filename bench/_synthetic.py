@@ -13,6 +13,14 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from adversarial_logit_pairing.datasets.dataset_facts import IMAGENET, TINY_IMAGENET
+from adversarial_logit_pairing.datasets.tfrecord_files import (
+    bytes_feature,
+    float_feature,
+    int64_feature,
+    make_example,
+)
+
 _DISTINCT_IMAGES = 48  # generated pictures, reused cyclically across records
 
 
@@ -33,21 +41,15 @@ def _jpeg(image: np.ndarray) -> bytes:
     return tf.io.encode_jpeg(image, quality=90).numpy()
 
 
-def _example(features: dict) -> bytes:
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
-
-
 def write_tiny_imagenet(directory: str, count: int, rng: np.random.Generator,
-                        filename: str = "train.tfrecord") -> float:
+                        filename: str = TINY_IMAGENET.file_patterns["train"]) -> float:
     """``filename`` with ``count`` 64x64 JPEG records; returns the mean JPEG size in bytes."""
     images = [_jpeg(synthetic_photo(64, 64, rng)) for _ in range(_DISTINCT_IMAGES)]
     with tf.io.TFRecordWriter(os.path.join(directory, filename)) as writer:
         for i in range(count):
-            writer.write(_example({
-                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
-                    value=[images[i % len(images)]])),
-                "label/tiny_imagenet": tf.train.Feature(int64_list=tf.train.Int64List(
-                    value=[i % 200])),
+            writer.write(make_example({
+                "image/encoded": bytes_feature(images[i % len(images)]),
+                "label/tiny_imagenet": int64_feature(i % TINY_IMAGENET.stored_classes),
             }))
     return float(np.mean([len(image) for image in images]))
 
@@ -64,18 +66,12 @@ def write_imagenet(directory: str, count: int, num_shards: int,
         with tf.io.TFRecordWriter(path) as writer:
             for i in range(shard, count, num_shards):
                 box = sorted(rng.uniform(0, 1, size=2)), sorted(rng.uniform(0, 1, size=2))
-
-                def floats(value):
-                    return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
-
-                writer.write(_example({
-                    "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
-                        value=[images[i % len(images)]])),
-                    "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(
-                        value=[1 + i % 1000])),
-                    "image/object/bbox/xmin": floats(box[0][0]),
-                    "image/object/bbox/xmax": floats(box[0][1]),
-                    "image/object/bbox/ymin": floats(box[1][0]),
-                    "image/object/bbox/ymax": floats(box[1][1]),
+                writer.write(make_example({
+                    "image/encoded": bytes_feature(images[i % len(images)]),
+                    "image/class/label": int64_feature(1 + i % IMAGENET.stored_classes),
+                    "image/object/bbox/xmin": float_feature(box[0][0]),
+                    "image/object/bbox/xmax": float_feature(box[0][1]),
+                    "image/object/bbox/ymin": float_feature(box[1][0]),
+                    "image/object/bbox/ymax": float_feature(box[1][1]),
                 }))
     return float(np.mean([len(image) for image in images]))

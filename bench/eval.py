@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from adversarial_logit_pairing import checkpoints, evaluation  # noqa: E402
+from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET  # noqa: E402
 from bench import _steps, _timing  # noqa: E402
 from bench._synthetic import write_tiny_imagenet  # noqa: E402
 
@@ -52,10 +53,11 @@ def main(argv: list[str]) -> None:
         data_dir = os.path.join(work_dir, "data")
         os.makedirs(data_dir)
         write_tiny_imagenet(data_dir, max(examples.values()), np.random.default_rng(0),
-                            filename="validation.tfrecord")
-        model = _steps.build_model(FLAGS.model, 200)
+                            filename=TINY_IMAGENET.file_patterns["validation"])
+        model = _steps.build_model(FLAGS.model, TINY_IMAGENET.stored_classes)
         checkpoint = checkpoints.save(model.variables_by_name, os.path.join(work_dir, "ckpt"), 0)
-        images, labels = _steps.images_and_labels(batch, FLAGS.image_size, 200)
+        images, labels = _steps.images_and_labels(batch, FLAGS.image_size,
+                                                  TINY_IMAGENET.stored_classes)
         gradient = _steps.input_gradient_fn(model)
         forward = _steps.forward_fn(model)
         contenders, fixed = {}, {}

@@ -22,11 +22,13 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
+from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet_v2_50", "Registered model name")
 flags.DEFINE_integer("image_size", 64, "Image side")
 flags.DEFINE_integer("batch_size", 32, "Clean images per step")
-flags.DEFINE_integer("num_classes", 200, "Logits width")
+flags.DEFINE_integer("num_classes", TINY_IMAGENET.stored_classes, "Logits width")
 flags.DEFINE_integer("steps", 3, "Steps to run")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure")
 flags.DEFINE_string("child", None, "Internal: measure this dtype and print JSON")

@@ -29,13 +29,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET  # noqa: E402
 from bench import _timing  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet_v2_50", "Registered model name")
 flags.DEFINE_integer("image_size", 64, "Image side")
 flags.DEFINE_integer("batch_size", 32, "Images per pass")
-flags.DEFINE_integer("num_classes", 200, "Logits width")
+flags.DEFINE_integer("num_classes", TINY_IMAGENET.stored_classes, "Logits width")
 flags.DEFINE_string("compute_dtype", "float32", "float32 or bfloat16")
 flags.DEFINE_integer("repetitions", 5, "Traced runs after two warm-up runs")
 flags.DEFINE_integer("top", 12, "Op types listed")

@@ -27,13 +27,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET  # noqa: E402
 from bench import _steps, _timing  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet_v2_50", "Registered model name")
 flags.DEFINE_integer("image_size", 64, "Image side")
 flags.DEFINE_integer("batch_size", 32, "Clean images per step (the ALP step trains on 2x)")
-flags.DEFINE_integer("num_classes", 200, "Logits width (Tiny ImageNet: 200)")
+flags.DEFINE_integer("num_classes", TINY_IMAGENET.stored_classes, "Logits width (Tiny ImageNet)")
 flags.DEFINE_integer("repetitions", 5, "Timed rounds after one warm-up round")
 flags.DEFINE_integer("fit_steps", 3, "Steps per timed Keras fit call (and per clean round)")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure")

@@ -8,7 +8,6 @@ name.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 from absl import flags, logging
@@ -39,7 +38,7 @@ def main(argv: Sequence[str]) -> None:
         # Check every split before writing any, so a typo does not leave half the work done.
         data.list_examples(FLAGS.data_dir, split)
     for split in FLAGS.splits:
-        output = os.path.join(FLAGS.output_dir, f"{split}.tfrecord")
+        output = data.tfrecord_path(FLAGS.output_dir, split)
         count = data.write_tfrecord(FLAGS.data_dir, split, output, shuffle_seed=seed)
         logging.info("Wrote %d examples of %s to %s", count, split, output)
         print(f"{split}: {count} examples -> {output}")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-import uuid
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
@@ -24,7 +22,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from adversarial_logit_pairing import atomic_files, tf_error_text
+from adversarial_logit_pairing.datasets import tfrecord_files
 from adversarial_logit_pairing.errors import DataError, MissingDataError
+from adversarial_logit_pairing.progress import ProgressLog
 
 CLASS_NAMES = ("bicycle", "bird")
 BICYCLE, BIRD = 0, 1
@@ -104,6 +105,13 @@ def list_examples(data_dir: str, split: str) -> list[Example]:
     return examples
 
 
+def _in_seeded_order(examples: list[Example], seed: Optional[int]) -> list[Example]:
+    """A seeded permutation of ``examples`` (None: as they are), mixing the two classes."""
+    if seed is None:
+        return examples
+    return [examples[i] for i in np.random.default_rng(seed).permutation(len(examples))]
+
+
 def image_format(encoded: bytes) -> str:
     """'jpeg' or 'png' from the file's magic bytes; '' for anything else."""
     if encoded[:3] == b"\xff\xd8\xff":
@@ -147,13 +155,7 @@ def _decode(encoded: bytes, source: str) -> tf.Tensor:
     try:
         return tf.io.decode_image(encoded, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-        raise DataError(f"{source}: cannot decode the image: {_op_message(exc)}") from None
-
-
-def _op_message(exc: tf.errors.OpError) -> str:
-    """An op error's message without TF's function-node prefix and op suffix."""
-    message = re.sub(r"\{\{[^}]*\}\}\s*", "", exc.message)
-    return re.sub(r"\s*\[Op:\w+\].*$", "", message).strip()
+        raise DataError(f"{source}: cannot decode the image: {tf_error_text.reason(exc)}") from None
 
 
 def _read_file(path: str) -> bytes:
@@ -184,10 +186,10 @@ def _tfrecord_records(path: str) -> Iterator[tuple[int, dict]]:
                 parsed = tf.io.parse_single_example(serialized, _FEATURES)
             except tf.errors.InvalidArgumentError as exc:
                 raise DataError(f"{path}, record {index}: not a bird-or-bicycle example "
-                                f"({_op_message(exc)})") from None
+                                f"({tf_error_text.reason(exc)})") from None
             yield index, parsed
     except tf.errors.DataLossError as exc:
-        raise DataError(f"{path}: corrupted TFRecord file ({_op_message(exc)})") from None
+        raise DataError(f"{path}: corrupted TFRecord file ({tf_error_text.reason(exc)})") from None
 
 
 def find_split(data_dir: str, split: str) -> tuple[str, str]:
@@ -246,10 +248,7 @@ def iterate_split(
         raise DataError(f"batch size must be >= 1, got {batch_size}")
 
     def from_folder():
-        examples = list_examples(data_dir, split)
-        if shuffle_seed is not None:
-            order = np.random.default_rng(shuffle_seed).permutation(len(examples))
-            examples = [examples[i] for i in order]
+        examples = _in_seeded_order(list_examples(data_dir, split), shuffle_seed)
         if num_examples >= 0:
             examples = examples[:num_examples]
         for ex in examples:
@@ -271,19 +270,15 @@ def iterate_split(
     yield from _batched(from_folder() if kind == "folder" else from_tfrecord(), batch_size)
 
 
-def make_tf_example(encoded: bytes, label: int, image_id: str) -> tf.train.Example:
-    """A TFRecord example of one image (the original file bytes, not re-encoded)."""
-
-    def bytes_feature(value: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    return tf.train.Example(features=tf.train.Features(feature={
-        FEATURE_ENCODED: bytes_feature(encoded),
-        FEATURE_FORMAT: bytes_feature(image_format(encoded).encode("ascii")),
-        FEATURE_ID: bytes_feature(image_id.encode("utf8")),
-        FEATURE_LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        FEATURE_TEXT: bytes_feature(CLASS_NAMES[label].encode("ascii")),
-    }))
+def make_tf_example(encoded: bytes, label: int, image_id: str) -> bytes:
+    """A serialized TFRecord example of one image (the original file bytes, not re-encoded)."""
+    return tfrecord_files.make_example({
+        FEATURE_ENCODED: tfrecord_files.bytes_feature(encoded),
+        FEATURE_FORMAT: tfrecord_files.bytes_feature(image_format(encoded)),
+        FEATURE_ID: tfrecord_files.bytes_feature(image_id),
+        FEATURE_LABEL: tfrecord_files.int64_feature(label),
+        FEATURE_TEXT: tfrecord_files.bytes_feature(CLASS_NAMES[label]),
+    })
 
 
 def write_tfrecord(data_dir: str, split: str, output_path: str,
@@ -306,23 +301,13 @@ def write_tfrecord(data_dir: str, split: str, output_path: str,
     Raises:
       MissingDataError, DataError: as :func:`list_examples` and :func:`decode_image`.
     """
-    examples = list_examples(data_dir, split)
-    if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(len(examples))
-        examples = [examples[i] for i in order]
+    examples = _in_seeded_order(list_examples(data_dir, split), shuffle_seed)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    staging = f"{output_path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with tf.io.TFRecordWriter(staging) as writer:
-            for count, ex in enumerate(examples, 1):
-                encoded = _read_file(ex.path)
-                _decode(encoded, ex.path)
-                writer.write(make_tf_example(encoded, ex.label, ex.image_id)
-                             .SerializeToString())
-                if count % 1000 == 0:
-                    logging.info("%s: converted %d/%d images", split, count, len(examples))
-        os.replace(staging, output_path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+    progress = ProgressLog(split, len(examples), every_n=1000)
+    with atomic_files.staged(output_path) as staging, tf.io.TFRecordWriter(staging) as writer:
+        for ex in examples:
+            encoded = _read_file(ex.path)
+            _decode(encoded, ex.path)
+            writer.write(make_tf_example(encoded, ex.label, ex.image_id))
+            progress.update()
     return len(examples)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from absl import flags, logging
 
-from adversarial_logit_pairing.cli import run_program
+from adversarial_logit_pairing.cli import config_from_flags, run_program
 from adversarial_logit_pairing.errors import ConfigError
 from llr import corruptions, data, evaluation, hub_model, spatial, spsa
 
@@ -85,28 +85,11 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.INFO)
     if not FLAGS.data_dir:
         raise ConfigError("--data_dir is required (the folder holding <split>/{bicycle,bird}/)")
-    settings = evaluation.EvalSettings(
-        data_dir=FLAGS.data_dir,
-        split=FLAGS.split,
-        batch_size=FLAGS.batch_size,
-        image_size=FLAGS.image_size,
-        num_examples=FLAGS.num_examples,
-        seed=FLAGS.seed,
+    settings = config_from_flags(
+        evaluation.EvalSettings,
         spatial_limits=_numbers("spatial_limits", FLAGS.spatial_limits),
         spatial_grid=_numbers("spatial_grid", FLAGS.spatial_grid, int),
-        spatial_black_border=FLAGS.spatial_black_border,
-        pgd_eps=FLAGS.pgd_eps,
-        pgd_step_size=FLAGS.pgd_step_size,
-        pgd_iters=FLAGS.pgd_iters,
-        spsa_eps=FLAGS.spsa_eps,
-        spsa_steps=FLAGS.spsa_steps,
-        spsa_samples=FLAGS.spsa_samples,
-        spsa_learning_rate=FLAGS.spsa_learning_rate,
-        spsa_delta=FLAGS.spsa_delta,
-        spsa_random_spatial=FLAGS.spsa_random_spatial,
-        spsa_batch_size=FLAGS.spsa_batch_size,
         corruptions=tuple(FLAGS.corruptions),
-        corruption_severity=FLAGS.corruption_severity,
     )
     attacks = evaluation.parse_attacks(FLAGS.attacks)
     evaluation.check_settings(settings)

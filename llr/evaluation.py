@@ -5,9 +5,12 @@ the challenge's accuracy at 80% and at 100% coverage (see :mod:`llr.coverage`). 
 
 * ``clean``: the images as they are.
 * ``spatial_grid``: the worst of 5x5x31 rotations and translations per image (:mod:`llr.spatial`).
-* ``pgd``, ``pgd_EPS_STEP_NITER``: white-box L-infinity PGD through both modules against the
-  true label (the project's :func:`adversarial_logit_pairing.adversarial_attack.pgd`); EPS and
-  STEP on the 0..255 scale (images are in [0,1], so 16 means 16/255).
+* ``pgd``, ``pgd_EPS_STEP_NITER``: white-box L-infinity PGD through both modules (the project's
+  :func:`adversarial_logit_pairing.adversarial_attack.pgd`). The name is ALP's attack
+  description, parsed by ``adversarial_attack.parse_attack_description`` with its limits, but
+  the attack differs on purpose: it moves away from the TRUE label, as the challenge's PGD did,
+  where ALP's ``pgd`` moves away from the model's prediction. EPS and STEP are on the 0..255
+  scale (images are in [0,1], so 16 means 16/255). ALP's ``pgdll``/``pgdrnd`` are not offered.
 * ``spsa``: gradient-free SPSA, eps 16/255, after one random rotation and translation as in the
   challenge (:mod:`llr.spsa`).
 * ``common_corruptions``: per image, the worst of the selected corruptions; or one corruption
@@ -23,23 +26,20 @@ import dataclasses
 import io
 import json
 import os
-import re
 import time
-import uuid
 from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing import adversarial_attack
+from adversarial_logit_pairing import adversarial_attack, atomic_files
 from adversarial_logit_pairing.errors import ConfigError, DataError
+from adversarial_logit_pairing.progress import ProgressLog
 from llr import corruptions, coverage, data, spatial, spsa
-from llr.progress import ProgressLog
 
 BASE_ATTACKS = ("clean", "spatial_grid", "pgd", "spsa", "common_corruptions")
 DEFAULT_ATTACKS = ",".join(BASE_ATTACKS)
-_PGD_RE = re.compile(r"^pgd_(\d+)_(\d+)_(\d+)$")
 
 Attack = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
@@ -98,9 +98,8 @@ def parse_attacks(text: str) -> list[str]:
     if not names:
         raise ConfigError("--attacks is empty; choose from " + _valid_attacks())
     for name in names:
-        if _PGD_RE.match(name):
-            _pgd_spec(name)
-        elif name not in BASE_ATTACKS and name not in corruptions.CORRUPTIONS:
+        known = name in BASE_ATTACKS or name in corruptions.CORRUPTIONS
+        if _pgd_spec(name) is None and not known:
             raise ConfigError(f"--attacks: unknown attack {name!r}; choose from "
                               + _valid_attacks())
     repeated = sorted({name for name in names if names.count(name) > 1})
@@ -109,12 +108,15 @@ def parse_attacks(text: str) -> list[str]:
     return names
 
 
-def _pgd_spec(name: str) -> adversarial_attack.AttackSpec:
-    """EPS, STEP and NITER of ``pgd_EPS_STEP_NITER``, with ALP's limits (EPS, STEP in 1..255).
+def _pgd_spec(name: str) -> Optional[adversarial_attack.AttackSpec]:
+    """EPS, STEP and NITER of ``pgd_EPS_STEP_NITER`` (ALP's grammar and limits); None for
+    names of other attacks.
 
     Raises:
-      ConfigError: naming the attack when a number is out of range.
+      ConfigError: naming the attack when it is malformed or a number is out of range.
     """
+    if not name.startswith("pgd_"):
+        return None
     try:
         return adversarial_attack.parse_attack_description(name)
     except ConfigError as exc:
@@ -137,7 +139,13 @@ def check_settings(settings: EvalSettings) -> None:
          "--spatial_grid takes 3 positive integers: n_dx,n_dy,n_angle"),
         (0.0 <= settings.spatial_black_border < 0.5, "--spatial_black_border must be in [0, 0.5)"),
         (settings.pgd_iters >= 1, "--pgd_iters must be >= 1"),
+        (settings.pgd_eps > 0 and settings.pgd_step_size > 0,
+         "--pgd_eps and --pgd_step_size must be > 0"),
         (settings.spsa_steps >= 1, "--spsa_steps must be >= 1"),
+        (settings.spsa_eps > 0, "--spsa_eps must be > 0"),
+        (settings.spsa_delta > 0, "--spsa_delta must be > 0 (the gradient estimate divides "
+         "by it)"),
+        (settings.spsa_learning_rate > 0, "--spsa_learning_rate must be > 0"),
         (settings.spsa_samples >= 2 and settings.spsa_samples % 2 == 0,
          "--spsa_samples must be even and >= 2 (half of the probes are mirrored)"),
         (settings.spsa_batch_size >= 1, "--spsa_batch_size must be >= 1"),
@@ -175,10 +183,9 @@ def make_attack(name: str, model, settings: EvalSettings) -> Attack:
             return result.images.numpy()
         return spatial_grid
 
-    match = _PGD_RE.match(name)
-    if name == "pgd" or match:
-        if match:
-            spec = _pgd_spec(name)
+    spec = _pgd_spec(name)
+    if name == "pgd" or spec:
+        if spec:
             eps, step, iters = spec.eps, spec.step, spec.num_iter
         else:
             eps, step, iters = settings.pgd_eps, settings.pgd_step_size, settings.pgd_iters
@@ -298,15 +305,15 @@ def csv_text(records: list[dict]) -> str:
 
 
 def write_results(path: str, records: list[dict]) -> None:
-    """Writes JSON lines (CSV when ``path`` ends in .csv); the file appears only when complete."""
+    """Writes JSON lines (CSV when ``path`` ends in .csv); the file appears only when complete.
+
+    Raises:
+      DataError: naming ``--output_file`` when it cannot be written.
+    """
     text = csv_text(records) if path.lower().endswith(".csv") else json_lines(records)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    staging = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
     try:
-        with open(staging, "w") as f:
-            f.write(text)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_files.write_file(path, text)
+    except (OSError, tf.errors.OpError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "message", None) or exc
+        raise DataError(f"--output_file={path}: cannot write it ({reason})") from None

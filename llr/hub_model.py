@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-import tempfile
 from typing import Any
 
 import tensorflow as tf
 
-from adversarial_logit_pairing.errors import CheckpointError
+from adversarial_logit_pairing import atomic_files
+from adversarial_logit_pairing.errors import CheckpointError, MissingCheckpointError
 from llr import tf1_hub_format
 
 DEFAULT_LATENTS_HANDLE = "https://tfhub.dev/deepmind/llr-pretrain-adv/latents/1"
@@ -40,7 +40,12 @@ _OPTIONAL_INPUTS = ("decay_rate",)
 
 
 class HubModuleError(CheckpointError):
-    """A module handle does not lead to a usable TF1 Hub module of the expected interface."""
+    """A module handle does not lead to a usable TF1 Hub module of the expected interface.
+
+    A Hub module is the model's stored weights, as a checkpoint is for ``eval.py``: the same
+    :class:`CheckpointError` (a ValueError), printed by ``llr-evaluate`` as one line naming the
+    ``--latents_module`` or ``--linear_module`` flag.
+    """
 
     def __init__(self, role: str, handle: str, message: str):
         super().__init__(f"{role} module {handle!r}: {message}")
@@ -49,8 +54,11 @@ class HubModuleError(CheckpointError):
         self.detail = message
 
 
-class HubModuleNotFoundError(HubModuleError, FileNotFoundError):
-    """A module handle cannot be resolved: missing path, or no network and no cached copy."""
+class HubModuleNotFoundError(HubModuleError, MissingCheckpointError):
+    """A module handle cannot be resolved: missing path, or no network and no cached copy.
+
+    A :class:`MissingCheckpointError`, hence also a FileNotFoundError.
+    """
 
 
 def _is_url(handle: str) -> bool:
@@ -76,33 +84,33 @@ def _unpack_archive(role: str, archive: str) -> str:
     if os.path.isdir(target) and os.listdir(target):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{key}.tmp-")
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar.getmembers():
-                name = os.path.normpath(member.name)
-                if os.path.isabs(name) or name.startswith(".."):
-                    raise HubModuleError(role, archive, f"archive member {member.name!r} "
-                                         "points outside the archive")
-                if not (member.isfile() or member.isdir()):
-                    raise HubModuleError(role, archive, f"archive member {member.name!r} "
-                                         "is not a regular file or directory")
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(staging, filter="data")
-            else:  # Python < 3.11.4: the members were checked above
-                tar.extractall(staging)
-        root = staging
-        entries = os.listdir(staging)
-        # Hand-made archives often wrap the module in one top-level directory.
-        if len(entries) == 1 and os.path.isdir(os.path.join(staging, entries[0])):
-            root = os.path.join(staging, entries[0])
-        os.rename(root, target)
-    except (tarfile.TarError, OSError) as exc:
+        with atomic_files.staged(target, overwrite=False) as staging:
+            os.makedirs(staging)
+            with tarfile.open(archive, "r:*") as tar:
+                for member in tar.getmembers():
+                    name = os.path.normpath(member.name)
+                    if os.path.isabs(name) or name.startswith(".."):
+                        raise HubModuleError(role, archive, f"archive member {member.name!r} "
+                                             "points outside the archive")
+                    if not (member.isfile() or member.isdir()):
+                        raise HubModuleError(role, archive, f"archive member {member.name!r} "
+                                             "is not a regular file or directory")
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(staging, filter="data")
+                else:  # Python < 3.11.4: the members were checked above
+                    tar.extractall(staging)
+            entries = os.listdir(staging)
+            # Hand-made archives often wrap the module in one top-level directory: unwrap it.
+            if len(entries) == 1 and os.path.isdir(os.path.join(staging, entries[0])):
+                wrapper = atomic_files.sibling_name(target)
+                os.rename(staging, wrapper)
+                os.rename(os.path.join(wrapper, entries[0]), staging)
+                shutil.rmtree(wrapper)
+    except (tarfile.TarError, OSError, tf.errors.OpError) as exc:
         if os.path.isdir(target) and os.listdir(target):
             return target  # another process unpacked the same archive meanwhile
         raise HubModuleError(role, archive, f"cannot unpack the archive: {exc}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
+from adversarial_logit_pairing.errors import ConfigError
 from llr.spatial import margin_loss
 
 EPSILON = 16.0 / 255.0
@@ -62,16 +63,21 @@ def spsa(
       Adversarial images, same shape as ``images``, within eps of them and within bounds.
 
     Raises:
-      ValueError: ``num_samples`` is odd or < 2.
+      ConfigError: (a ValueError) ``num_samples`` is odd or < 2 (``--spsa_samples``).
     """
-    if num_samples < 2 or num_samples % 2:
-        raise ValueError(f"num_samples must be even and >= 2, got {num_samples}")
+    _check_num_samples(num_samples)
     images = tf.convert_to_tensor(images, tf.float32)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int32)
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
     return _spsa_graph(model_fn, images, labels, seed, float(eps), int(num_steps),
                        int(num_samples), float(learning_rate), float(delta),
                        early_stop_loss_threshold, (float(bounds[0]), float(bounds[1])))
+
+
+def _check_num_samples(num_samples: int) -> None:
+    # Half of the probes are the mirror images of the other half.
+    if num_samples < 2 or num_samples % 2:
+        raise ConfigError(f"spsa: num_samples must be even and >= 2, got {num_samples}")
 
 
 def _spsa_graph(model_fn, images, labels, seed, eps, num_steps, num_samples, learning_rate,
@@ -126,9 +132,12 @@ def _spsa_graph(model_fn, images, labels, seed, eps, num_steps, num_samples, lea
 
 def compiled_spsa(model_fn: ModelFn, **settings) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor],
                                                              tf.Tensor]:
-    """A ``tf.function`` ``attack(images, labels, seed)`` running :func:`spsa` with ``settings``."""
-    if settings.get("num_samples", NUM_SAMPLES) % 2 or settings.get("num_samples", 2) < 2:
-        raise ValueError(f"num_samples must be even and >= 2, got {settings['num_samples']}")
+    """A ``tf.function`` ``attack(images, labels, seed)`` running :func:`spsa` with ``settings``.
+
+    Raises:
+      ConfigError: as :func:`spsa`, now rather than at the first call.
+    """
+    _check_num_samples(settings.get("num_samples", NUM_SAMPLES))
 
     @tf.function(reduce_retracing=True)
     def attack(images, labels, seed):

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
+
+from adversarial_logit_pairing import atomic_files
 
 MARKER_FILENAME = "tfhub_module.pb"
 SIGNATURE_NAME = "default"
@@ -108,35 +108,30 @@ def write_tf1_hub_module(
         raise FileExistsError(f"{export_dir} already exists")
     parent = os.path.dirname(os.path.abspath(export_dir))
     os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(export_dir)}.tmp-{uuid.uuid4().hex}")
     v1 = tf.compat.v1
     graph = tf.Graph()
-    try:
-        with graph.as_default():
-            v1.set_random_seed(seed)
-            placeholders = {
-                name: v1.placeholder(spec.dtype, spec.shape, name=name)
-                for name, spec in inputs.items()
-            }
-            output = tf.identity(build_fn(placeholders), name=OUTPUT_NAME)
-            signature = v1.saved_model.signature_def_utils.build_signature_def(
-                inputs={k: v1.saved_model.utils.build_tensor_info(t)
-                        for k, t in placeholders.items()},
-                outputs={OUTPUT_NAME: v1.saved_model.utils.build_tensor_info(output)},
+    with atomic_files.staged(export_dir, overwrite=False) as staging, graph.as_default():
+        v1.set_random_seed(seed)
+        placeholders = {
+            name: v1.placeholder(spec.dtype, spec.shape, name=name)
+            for name, spec in inputs.items()
+        }
+        output = tf.identity(build_fn(placeholders), name=OUTPUT_NAME)
+        signature = v1.saved_model.signature_def_utils.build_signature_def(
+            inputs={k: v1.saved_model.utils.build_tensor_info(t)
+                    for k, t in placeholders.items()},
+            outputs={OUTPUT_NAME: v1.saved_model.utils.build_tensor_info(output)},
+        )
+        with v1.Session(graph=graph) as sess:
+            sess.run(v1.global_variables_initializer())
+            builder = v1.saved_model.Builder(staging)
+            # The empty tag set is what hub.Module exported for its default graph.
+            builder.add_meta_graph_and_variables(
+                sess, [], signature_def_map={SIGNATURE_NAME: signature}
             )
-            with v1.Session(graph=graph) as sess:
-                sess.run(v1.global_variables_initializer())
-                builder = v1.saved_model.Builder(staging)
-                # The empty tag set is what hub.Module exported for its default graph.
-                builder.add_meta_graph_and_variables(
-                    sess, [], signature_def_map={SIGNATURE_NAME: signature}
-                )
-                builder.save()
+            builder.save()
         with open(os.path.join(staging, MARKER_FILENAME), "wb") as f:
             f.write(module_def_bytes(module_format))
-        os.rename(staging, export_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return export_dir
 
 
@@ -246,12 +241,8 @@ def seed_hub_cache(cache_dir: str, handle: str, module_dir: str) -> str:
     """
     os.makedirs(cache_dir, exist_ok=True)
     target = os.path.join(cache_dir, cache_key(handle))
-    staging = tempfile.mkdtemp(dir=cache_dir, prefix=".seed-")
-    try:
-        shutil.copytree(module_dir, os.path.join(staging, "module"))
-        os.rename(os.path.join(staging, "module"), target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_files.staged(target, overwrite=False) as staging:
+        shutil.copytree(module_dir, staging)
     with open(target + ".descriptor.txt", "w") as f:
         f.write(f"Module: {handle}\nSeeded from: {os.path.abspath(module_dir)}\n")
     return target

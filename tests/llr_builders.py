@@ -10,6 +10,7 @@ import os
 import shutil
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image
 
 from llr import tf1_hub_format
@@ -76,3 +77,24 @@ def load_folder_images(data_dir: str, split: str = "test") -> tuple:
                 images.append(np.asarray(image.convert("RGB"), np.float32) / 255.0)
             labels.append(label)
     return images, np.asarray(labels)
+
+
+def write_decay_rate_probe(export_dir: str, input_shape: tuple, weights: np.ndarray,
+                           decay_rate_weights: np.ndarray) -> str:
+    """A TF1 Hub module whose output moves with its ``decay_rate`` input.
+
+    Inputs ``inputs`` [N, *input_shape] and ``decay_rate`` (scalar); output [N, 1, 1, K] =
+    ``mean over H, W of inputs @ weights + decay_rate * decay_rate_weights``. The real LLR
+    modules' outputs do not depend on ``decay_rate``; this one shows which value was fed.
+    """
+    def build(inputs):
+        pooled = tf.reduce_mean(inputs["inputs"], axis=[1, 2], keepdims=True)
+        kernel = tf.compat.v1.get_variable(
+            "probe/weights", initializer=weights.astype(np.float32)[None, None])
+        return (tf.nn.conv2d(pooled, kernel, strides=1, padding="VALID")
+                + inputs["decay_rate"] * decay_rate_weights.astype(np.float32))
+
+    return tf1_hub_format.write_tf1_hub_module(
+        export_dir, build,
+        {"inputs": tf.TensorSpec([None, *input_shape], tf.float32),
+         "decay_rate": tf.TensorSpec([], tf.float32)})

@@ -1,5 +1,8 @@
 """Runs the repository's command-line programs (train.py, eval.py, export.py) from tests.
 
+A program is a script path relative to the repository (``train.py``) or, without the ``.py``,
+a module run with ``python -m`` from the repository root (``llr.evaluate``).
+
 ``run_concurrently`` starts several programs at once and waits for all: most of a short run
 is Python and TensorFlow start-up, which overlaps well on two cores.
 """
@@ -31,15 +34,20 @@ def _environment() -> dict:
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
+def _command(script: str) -> list[str]:
+    if script.endswith(".py"):
+        return [sys.executable, os.path.join(REPO, script)]
+    return [sys.executable, "-m", script]
+
+
 def _failure(script: str, run: ProgramRun) -> AssertionError:
     return AssertionError(f"{script} failed ({run.returncode}):\n{run.stderr[-4000:]}")
 
 
 def run_program(script: str, *flags: str, check: bool = True) -> ProgramRun:
     """Runs ``python <repo>/<script> <flags>``; raises AssertionError on failure if ``check``."""
-    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *flags],
-                          capture_output=True, text=True, env=_environment(),
-                          timeout=TIMEOUT_SECS)
+    proc = subprocess.run([*_command(script), *flags], cwd=REPO, capture_output=True,
+                          text=True, env=_environment(), timeout=TIMEOUT_SECS)
     run = ProgramRun(proc.returncode, proc.stderr)
     if check and run.returncode != 0:
         raise _failure(script, run)
@@ -58,7 +66,7 @@ def run_concurrently(runs: Mapping[object, tuple[str, Sequence[str]]], log_dir: 
     for index, (key, (script, flags)) in enumerate(runs.items()):
         log_path = os.path.join(log_dir, f"{index}-{os.path.basename(script)}.stderr")
         log = open(log_path, "w")  # closed once the process ended
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *flags],
+        proc = subprocess.Popen([*_command(script), *flags], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=log, text=True,
                                 env=_environment())
         started[key] = (script, proc, log, log_path)

@@ -55,6 +55,8 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from adversarial_logit_pairing.checkpoints import variable_name
+
 _LEGACY_LAYER_MODULES = ("base", "core", "convolutional", "normalization", "pooling")
 
 
@@ -139,17 +141,13 @@ def _build(model_name: str, num_classes: int, images, is_training,
     return logits, end_points, variables
 
 
-def _name(variable) -> str:
-    return variable.name[: -len(":0")]
-
-
 def slim_variable_shapes(model_name: str, num_classes: int,
                          image_size: int = 64) -> dict[str, tuple[int, ...]]:
     """TF1 name -> shape of every variable Slim creates, in creation order (no session)."""
     with tf.Graph().as_default():
         images = v1.placeholder(tf.float32, [None, image_size, image_size, 3])
         _, _, variables = _build(model_name, num_classes, images, False, _shapes_only_getter)
-        return {_name(v): tuple(v.shape.as_list()) for v in variables}
+        return {variable_name(v): tuple(v.shape.as_list()) for v in variables}
 
 
 def random_variable_values(
@@ -203,7 +201,7 @@ def run_slim_resnet_v2(
         fetches = {"logits": logits, "updates": updates}
         if input_gradient:
             fetches["input_gradient"] = tf.gradients(tf.reduce_sum(logits), inputs)[0]
-        saver = v1.train.Saver({_name(v): v for v in variables})
+        saver = v1.train.Saver({variable_name(v): v for v in variables})
         with v1.Session() as session:
             if restore_path is not None:
                 saver.restore(session, restore_path)
@@ -217,19 +215,19 @@ def run_slim_resnet_v2(
             after = session.run(variables)
     return SlimRun(
         logits=results["logits"],
-        variables={_name(v): value for v, value in zip(variables, after)},
+        variables={variable_name(v): value for v, value in zip(variables, after)},
         input_gradient=results.get("input_gradient"),
     )
 
 
 def _set_values(session, variables, values: Mapping[str, np.ndarray]) -> None:
-    missing = sorted({_name(v) for v in variables} - set(values))
+    missing = sorted({variable_name(v) for v in variables} - set(values))
     if missing:
         raise KeyError(f"values lack {len(missing)} variables, e.g. {missing[:3]}")
     # Feeding the initial values sets everything in one run, without new ops.
     session.run(
         [v.initializer for v in variables],
-        {v.initial_value: values[_name(v)] for v in variables},
+        {v.initial_value: values[variable_name(v)] for v in variables},
     )
 
 
@@ -261,7 +259,7 @@ def run_slim_inception_v3(
                 after = session.run(variables)
                 runs[training] = SlimRun(
                     logits=results["logits"],
-                    variables={_name(v): value for v, value in zip(variables, after)},
+                    variables={variable_name(v): value for v, value in zip(variables, after)},
                     aux_logits=results["aux_logits"],
                     end_points=results["end_points"],
                 )

@@ -156,6 +156,42 @@ def test_pgd_runs_exactly_num_iter_steps_of_the_reference_update(num_iter):
     np.testing.assert_allclose(adv.numpy(), expected.numpy(), atol=1e-5)
 
 
+def test_pgd_starts_uniformly_in_the_epsilon_box():
+    """One step from a uniform start: the displacement is ``clip(u + step*sign, -eps, eps)``.
+
+    A two-class linear model labelled 0 has the input gradient ``p1 * (w1 - w0)``, whose sign
+    is ``sign(w1 - w0)`` whatever the input; with the images far from the bounds, the step
+    moves every pixel by ``+step`` along that sign from ``u ~ U(-eps, eps)``. So, along the
+    sign, a fraction ``step / (2 eps)`` ends on the box edge ``eps`` and the rest is uniform on
+    ``[-eps + step, eps)``; a start at ``x`` would put every pixel at exactly ``step``.
+    """
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (8 * 8 * 3, 2)).astype(np.float32)
+    sign = np.sign(w[:, 1] - w[:, 0]).reshape(8, 8, 3)
+
+    def model(x):
+        return tf.reshape(x, [tf.shape(x)[0], -1]) @ w
+
+    x = tf.constant(rng.uniform(-0.4, 0.4, (64, 8, 8, 3)).astype(np.float32))
+    labels = tf.zeros([64], tf.int64)
+    eps, step = 0.5, 0.1
+    kwargs = dict(eps=eps, step_size=step, num_iter=1, labels=labels)
+    adv = aa.pgd(x, BOUNDS, model, seed=(5, 6), **kwargs).numpy()
+    along = ((adv - x.numpy()) * sign).ravel()
+    on_edge = np.isclose(along, eps, atol=1e-6)
+    assert abs(on_edge.mean() - step / (2 * eps)) < 0.02
+    inside = np.sort(along[~on_edge])
+    assert inside.min() >= -eps + step - 1e-6 and inside.max() < eps
+    # Kolmogorov-Smirnov distance to U(-eps + step, eps) (12288 values: ~0.012 at p=0.01).
+    expected_cdf = (inside - (-eps + step)) / (2 * eps - step)
+    empirical = np.arange(1, inside.size + 1) / inside.size
+    assert np.abs(empirical - expected_cdf).max() < 0.02
+    # The start comes from the seed: the same seed repeats it, another one moves it.
+    np.testing.assert_array_equal(aa.pgd(x, BOUNDS, model, seed=(5, 6), **kwargs).numpy(), adv)
+    other = aa.pgd(x, BOUNDS, model, seed=(5, 7), **kwargs).numpy()
+    assert np.mean(other != adv) > 0.8
+
+
 def _xent_tensor(model, x, labels):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=model(x))
 

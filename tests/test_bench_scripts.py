@@ -61,21 +61,30 @@ def test_train_step_bench_prints_alp_and_clean_rows():
     assert all(numbers(row) and all(v > 0 for v in numbers(row)) for row in rows)
 
 
-def test_eval_bench_times_the_evaluator_against_its_bound():
+def test_eval_bench_prints_rate_time_and_bound_ratio_per_attack():
     output = run_bench("eval.py", "--model=resnet_v2_tiny", "--image_size=16",
                        "--eval_batch_size=4", "--clean_examples=8", "--adv_examples=8",
                        "--repetitions=1", "--attacks=clean,pgd_16_2_2")
     rows = table_rows(output, "adv_method")
     assert [row[0] for row in rows] == ["clean", "pgd_16_2_2"]
-    assert all(numbers(row)[0] == 8 for row in rows)  # images evaluated
+    for row in rows:
+        images, rate, seconds, fixed, ratio = numbers(row)
+        assert images == 8  # images evaluated
+        # images/s is images over s/run (both printed to 3 decimals or 1 above 100).
+        assert rate * seconds == pytest.approx(images, rel=0.02)
+        assert fixed > 0 and ratio > 0
+    assert "bound: clean = one forward pass per batch" in output
 
 
-def test_memory_bench_measures_each_dtype_in_its_own_process():
-    output = run_bench("memory.py", *TINY, "--steps=1", "--dtypes=float32")
+def test_memory_bench_prints_rss_before_and_peak_per_dtype():
+    output = run_bench("memory.py", *TINY, "--steps=1", "--dtypes=float32,bfloat16")
     rows = table_rows(output, "dtype")
-    assert [row[0] for row in rows] == ["float32"]
-    before, peak = numbers(rows[0])[:2]
-    assert peak >= before > 0
+    assert [row[0] for row in rows] == ["float32", "bfloat16"]
+    for row in rows:
+        before, peak, added = numbers(row)
+        assert peak >= before > 0
+        assert added == pytest.approx(peak - before, abs=0.002)  # GiB, 3 decimals
+        assert row[-1] == ("yes" if peak < 4 else "NO")
 
 
 def test_data_pipeline_bench_compares_both_pipelines_with_the_step():
@@ -87,7 +96,23 @@ def test_data_pipeline_bench_compares_both_pipelines_with_the_step():
     assert all(value > 0 for row in rows for value in numbers(row))
 
 
-def test_gradient_profile_attributes_time_to_convolutions():
+def test_gradient_profile_attributes_time_to_forward_and_backward_convolutions():
     output = run_bench("profile_gradient.py", *TINY, "--repetitions=1")
-    families = {row[0] for row in table_rows(output, "family")}
-    assert "conv" in families  # 'conv forward' and 'conv backward (input)' split on spaces
+    # Family names contain spaces: the two numbers are the last cells.
+    families = {" ".join(row[:-2]): (float(row[-2]), float(row[-1]))
+                for row in table_rows(output, "family")}
+    assert {"conv forward", "conv backward (input)"} <= set(families), families
+    assert families["conv forward"][0] > 0 and families["conv backward (input)"][0] > 0
+    # Shares of the summed op time: they add up to 100% (up to rounding).
+    assert sum(share for _, share in families.values()) == pytest.approx(100.0, abs=0.5)
+    op_types = {row[0]: float(row[-1]) for row in table_rows(output, "op type")}
+    assert any("Conv2DBackpropInput" in name for name in op_types), op_types
+
+
+def test_tf_parts_bench_finds_tensorflows_numbers_and_names():
+    output = run_bench("tf_parts.py", "--model=resnet_v2_tiny", "--image_size=16",
+                       "--repetitions=1")
+    rows = table_rows(output, "piece")
+    assert [row[0] for row in rows] == ["moving", "RMSProp", "checkpoint"]
+    assert [row[-1] for row in rows[:2]] == ["0.000", "0.000"]  # largest difference
+    assert rows[2][-2:] == ["same", "names"]

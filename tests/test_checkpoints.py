@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from adversarial_logit_pairing import checkpoints
-from adversarial_logit_pairing.errors import CheckpointError, MissingDataError
+from adversarial_logit_pairing.errors import CheckpointError, MissingCheckpointError
 
 
 def _variables(seed=0):
@@ -100,9 +100,10 @@ def test_truncated_data_file_fails_clearly_and_changes_no_variable(tmp_path):
 
 
 def test_resolving_a_missing_checkpoint_names_the_flag(tmp_path):
-    with pytest.raises(MissingDataError, match="--checkpoint_path=.*no checkpoint"):
+    # A checkpoint error (not a data error) that is also a FileNotFoundError.
+    with pytest.raises(MissingCheckpointError, match="--checkpoint_path=.*no checkpoint"):
         checkpoints.resolve_checkpoint(str(tmp_path), "--checkpoint_path")
-    with pytest.raises(MissingDataError, match="--finetune_checkpoint_path"):
+    with pytest.raises(FileNotFoundError, match="--finetune_checkpoint_path"):
         checkpoints.resolve_checkpoint(str(tmp_path / "nope"), "--finetune_checkpoint_path")
 
 
@@ -184,7 +185,7 @@ def test_directory_without_state_file_resolves_to_its_only_checkpoint(tmp_path):
     prefix = checkpoints.resolve_checkpoint(str(tmp_path), "--checkpoint_path")
     assert prefix == str(tmp_path / "released.ckpt")
     _save_without_state_file(str(tmp_path / "other.ckpt"))
-    with pytest.raises(MissingDataError, match="2 checkpoints .*other.ckpt; released.ckpt"):
+    with pytest.raises(CheckpointError, match="2 checkpoints .*other.ckpt; released.ckpt"):
         checkpoints.resolve_checkpoint(str(tmp_path), "--checkpoint_path")
 
 

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -307,7 +308,9 @@ def test_tf1_cluster_flags_that_agree_with_the_cluster_are_kept(monkeypatch):
         (dict(strategy="multi_worker"), "TF_CONFIG"),
         (dict(cpu_devices=2), "--cpu_devices=2 goes with --strategy=mirrored"),
         (dict(strategy="tpu"), "--tpu="),
-        (dict(strategy="multi_worker", worker_timeout_secs=0), "TF_CONFIG|--worker_timeout"),
+        # With a valid TF_CONFIG, so that the timeout check is the one that fires.
+        (dict(strategy="multi_worker", worker_timeout_secs=0),
+         r"^--worker_timeout_secs=0(\.0)?: must be > 0$"),
     ],
 )
 def test_strategy_flags_that_do_not_fit_are_refused_before_tensorflow_starts(
@@ -315,9 +318,30 @@ def test_strategy_flags_that_do_not_fit_are_refused_before_tensorflow_starts(
     from adversarial_logit_pairing import distribution
     from adversarial_logit_pairing.errors import ConfigError
 
-    monkeypatch.delenv("TF_CONFIG", raising=False)
+    if "worker_timeout_secs" in config:
+        monkeypatch.setenv("TF_CONFIG", tf_configs(2)[0])
+    else:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ConfigError, match=culprit):
         distribution.create_strategy(distribution.DistributionConfig(**config))
+
+
+def test_without_tensorflow_internals_multi_worker_start_up_falls_back_with_a_warning(
+        monkeypatch, caplog):
+    from tensorflow.compiler.xla.tsl import protobuf as tsl_protobuf
+
+    from adversarial_logit_pairing import distribution
+
+    # A TensorFlow where the internal module moved: importing it fails.
+    monkeypatch.delattr(tsl_protobuf, "coordination_config_pb2", raising=False)
+    monkeypatch.setitem(sys.modules,
+                        "tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2", None)
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": ["localhost:12345", "localhost:12346"]}))
+    with caplog.at_level("WARNING"):
+        assert distribution._configure_coordination(resolver, 5.0) is False
+    assert "lacks the internal coordination API" in caplog.text
+    assert "docs/DISTRIBUTED.md" in caplog.text
 
 
 def test_learning_rate_scale_follows_the_replicas_in_sync():
@@ -334,36 +358,105 @@ def test_learning_rate_scale_follows_the_replicas_in_sync():
 
 # ---- XLA --------------------------------------------------------------------------------------
 
-def test_training_step_with_attack_compiles_with_xla_and_runs_on_cpu():
+def _xla_batch():
+    rng = np.random.default_rng(1)
+    images = tf.constant(rng.uniform(-1, 1, (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32)
+    return images, tf.constant(rng.integers(0, NUM_CLASSES, BATCH))
+
+
+def _assert_close_states(state, reference, before):
+    """Every variable within float tolerance (XLA fuses and reorders the arithmetic)."""
+    assert set(state) == set(reference)
+    for name, value in reference.items():
+        np.testing.assert_allclose(state[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
+        if name.endswith(("/weights", "/RMSProp", "/ExponentialMovingAverage", "moving_mean")):
+            assert not np.array_equal(value, before[name]), name  # the step moved it
+
+
+def test_xla_training_step_matches_the_plain_step_from_the_same_state():
+    """Clean training (no random start): the compiled step is the plain step's computation."""
+    from adversarial_logit_pairing import training
+
+    hparams = _hparams("clean").parse("train_lp_weight=0.5")  # clean logit pairing
+    strategy = tf.distribute.get_strategy()
+    images, labels = _xla_batch()
+    runs = {}
+    for jit_compile in (True, False):
+        # The same seeded initial state each time.
+        state = _build(strategy, hparams, 1, sync_bn=False)
+        step = training.make_train_step(strategy, state.model, state.trainable, state.optimizer,
+                                        state.ema, state.global_step, hparams, NUM_CLASSES,
+                                        BOUNDS, seed=SEED, jit_compile=jit_compile)
+        before = _state(state)
+        outputs = [step(images, labels) for _ in range(2)]
+        runs[jit_compile] = before, _state(state), outputs
+    (before, xla, xla_outputs), (_, plain, plain_outputs) = runs[True], runs[False]
+    assert int(xla["global_step"]) == 2
+    for compiled, reference in zip(xla_outputs, plain_outputs):
+        assert set(compiled) == set(reference)
+        for name in reference:
+            np.testing.assert_allclose(float(compiled[name]), float(reference[name]),
+                                       rtol=1e-5, err_msg=name)
+    _assert_close_states(xla, plain, before)
+
+
+def test_xla_training_step_with_attack_compiles_and_trains_on_its_adversarial_examples():
+    """The whole ALP step under XLA against a plain step on the adversarial images it made.
+
+    XLA draws the stateless random start from another generator than the CPU kernels, so the
+    attack's output is not compared with the plain step's; the compiled step's adversarial
+    batch (all of it, as summary images) must be in the eps box, and the training half of
+    the step (loss, gradients, update, moving averages) must match a plain one fed with it.
+    """
     from adversarial_logit_pairing import training
 
     hparams = _hparams(ALP_METHOD)
     strategy = tf.distribute.get_strategy()
+    images, labels = _xla_batch()
     state = _build(strategy, hparams, 1, sync_bn=False)
-    trainable, global_step = state.trainable, state.global_step
-    step = training.make_train_step(strategy, state.model, trainable, state.optimizer,
-                                    state.ema, global_step, hparams, NUM_CLASSES, BOUNDS,
-                                    seed=SEED, num_summary_images=2, jit_compile=True)
-    rng = np.random.default_rng(1)
-    images = tf.constant(rng.uniform(-1, 1, (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32)
-    labels = tf.constant(rng.integers(0, NUM_CLASSES, BATCH))
-    before = np.asarray(trainable[0]).copy()
+    step = training.make_train_step(strategy, state.model, state.trainable, state.optimizer,
+                                    state.ema, state.global_step, hparams, NUM_CLASSES, BOUNDS,
+                                    seed=SEED, num_summary_images=BATCH, jit_compile=True)
     # The whole step (PGD loop, forward, backward, update, moving average) lowers to one HLO
     # module: XLA accepted every op.
     hlo = step.experimental_get_compiler_ir(images, labels)(stage="hlo")
     assert "HloModule" in hlo and "while" in hlo
-    for _ in range(2):
-        outputs = step(images, labels)
-    assert int(global_step.numpy()) == 2
-    assert np.isfinite(float(outputs["total_loss"])) and float(outputs["loss_lp"]) >= 0
-    assert outputs["adv_images"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
-    assert not np.allclose(np.asarray(trainable[0]), before)
+    before = _state(state)
+    outputs = step(images, labels)
+    compiled = _state(state)
+    adv = outputs["adv_images"]
+    assert adv.shape == images.shape
+    eps = 16 * 2.0 / 255
+    assert np.abs(adv.numpy() - images.numpy()).max() <= eps + 1e-6
+    assert np.abs(adv.numpy() - images.numpy()).mean() > eps / 4  # moved, not the clean batch
+
+    plain = _build(strategy, hparams, 1, sync_bn=False)
+    model, trainable, global_step, optimizer, ema = (
+        plain.model, plain.trainable, plain.global_step, plain.optimizer, plain.ema)
+    one_hot = tf.one_hot(tf.concat([labels, labels], 0), NUM_CLASSES)
+    with tf.GradientTape() as tape:
+        logits = model(tf.concat([images, adv], 0), is_training=True)
+        losses = training.alp_losses(logits, one_hot, trainable, hparams)
+    grads = tape.gradient(losses["total_loss"], trainable)
+    optimizer.apply_gradients(list(zip(grads, trainable)), global_step)
+    ema.apply(global_step)
+    for name in ("total_loss", "loss_xent", "loss_lp", "loss_wd"):
+        np.testing.assert_allclose(float(outputs[name]), float(losses[name]), rtol=1e-5,
+                                   err_msg=name)
+    _assert_close_states(compiled, _state(plain), before)
 
 
-def _op_types(dataset: tf.data.Dataset) -> set:
-    graph = tf.compat.v1.GraphDef()
-    # The serialized input pipeline: what a TPU host would run.
-    graph.ParseFromString(dataset._as_serialized_graph().numpy())
+def _op_types(make_dataset: Callable[[], tf.data.Dataset]) -> set:
+    """Op types of the input pipeline ``make_dataset`` builds: what a TPU host would run.
+
+    The pipeline is built while tracing a tf.function, whose public GraphDef then holds its
+    dataset ops and (in the function library) the map functions' ops.
+    """
+    @tf.function
+    def first_batch():
+        return next(iter(make_dataset()))
+
+    graph = first_batch.get_concrete_function().graph.as_graph_def()
     ops = {node.op for node in graph.node}
     for function in graph.library.function:
         ops.update(node.op for node in function.node_def)
@@ -374,11 +467,14 @@ def test_training_input_pipeline_has_static_shapes_and_no_python_callbacks(tmp_p
     from adversarial_logit_pairing.datasets import dataset_factory
 
     write_tiny_imagenet_tfrecords(str(tmp_path), num_train=8, num_val=8, image_size=32, seed=2)
-    dataset, _, _, _ = dataset_factory.get_dataset("tiny_imagenet", "train", 4, 32,
-                                                   is_training=True, data_dir=str(tmp_path))
-    images, labels = dataset.element_spec
+
+    def make_dataset():
+        return dataset_factory.get_dataset("tiny_imagenet", "train", 4, 32, is_training=True,
+                                           data_dir=str(tmp_path))[0]
+
+    images, labels = make_dataset().element_spec
     assert images.shape.as_list() == [4, 32, 32, 3] and labels.shape.as_list() == [4]
-    ops = _op_types(dataset)
+    ops = _op_types(make_dataset)
     assert "ParseExampleV2" in ops or "ParseSingleExample" in ops  # the real pipeline
     assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
 

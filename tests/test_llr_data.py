@@ -144,7 +144,7 @@ def test_bad_tfrecord_image_names_the_record(tmp_path):
     path = str(tmp_path / "test.tfrecord")
     with tf.io.TFRecordWriter(path) as writer:
         good = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
-        writer.write(data.make_tf_example(good, 0, "a").SerializeToString())
-        writer.write(data.make_tf_example(b"\xff\xd8\xff garbage", 1, "b").SerializeToString())
+        writer.write(data.make_tf_example(good, 0, "a"))
+        writer.write(data.make_tf_example(b"\xff\xd8\xff garbage", 1, "b"))
     with pytest.raises(DataError, match=r"test.tfrecord, record 1: cannot decode"):
         list(data.iterate_split(str(tmp_path), "test", 1, image_size=8))

@@ -16,7 +16,12 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from llr import hub_model, tf1_hub_format
-from tests.llr_builders import load_folder_images, write_photo_folder, write_standin_pair
+from tests.llr_builders import (
+    load_folder_images,
+    write_decay_rate_probe,
+    write_photo_folder,
+    write_standin_pair,
+)
 
 
 @pytest.fixture(scope="module")
@@ -185,15 +190,27 @@ def test_model_works_in_tf_function_with_free_batch_and_image_size(modules, phot
     assert logits_and_grad.experimental_get_tracing_count() == 1
 
 
-def test_decay_rate_does_not_change_inference(modules, photos):
+def test_decay_rate_reaches_the_latents_module_and_does_not_change_inference(tmp_path, modules,
+                                                                            photos):
     images, _ = photos
     batch = np.stack([img[:96, :96] for img in images])
+    # A probe in place of the latents module: its output shifts by decay_rate * shift, so the
+    # value load() was given is the value the module received.
+    shift = np.linspace(1.0, 2.0, 8)
+    probe = write_decay_rate_probe(str(tmp_path / "probe"), (224, 224, 3),
+                                   np.ones((3, 8)), shift)
+    low = hub_model.load(probe, modules[1], decay_rate=0.1).latents(batch).numpy()
+    high = hub_model.load(probe, modules[1], decay_rate=0.9).latents(batch).numpy()
+    np.testing.assert_allclose(high - low, np.broadcast_to(0.8 * shift, low.shape), atol=1e-5)
+    # The real structure (batch norm whose moving-average update, the only use of decay_rate,
+    # sits outside the signature's output): the decay rate does not change the outputs.
     a = hub_model.load(*modules, decay_rate=0.1)(batch).numpy()
     b = hub_model.load(*modules, decay_rate=0.9)(batch).numpy()
     np.testing.assert_array_equal(a, b)
 
 
 def test_linear_module_with_a_decay_rate_input_is_fed_by_keyword(tmp_path, modules, photos):
+    """Positional arguments would bind alphabetically: decay_rate first, then inputs."""
     images, _ = photos
     linear = tf1_hub_format.write_linear_standin(str(tmp_path / "linear"), seed=1,
                                                  with_decay_rate=True)
@@ -202,6 +219,17 @@ def test_linear_module_with_a_decay_rate_input_is_fed_by_keyword(tmp_path, modul
         str(tmp_path / "plain"), seed=1))
     batch = np.stack([img[:96, :96] for img in images])
     np.testing.assert_allclose(with_decay(batch).numpy(), plain(batch).numpy(), atol=1e-6)
+    # A linear module whose logits move with decay_rate: each input gets its own value.
+    weights = np.random.default_rng(2).normal(0.0, 1.0, (8, 2))
+    probe = write_decay_rate_probe(str(tmp_path / "probe"), (1, 1, 8), weights,
+                                   np.array([0.0, 10.0]))
+    model = hub_model.load(modules[0], probe, decay_rate=0.25)
+    latents = plain.latents(batch).numpy().reshape(len(batch), 8)
+    expected = latents @ weights + np.array([0.0, 2.5])
+    np.testing.assert_allclose(model.raw_logits(batch).numpy().reshape(len(batch), 2),
+                               expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.bird_logit(batch).numpy(), expected[:, 1],
+                               rtol=1e-5, atol=1e-5)
 
 
 # ---- handles: tfhub.dev URLs from a seeded cache, archives ---------------------------------

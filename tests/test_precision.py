@@ -215,3 +215,49 @@ def test_loss_scale_rescues_float16_gradients_that_would_underflow():
     scaled = gradient(half_model, weight, precision.LossScale()).numpy()
     assert np.count_nonzero(unscaled) < 0.1 * reference.size
     np.testing.assert_allclose(scaled, reference, atol=0.05 * np.abs(reference).max())
+
+
+def test_float16_training_step_skips_an_overflowing_update_and_applies_the_next():
+    """make_train_step with a LossScale: non-finite gradients leave every variable alone.
+
+    A scale of 2**30 makes the float16 backward pass overflow (float16 tops out at 65504); the
+    update must be skipped (weights and optimizer slots unchanged), the global step still
+    counted and the scale divided by ``factor`` (here 2**20, so that the very next step is
+    finite and applies its update).
+    """
+    from adversarial_logit_pairing import training
+
+    model = create_model(MODEL, NUM_CLASSES, seed=0, compute_dtype="float16")
+    hparams = model_lib.default_hparams().parse(
+        "batch_size=4,train_adv_method=clean,train_lp_weight=0.0,lr_schedule=fixed")
+    trainable = list(model.trainable_variables)
+    optimizer = model_lib.get_optimizer(hparams, 0.01)
+    optimizer.build(trainable)
+    global_step = tf.Variable(0, dtype=tf.int64)
+    loss_scale = precision.LossScale(initial_scale=2.0**30, factor=2.0**20)
+    step = training.make_train_step(tf.distribute.get_strategy(), model, trainable, optimizer,
+                                    None, global_step, hparams, NUM_CLASSES, (-1.0, 1.0),
+                                    loss_scale=loss_scale)
+    images, labels = _pattern_batch(4, seed=11)
+    weights = {model_lib.variable_name(v): v for v in trainable}
+    # The weights and the optimizer's slots; batch-norm statistics move in any forward pass.
+    state = {**weights, **optimizer.variables_by_name()}
+
+    def snapshot():
+        return {name: v.numpy().copy() for name, v in state.items()}
+
+    before = snapshot()
+    outputs = step(images, labels)
+    assert np.isfinite(float(outputs["total_loss"]))  # the loss itself was fine
+    assert int(global_step.numpy()) == 1
+    assert float(loss_scale.current) == 2.0**10 and int(loss_scale.good_steps) == 0
+    skipped = snapshot()
+    for name, value in before.items():
+        np.testing.assert_array_equal(skipped[name], value, err_msg=name)
+
+    step(images, labels)
+    assert int(global_step.numpy()) == 2
+    assert float(loss_scale.current) == 2.0**10 and int(loss_scale.good_steps) == 1
+    applied = snapshot()
+    assert all(np.all(np.isfinite(v)) for v in applied.values())
+    assert all(not np.array_equal(applied[name], before[name]) for name in weights)

@@ -18,12 +18,10 @@ if __package__ in (None, ""):
     # Run as a script: make the repository root importable without installing the package.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
-from adversarial_logit_pairing.cli import run_program  # noqa: E402
+from adversarial_logit_pairing.cli import run_converter  # noqa: E402
 from adversarial_logit_pairing.datasets import tiny_imagenet_conversion  # noqa: E402
-
-FLAGS = flags.FLAGS
 
 flags.DEFINE_string("input_dir", "", "Input directory (the unpacked tiny-imagenet-200 folder)")
 flags.DEFINE_string("output_dir", "", "Output directory")
@@ -31,17 +29,9 @@ flags.DEFINE_string("imagenet_synsets_path", "",
                     "Optional path to imagenet_lsvrc_2015_synsets.txt; adds label/imagenet")
 
 
-def main(argv: list[str]) -> None:
-    """Runs the conversion (``run_program`` turns a user error into a one-line message)."""
-    del argv
-    counts = tiny_imagenet_conversion.convert_tiny_imagenet(
-        FLAGS.input_dir, FLAGS.output_dir, FLAGS.imagenet_synsets_path or None)
-    logging.info("Wrote %s", ", ".join(f"{count} {split}" for split, count in counts.items()))
-
-
 def run() -> None:
     """Console-script entry point (alp-convert-tiny-imagenet)."""
-    run_program(main, "converter.py")
+    run_converter(tiny_imagenet_conversion.convert_tiny_imagenet, "converter.py")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ The record layout is described in adversarial_logit_pairing/datasets/imagenet_co
 """
 
 
-from absl import flags, logging
+from absl import flags
 
-from adversarial_logit_pairing.cli import run_program
+from adversarial_logit_pairing.cli import run_converter
 from adversarial_logit_pairing.datasets import imagenet_conversion
-
-FLAGS = flags.FLAGS
 
 flags.DEFINE_string("train_dir", None, "Training images: <train_dir>/<wnid>/*.JPEG")
 flags.DEFINE_string("validation_dir", None, "Validation images, one flat folder")
@@ -38,27 +36,9 @@ flags.DEFINE_integer("validation_shards", 128, "Number of validation shards")
 flags.DEFINE_integer("num_threads", 8, "Threads converting images in parallel")
 
 
-def main(argv: list[str]) -> None:
-    """Runs the conversion (``run_program`` turns a user error into a one-line message)."""
-    del argv
-    counts = imagenet_conversion.convert_imagenet(
-        output_dir=FLAGS.output_dir,
-        labels_file=FLAGS.labels_file,
-        train_dir=FLAGS.train_dir,
-        validation_dir=FLAGS.validation_dir,
-        validation_labels_file=FLAGS.validation_labels_file,
-        bounding_box_dir=FLAGS.bounding_box_dir,
-        imagenet_metadata_file=FLAGS.imagenet_metadata_file,
-        train_shards=FLAGS.train_shards,
-        validation_shards=FLAGS.validation_shards,
-        num_threads=FLAGS.num_threads,
-    )
-    logging.info("Wrote %s", ", ".join(f"{count} {split}" for split, count in counts.items()))
-
-
 def run() -> None:
     """Console-script entry point (alp-convert-imagenet)."""
-    run_program(main, "convert_imagenet.py")
+    run_converter(imagenet_conversion.convert_imagenet, "convert_imagenet.py")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from absl import flags, logging
+from absl import flags
 
 from adversarial_logit_pairing import distribution
-from adversarial_logit_pairing.cli import config_from_flags, run_program
+from adversarial_logit_pairing.cli import (
+    config_from_flags,
+    define_model_and_data_flags,
+    run_program,
+    strategy_from_flags,
+)
 from adversarial_logit_pairing.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -22,16 +27,8 @@ flags.DEFINE_string("output_file", None,
                     "File to append 'eval_name,accuracy,top5' to (one line per evaluated "
                     "checkpoint).")
 flags.DEFINE_string("eval_name", "default", "Name for eval subdirectory.")
-flags.DEFINE_string("master", "",
-                    "TensorFlow master (TF1). With --strategy=tpu: the TPU address (same as "
-                    "--tpu); otherwise only '' is accepted.")
-flags.DEFINE_string("model_name", "resnet_v2_50", "Name of the model.")
 flags.DEFINE_string("adv_method", "clean",
                     "Method which is used to generate adversarial examples.")
-flags.DEFINE_string("dataset", "imagenet", 'Dataset: "tiny_imagenet" or "imagenet".')
-flags.DEFINE_integer("dataset_image_size", 64,
-                     "Side of the images fed to the model (logged when it differs from the "
-                     "model's native size).")
 flags.DEFINE_string("hparams", "", "Hyper parameters (only eval_batch_size matters here).")
 flags.DEFINE_string("split_name", "validation", "Name of the split: train or validation.")
 flags.DEFINE_float("moving_average_decay", 0.9999,
@@ -47,10 +44,6 @@ flags.DEFINE_string("trainable_scopes", None,
                     "fine-tuning run) and, as there, without effect on what is restored: with "
                     "--moving_average_decay > 0 every model variable, batch-norm statistics "
                     "included, is read from its moving-average shadow.")
-flags.DEFINE_string("imagenet_data_dir", None,
-                    "Directory with the TF-Slim ImageNet TFRecords (train-*, validation-*).")
-flags.DEFINE_string("tiny_imagenet_data_dir", None,
-                    "Directory with train.tfrecord and validation.tfrecord of Tiny ImageNet.")
 flags.DEFINE_string("predictions_file", None,
                     "Optional .npz file receiving the per-example labels, logits and "
                     "predictions of the (last) evaluated checkpoint.")
@@ -58,27 +51,22 @@ flags.DEFINE_float("timeout_secs", None,
                    "Continuous mode: stop when no new checkpoint appeared for this long "
                    "(default: wait forever, as the original).")
 distribution.define_flags()
+define_model_and_data_flags()
 
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"],
-                  "Dtype of convolutions and activations; variables, loss, optimizer state and "
-                  "moving averages stay float32 (bfloat16: CPUs with bf16 units and TPUs; "
-                  "float16: GPUs, with loss scaling).")
+
+def _refuse_multi_worker(config: distribution.DistributionConfig) -> None:
+    if config.strategy == "multi_worker":
+        raise ConfigError("--strategy=multi_worker is for training; run eval.py as one process "
+                          "(--strategy=default or mirrored) beside the cluster, on the chief's "
+                          "--output_dir")
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
     from adversarial_logit_pairing import evaluation
 
-    dist_config = distribution.apply_legacy_flags(distribution.config_from_flags(FLAGS),
-                                                  master=FLAGS.master)
-    if dist_config.strategy == "multi_worker":
-        raise ConfigError("--strategy=multi_worker is for training; run eval.py as one process "
-                          "(--strategy=default or mirrored) beside the cluster, on the chief's "
-                          "--output_dir")
-    logging.set_verbosity(logging.INFO)
-    strategy = distribution.create_strategy(dist_config)
-    config = config_from_flags(evaluation.EvalConfig)
-    evaluation.run(config, strategy)
+    strategy = strategy_from_flags(_refuse_multi_worker)
+    evaluation.run(config_from_flags(evaluation.EvalConfig), strategy)
 
 
 def run() -> None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from absl import flags, logging
 
-from adversarial_logit_pairing.cli import run_program
+from adversarial_logit_pairing.cli import config_from_flags, run_program
 
 FLAGS = flags.FLAGS
 
@@ -43,18 +43,7 @@ def main(argv: Sequence[str]) -> None:
     del argv
     from adversarial_logit_pairing import export
 
-    config = export.ExportConfig(
-        checkpoint_path=FLAGS.checkpoint_path,
-        export_dir=FLAGS.export_dir,
-        model_name=FLAGS.model_name,
-        dataset=FLAGS.dataset,
-        num_classes=FLAGS.num_classes,
-        moving_average_decay=FLAGS.moving_average_decay,
-        trainable_scopes=FLAGS.trainable_scopes,
-        image_size=FLAGS.image_size,
-        export_format=FLAGS.format,
-        overwrite=FLAGS.overwrite,
-    )
+    config = config_from_flags(export.ExportConfig, export_format=FLAGS.format)
     logging.set_verbosity(logging.INFO)
     export.export(config)
 

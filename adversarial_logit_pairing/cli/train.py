@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from absl import flags, logging
+from absl import flags
 
 from adversarial_logit_pairing import distribution
-from adversarial_logit_pairing.cli import config_from_flags, run_program
+from adversarial_logit_pairing.cli import (
+    config_from_flags,
+    define_model_and_data_flags,
+    run_program,
+    strategy_from_flags,
+)
 
 FLAGS = flags.FLAGS
 
@@ -21,14 +26,6 @@ flags.DEFINE_integer("ps_tasks", 0,
 flags.DEFINE_integer("task", 0,
                      "Task ID (TF1). With --strategy=multi_worker it must agree with TF_CONFIG's "
                      "task index; otherwise only 0 is accepted.")
-flags.DEFINE_string("master", "",
-                    "TensorFlow master (TF1). With --strategy=tpu: the TPU address (same as "
-                    "--tpu); otherwise only '' is accepted.")
-flags.DEFINE_string("model_name", "resnet_v2_50", "Name of the model.")
-flags.DEFINE_string("dataset", "imagenet", 'Dataset: "tiny_imagenet" or "imagenet".')
-flags.DEFINE_integer("dataset_image_size", 64,
-                     "Side of the images fed to the model (logged when it differs from the "
-                     "model's native size).")
 flags.DEFINE_integer("num_summary_images", 3, "Number of images to display in TensorBoard.")
 flags.DEFINE_integer("save_summaries_steps", 100,
                      "The frequency with which summaries are saved, in steps.")
@@ -58,22 +55,14 @@ flags.DEFINE_string("finetune_exclude_pretrained_scopes", "",
                     "for fine tuning.")
 flags.DEFINE_string("finetune_trainable_scopes", None,
                     "If set, comma-separated variable scopes of the trainable variables.")
-flags.DEFINE_string("imagenet_data_dir", None,
-                    "Directory with the TF-Slim ImageNet TFRecords (train-*, validation-*).")
-flags.DEFINE_string("tiny_imagenet_data_dir", None,
-                    "Directory with train.tfrecord and validation.tfrecord of Tiny ImageNet.")
 flags.DEFINE_integer("seed", 0, "Seed of model initialisation and attack randomness.")
 distribution.define_flags()
+define_model_and_data_flags()
 flags.DEFINE_bool("sync_batch_norm", False,
                   "Normalise with the statistics of the global batch (all replicas) instead of "
                   "each replica's own, as the original did.")
 flags.DEFINE_bool("jit_compile", False,
                   "Compile the training step (attack and update) with XLA; TPUs always do.")
-
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"],
-                  "Dtype of convolutions and activations; variables, loss, optimizer state and "
-                  "moving averages stay float32 (bfloat16: CPUs with bf16 units and TPUs; "
-                  "float16: GPUs, with loss scaling).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -82,13 +71,8 @@ def main(argv: Sequence[str]) -> None:
 
     # Cheap checks first: a multi-worker start-up waits for the whole cluster. Those that
     # depend on the replicas run again in train() once the strategy exists.
-    dist_config = distribution.apply_legacy_flags(
-        distribution.config_from_flags(FLAGS), ps_tasks=FLAGS.ps_tasks, task=FLAGS.task,
-        master=FLAGS.master, worker_replicas=FLAGS.worker_replicas)
     config = config_from_flags(training.TrainConfig)
-    training.validate(config)
-    logging.set_verbosity(logging.INFO)
-    strategy = distribution.create_strategy(dist_config)
+    strategy = strategy_from_flags(lambda _: training.validate(config))
     training.train(config, strategy)
 
 

@@ -18,13 +18,10 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing.datasets import (
-    imagenet_input,
-    tf_error_text,
-    tfrecord_files,
-    tiny_imagenet_input,
-)
-from adversarial_logit_pairing.errors import ConfigError
+from adversarial_logit_pairing import tf_error_text
+from adversarial_logit_pairing.datasets import imagenet_input, tfrecord_files, tiny_imagenet_input
+from adversarial_logit_pairing.datasets.dataset_facts import FACTS, DataSetFacts
+from adversarial_logit_pairing.errors import ConfigError, MissingDataError
 from adversarial_logit_pairing.models import ModelConfig, get_model_config
 
 DATASETS = ("imagenet", "tiny_imagenet")
@@ -44,6 +41,11 @@ def _input_module(dataset_name: str) -> ModuleType:
     return _INPUTS[dataset_name]
 
 
+def _facts(dataset_name: str) -> DataSetFacts:
+    _input_module(dataset_name)  # an unknown name fails, listing the known ones
+    return FACTS[dataset_name]
+
+
 # The model whose preprocessing is used when none is given: ALP's, as in the original.
 DEFAULT_MODEL = "resnet_v2_50"
 
@@ -53,13 +55,34 @@ def _config(model_config: Optional[ModelConfig]) -> ModelConfig:
 
 
 def data_files(dataset_name: str, split: str, data_dir: str | None) -> list[str]:
-    """The TFRecord files of a split (raises MissingDataError naming the flag when none)."""
-    return _input_module(dataset_name).data_files(split, data_dir)
+    """Sorted TFRecord files of ``split`` in ``data_dir`` (the data set's ``file_patterns``).
+
+    Temporary files of a running conversion start with '.', so they never match.
+
+    Raises:
+      ConfigError: an unknown data set, or ``split`` is not 'train' or 'validation'.
+      MissingDataError: naming the flag: it is unset, or the directory or the files are missing.
+    """
+    facts = _facts(dataset_name)
+    flag = facts.data_dir_flag
+    if split not in facts.file_patterns:
+        raise ConfigError(f"invalid split '{split}': expected 'train' or 'validation'")
+    if not data_dir:
+        raise MissingDataError(f"{flag} is not set: it must name the directory with "
+                               f"{facts.data_dir_contents}")
+    if not tf.io.gfile.isdir(data_dir):
+        raise MissingDataError(f"{flag}={data_dir}: no such directory")
+    pattern = facts.file_patterns[split]
+    files = sorted(tf.io.gfile.glob(os.path.join(data_dir, pattern)))
+    if not files:
+        missing = "no files matching" if "*" in pattern else "no file"
+        raise MissingDataError(f"{flag}={data_dir}: {missing} {pattern}")
+    return files
 
 
 def data_dir_flag(dataset_name: str) -> str:
     """The command-line flag that names the data directory of ``dataset_name``."""
-    return _input_module(dataset_name).DATA_DIR_FLAG
+    return _facts(dataset_name).data_dir_flag
 
 
 def num_classes(dataset_name: str, model_config: Optional[ModelConfig] = None) -> int:
@@ -85,7 +108,7 @@ def examples_per_epoch(dataset_name: str, split: str) -> int:
     Raises:
       ConfigError: unknown data set or split.
     """
-    sizes = _input_module(dataset_name).EXAMPLES_PER_EPOCH
+    sizes = _facts(dataset_name).examples_per_epoch
     if split not in sizes:
         raise ConfigError(f"invalid split '{split}': expected 'train' or 'validation'")
     return sizes[split]
@@ -135,7 +158,7 @@ def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
     if image_size < 1:
         raise ConfigError(f"--dataset_image_size must be at least 1, got {image_size}")
     classes = module.num_classes(model_config)
-    files = module.data_files(split, data_dir)
+    files = data_files(dataset_name, split, data_dir)
     if dataset_name == "imagenet":
         dataset = imagenet_input.imagenet_input(files, batch_size, image_size, is_training,
                                                 model_config)
@@ -165,9 +188,8 @@ def count_records(dataset_name: str, split: str, data_dir: str) -> int:
       ConfigError, MissingDataError: as get_dataset.
       DataError: a file is truncated.
     """
-    module = _input_module(dataset_name)
     return sum(tfrecord_files.count_records_in_file(path)
-               for path in module.data_files(split, data_dir))
+               for path in data_files(dataset_name, split, data_dir))
 
 
 def locate_bad_record(dataset_name: str, split: str, data_dir: str,
@@ -188,7 +210,7 @@ def locate_bad_record(dataset_name: str, split: str, data_dir: str,
     """
     module = _input_module(dataset_name)
     model_config = _config(model_config)
-    for path in module.data_files(split, data_dir):
+    for path in data_files(dataset_name, split, data_dir):
         records = tf.data.TFRecordDataset(path)
         # Deterministic parallel map: an error is delivered at the position of its record.
         checked = records.map(lambda record: module.check_record(record, model_config),

@@ -34,9 +34,15 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing.datasets import tf_error_text, tfrecord_files
-from adversarial_logit_pairing.datasets.wnid_lists import read_lines, read_wnid_list
+from adversarial_logit_pairing import tf_error_text
+from adversarial_logit_pairing.datasets import tfrecord_files
+from adversarial_logit_pairing.datasets.wnid_lists import (
+    class_folders,
+    read_lines,
+    read_wnid_list,
+)
 from adversarial_logit_pairing.errors import ConfigError, DataError, MissingDataError
+from adversarial_logit_pairing.progress import ProgressLog
 
 # build_imagenet_data.py shuffled the file list with this seed before sharding.
 SHUFFLE_SEED = 12345
@@ -97,11 +103,7 @@ def find_training_images(train_dir: str, synsets: list[str]) -> list[SourceImage
         raise MissingDataError(f"--train_dir={train_dir}: no such directory")
     labels = {wnid: index + 1 for index, wnid in enumerate(synsets)}
     images = []
-    for entry in sorted(tf.io.gfile.listdir(train_dir)):
-        name = entry.rstrip("/")
-        folder = os.path.join(train_dir, name)
-        if not tf.io.gfile.isdir(folder):
-            continue
+    for name, folder in class_folders(train_dir):
         if name not in labels:
             logging.warning("Ignoring %s: %s is not in --labels_file", folder, name)
             continue
@@ -323,7 +325,7 @@ def write_split(split: str, images: list[SourceImage], num_shards: int, output_d
     # Opened one shard at a time by the threads: 1024 open files would exceed the usual
     # limit of open file descriptors.
     pending: list[tfrecord_files.PendingRecordFile] = []
-    progress = tfrecord_files.ProgressLog(split, len(images))
+    progress = ProgressLog(split, len(images))
     failed = threading.Event()
     texts = human_texts or {}
 
@@ -340,7 +342,7 @@ def write_split(split: str, images: list[SourceImage], num_shards: int, output_d
             if box_files and stem in box_files:
                 boxes = read_object_boxes(box_files[stem], image.synset, challenge_synsets)
             output.write(image_record(image, texts.get(image.synset, ""), boxes))
-            progress.advance()
+            progress.update()
         output.close()
 
     logging.info("Writing %d %s images into %d shards in %s with %d threads", len(images),

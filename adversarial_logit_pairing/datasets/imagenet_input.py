@@ -11,45 +11,16 @@ the stored labels as they are; any other (1000 classes) gets them shifted to 0..
 
 from __future__ import annotations
 
-import os
-
 import tensorflow as tf
 
 from adversarial_logit_pairing.datasets import image_decoding, input_pipeline
-from adversarial_logit_pairing.errors import ConfigError, MissingDataError
+from adversarial_logit_pairing.datasets.dataset_facts import IMAGENET
+from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.models import ModelConfig
 
-DATA_DIR_FLAG = "--imagenet_data_dir"
-# Classes stored in the shards, as labels 1..1000 (0 is never stored).
-NUM_STORED_CLASSES = 1000
-# The original's epoch sizes; the learning-rate schedule counts epochs with them.
-EXAMPLES_PER_EPOCH = {"train": 1281167, "validation": 50000}
-FILE_PATTERNS = {"train": "train-*", "validation": "validation-*"}
 SHUFFLE_BUFFER = 1024
 
 _BOX_KEYS = ("ymin", "xmin", "ymax", "xmax")  # tf.image's box order
-
-
-def data_files(split: str, data_dir: str | None) -> list[str]:
-    """Sorted shard paths of ``split`` in ``data_dir``.
-
-    Raises:
-      ConfigError: ``split`` is not 'train' or 'validation'.
-      MissingDataError: the flag is unset, the directory is missing or holds no shard.
-    """
-    if split not in FILE_PATTERNS:
-        raise ConfigError(f"invalid split '{split}': expected 'train' or 'validation'")
-    if not data_dir:
-        raise MissingDataError(f"{DATA_DIR_FLAG} is not set: it must name the directory "
-                               "with the ImageNet TFRecord shards")
-    if not tf.io.gfile.isdir(data_dir):
-        raise MissingDataError(f"{DATA_DIR_FLAG}={data_dir}: no such directory")
-    # Temporary files of a running conversion start with '.', so they never match.
-    files = sorted(tf.io.gfile.glob(os.path.join(data_dir, FILE_PATTERNS[split])))
-    if not files:
-        raise MissingDataError(
-            f"{DATA_DIR_FLAG}={data_dir}: no files matching {FILE_PATTERNS[split]}")
-    return files
 
 
 def _parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -88,7 +59,7 @@ def num_classes(model_config: ModelConfig) -> int:
     Raises:
       ConfigError: the model's ``num_classes`` disagrees with its ``background_class``.
     """
-    expected = NUM_STORED_CLASSES + int(model_config.background_class)
+    expected = IMAGENET.stored_classes + int(model_config.background_class)
     if model_config.num_classes != expected:
         raise ConfigError(
             f"model {model_config.name!r}: num_classes={model_config.num_classes} with "

@@ -1,24 +1,21 @@
-"""Writing TFRecord files safely, counting their records, and logging conversion progress.
+"""Writing TFRecord files safely, building their examples, and counting their records.
 
-A converter writes every output under a hidden temporary name in the output directory and
-renames it only once the whole output is complete, so an interrupted or failed run never
-leaves a file that the input pipelines would take for finished data (their patterns
-``train-*`` / ``train.tfrecord`` never match a name starting with '.').
+A converter writes every output under a hidden temporary name in the output directory
+(:mod:`adversarial_logit_pairing.atomic_files`) and renames it only once the whole output is
+complete, so an interrupted or failed run never leaves a file that the input pipelines would
+take for finished data (their patterns ``train-*`` / ``train.tfrecord`` never match a name
+starting with '.').
 """
 
 from __future__ import annotations
 
 import os
 import struct
-import threading
-import time
-import uuid
 from collections.abc import Iterable, Sequence
 
 import tensorflow as tf
-from absl import logging
 
-from adversarial_logit_pairing.datasets import tf_error_text
+from adversarial_logit_pairing import atomic_files, tf_error_text
 from adversarial_logit_pairing.errors import DataError
 
 # TFRecord framing: uint64 length, uint32 masked CRC of the length, data, uint32 CRC of data.
@@ -63,7 +60,7 @@ class PendingRecordFile:
     def __init__(self, path: str, flag: str = "--output_dir"):
         self.path = path
         directory, name = os.path.split(path)
-        self.temp_path = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.temp_path = atomic_files.sibling_name(path)
         self.num_records = 0
         try:
             self._writer: tf.io.TFRecordWriter | None = tf.io.TFRecordWriter(self.temp_path)
@@ -86,7 +83,7 @@ class PendingRecordFile:
     def commit(self) -> None:
         """Closes the file and renames it to its final name (replacing an older file)."""
         self.close()
-        tf.io.gfile.rename(self.temp_path, self.path, overwrite=True)
+        atomic_files.publish(self.temp_path, self.path)
 
     def discard(self) -> None:
         """Closes and deletes the temporary file; safe to call more than once."""
@@ -94,8 +91,7 @@ class PendingRecordFile:
             self.close()
         except (tf.errors.OpError, OSError):
             pass
-        if tf.io.gfile.exists(self.temp_path):
-            tf.io.gfile.remove(self.temp_path)
+        atomic_files.discard(self.temp_path)
 
 
 def commit_all(files: Iterable[PendingRecordFile]) -> None:
@@ -133,34 +129,3 @@ def count_records_in_file(path: str) -> int:
     if position != size:
         raise DataError(f"{path}: truncated TFRecord file (record {count - 1} is incomplete)")
     return count
-
-
-class ProgressLog:
-    """Thread-safe progress counter that logs done/total, items/s and ETA now and then."""
-
-    def __init__(self, what: str, total: int, unit: str = "images", every_secs: float = 10.0):
-        self._what = what
-        self._total = total
-        self._unit = unit
-        self._every_secs = every_secs
-        self._done = 0
-        self._start = time.time()
-        self._last_log = self._start
-        self._lock = threading.Lock()
-
-    def advance(self, count: int = 1) -> None:
-        """Counts ``count`` more items; logs if enough time passed or the work is done."""
-        with self._lock:
-            self._done += count
-            now = time.time()
-            if now - self._last_log < self._every_secs and self._done < self._total:
-                return
-            self._last_log = now
-            done = self._done
-        elapsed = max(now - self._start, 1e-9)
-        rate = done / elapsed
-        eta = (self._total - done) / rate if rate > 0 else float("inf")
-        logging.info("%s: %d/%d %s (%.1f%%), %.1f %s/s, ETA %.0fs", self._what, done,
-                     self._total, self._unit, 100.0 * done / max(self._total, 1), rate,
-                     self._unit, eta)
-

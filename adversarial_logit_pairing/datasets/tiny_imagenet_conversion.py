@@ -31,14 +31,16 @@ import pandas as pd
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing.datasets import tf_error_text, tfrecord_files
-from adversarial_logit_pairing.datasets.wnid_lists import read_wnid_list
+from adversarial_logit_pairing import tf_error_text
+from adversarial_logit_pairing.datasets import tfrecord_files
+from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET
+from adversarial_logit_pairing.datasets.wnid_lists import class_folders, read_wnid_list
 from adversarial_logit_pairing.errors import ConfigError, DataError, MissingDataError
+from adversarial_logit_pairing.progress import ProgressLog
 
 # Fixed so that a rerun writes the same train.tfrecord (the original used an unseeded shuffle).
 SHUFFLE_SEED = 12345
-OUTPUT_FILES = {"train": "train.tfrecord", "validation": "validation.tfrecord",
-                "test": "test.tfrecord"}
+OUTPUT_FILES = {**TINY_IMAGENET.file_patterns, "test": "test.tfrecord"}
 _BOX_COLUMNS = ["x1", "y1", "x2", "y2"]
 
 
@@ -119,11 +121,7 @@ def read_training_annotations(train_dir: str, wnids: list[str]) -> list[Annotate
         raise MissingDataError(f"{train_dir}: no such directory (training images)")
     known = set(wnids)
     images = []
-    for entry in sorted(tf.io.gfile.listdir(train_dir)):
-        name = entry.rstrip("/")
-        folder = os.path.join(train_dir, name)
-        if not tf.io.gfile.isdir(folder):
-            continue
+    for name, folder in class_folders(train_dir):
         if not name.startswith("n"):
             logging.warning("Skipping %s: not a class folder (wnids start with 'n')", folder)
             continue
@@ -274,13 +272,13 @@ def convert_tiny_imagenet(input_dir: str, output_dir: str,
                 os.path.join(output_dir, OUTPUT_FILES[split]))
             pending.append(output)
             logging.info("Converting %d %s images", len(images), split)
-            progress = tfrecord_files.ProgressLog(OUTPUT_FILES[split], len(images))
+            progress = ProgressLog(OUTPUT_FILES[split], len(images))
             for image in images:
                 with tf.io.gfile.GFile(image.path, "rb") as f:
                     data = f.read()
                 check_decodes(data, image)
                 output.write(tiny_imagenet_record(image, data, tiny_labels, imagenet_labels))
-                progress.advance()
+                progress.update()
             output.close()
         tfrecord_files.commit_all(pending)
     except BaseException:

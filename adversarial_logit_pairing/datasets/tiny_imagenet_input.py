@@ -11,43 +11,17 @@ class count never matters here: 200 classes, labels as stored.
 
 from __future__ import annotations
 
-import os
-
 import tensorflow as tf
 
 from adversarial_logit_pairing.datasets import image_decoding, input_pipeline
-from adversarial_logit_pairing.errors import ConfigError, MissingDataError
+from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET
 from adversarial_logit_pairing.models import ModelConfig
 
-DATA_DIR_FLAG = "--tiny_imagenet_data_dir"
-NUM_CLASSES = 200
-# The original's epoch sizes; the learning-rate schedule counts epochs with them.
-EXAMPLES_PER_EPOCH = {"train": 100000, "validation": 10000}
-FILE_NAMES = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
+NUM_CLASSES = TINY_IMAGENET.stored_classes
 SHUFFLE_BUFFER = 10000
 
 # The training crop is sampled around a box that covers the whole image.
 _WHOLE_IMAGE_BOX = ((0.0, 0.0, 1.0, 1.0),)
-
-
-def data_files(split: str, data_dir: str | None) -> list[str]:
-    """The one record file of ``split`` in ``data_dir``, as a list.
-
-    Raises:
-      ConfigError: ``split`` is not 'train' or 'validation'.
-      MissingDataError: the flag is unset, or the directory or the file is missing.
-    """
-    if split not in FILE_NAMES:
-        raise ConfigError(f"invalid split '{split}': expected 'train' or 'validation'")
-    if not data_dir:
-        raise MissingDataError(f"{DATA_DIR_FLAG} is not set: it must name the directory "
-                               "with train.tfrecord and validation.tfrecord")
-    if not tf.io.gfile.isdir(data_dir):
-        raise MissingDataError(f"{DATA_DIR_FLAG}={data_dir}: no such directory")
-    path = os.path.join(data_dir, FILE_NAMES[split])
-    if not tf.io.gfile.exists(path):
-        raise MissingDataError(f"{DATA_DIR_FLAG}={data_dir}: no file {FILE_NAMES[split]}")
-    return [path]
 
 
 def _parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -1,11 +1,14 @@
-"""Reading the plain-text lists of the converters: wnid lists and other line files.
+"""Reading the converters' class lists: wnid list files, other line files, class folders.
 
 Tiny ImageNet's ``wnids.txt``, the ImageNet synsets file (``--labels_file``,
 ``--imagenet_synsets_path``) and the validation labels are read the same way, with errors that
-name the flag or the role of the file and the line at fault.
+name the flag or the role of the file and the line at fault; both raw layouts keep a class's
+training images in a folder named by its wnid (:func:`class_folders`).
 """
 
 from __future__ import annotations
+
+import os
 
 import tensorflow as tf
 
@@ -46,3 +49,13 @@ def read_wnid_list(path: str, what: str) -> list[str]:
     if not wnids:
         raise DataError(f"{path}: no wnid in {what}")
     return wnids
+
+
+def class_folders(train_dir: str) -> list[tuple[str, str]]:
+    """(name, path) of every folder in ``train_dir``, sorted by name; files are left out."""
+    folders = []
+    for entry in sorted(tf.io.gfile.listdir(train_dir)):
+        name = entry.rstrip("/")
+        if tf.io.gfile.isdir(os.path.join(train_dir, name)):
+            folders.append((name, os.path.join(train_dir, name)))
+    return folders

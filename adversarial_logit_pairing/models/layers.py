@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import tensorflow as tf
 
+from adversarial_logit_pairing.checkpoints import variable_name
+
 if TYPE_CHECKING:
     from adversarial_logit_pairing.models import ModelConfig
 
@@ -62,7 +64,9 @@ class VariableFactory:
 
         Raises:
           RuntimeError: when an enclosing name scope (e.g. a TF1 graph that already holds the
-            name) changed the name, which would break checkpoint compatibility.
+            name) changed the name, which would break checkpoint compatibility. Only code
+            calling the library can cause it (the programs build each model once, eagerly),
+            so it is an internal error with a traceback, not a ``UserError``.
         """
         kwargs = {}
         if moving_statistic:
@@ -129,7 +133,7 @@ class Layer(tf.Module):
     @property
     def variables_by_name(self) -> dict[str, tf.Variable]:
         """TF1 name (without ':0') -> variable, in the order Slim created them."""
-        return {variable.name[: -len(":0")]: variable for variable in self._ordered}
+        return {variable_name(variable): variable for variable in self._ordered}
 
 
 class Conv2D(Layer):

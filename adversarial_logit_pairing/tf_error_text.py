@@ -1,8 +1,9 @@
 """Turns a TensorFlow error into the one line a user needs ("Invalid JPEG data ...").
 
 TF error messages wrap the reason in graph-function names, a Python traceback of where the
-op was defined, tf.data iterator paths and node annotations; error messages of this project
-name the file and record themselves, so only the reason is kept.
+op was defined (indented), tf.data iterator paths and node annotations; error messages of
+this project name the file, record or worker themselves, so only the reason is kept. The one
+scraper of TF error text for data, checkpoint and cluster errors alike.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ _ASSERTION = re.compile(r"^assertion failed: \[(.*)\] \[(.*)\]$")
 
 
 def reason(exc: BaseException) -> str:
-    """The first informative line of a TensorFlow (or other) exception's message."""
+    """The first informative line of a TensorFlow (or other) exception's message.
+
+    A cluster error names the lost task on the line after its reason
+    (``/job:worker/replica:0/task:1``); that line is kept too.
+    """
     message = getattr(exc, "message", None) or str(exc)
-    for line in message.splitlines():
-        line = line.strip()
+    lines = [line.strip() for line in message.splitlines() if not line[:1].isspace()]
+    for index, line in enumerate(lines):
         if _NOISE_LINE.match(line):
             continue
         for pattern in _PREFIXES:
@@ -32,5 +37,6 @@ def reason(exc: BaseException) -> str:
         # tf.debugging.Assert prints "assertion failed: [text] [value]".
         line = _ASSERTION.sub(r"\1 \2", line)
         if line:
-            return line
+            following = lines[index + 1] if index + 1 < len(lines) else ""
+            return f"{line} {following}" if following.startswith("/job:") else line
     return type(exc).__name__

@@ -84,10 +84,11 @@ def _open_blocks() -> list[_CastBlock]:
 def _block_for_current_graph() -> Optional[_CastBlock]:
     """The innermost open block whose casts ops built now may use, if any.
 
-    They may in the block's own graph and in the bodies of ``tf.while_loop`` / ``tf.cond``
-    built inside it, which capture the casts as loop invariants (that is the point: the PGD
-    loop's steps share one copy). Not eagerly, and not inside a nested ``tf.function``: its
-    trace is cached apart from the block's graph and may run where those tensors do not exist.
+    Ops may use them in the block's own graph and in the bodies of ``tf.while_loop`` /
+    ``tf.cond`` built inside it, which capture the casts as loop invariants (that is the point:
+    the PGD loop's steps share one copy). Not eagerly, and not inside a nested ``tf.function``:
+    its trace is cached apart from the block's graph and may run where those tensors do not
+    exist.
     """
     stack = _open_blocks()
     if not stack or tf.executing_eagerly():

@@ -445,8 +445,10 @@ class ImageClassifier(tf.Module):
         A bfloat16/float16 model casts its weights at each use; PGD calls the model NITER+1
         times, so entered inside the traced attack (``adversarial_attack`` does it for
         ``model.inference``) the block turns NITER+1 casts per weight into one, made outside
-        the loop on each run. The values are the same (a cast does not depend on where it
-        runs). For inference passes only: see ``precision.cast_weights_once``. A float32
+        the loop on each run. The cast values are the same wherever the cast runs; the
+        attack's output may still differ in the last bits, as after any change to a graph,
+        because TensorFlow fuses and picks kernels per graph and PGD's sign steps amplify
+        rounding. For inference passes only: see ``precision.cast_weights_once``. A float32
         model adds nothing to its graph.
         """
         if self.compute_dtype == tf.float32:

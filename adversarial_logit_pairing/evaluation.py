@@ -177,9 +177,11 @@ def make_eval_step(strategy: tf.distribute.Strategy, model, adv_method: str,
 
     def replica_step(images, labels, batch_index):
         seed = distribution.replica_seed(tf.stack([tf.constant(0, tf.int64), batch_index]))
-        inputs = adversarial_attack.generate_adversarial_examples(
-            images, bounds, lambda x: model(x, is_training=False), adv_method, seed=seed)
-        logits = model(inputs, is_training=False)
+        # One cast of each weight (reduced precision) for the attack and the scoring pass.
+        with model.cast_weights():
+            inputs = adversarial_attack.generate_adversarial_examples(
+                images, bounds, model.inference, adv_method, seed=seed)
+            logits = model(inputs, is_training=False)
         labels = tf.cast(labels, tf.int64)
         correct = tf.equal(tf.argmax(logits, axis=-1), labels)
         in_top5 = tf.math.in_top_k(labels, tf.cast(logits, tf.float32), k=min(5, num_classes))

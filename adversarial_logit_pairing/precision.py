@@ -7,6 +7,9 @@ The policy is the usual mixed-precision one, kept deliberately small:
 * a model built with ``compute_dtype='bfloat16'`` or ``'float16'`` casts its input and each
   weight at use, so convolutions and activations run in the low dtype; the fused batch-norm op
   takes float32 scale/offset/statistics as it requires, and the logits come back float32;
+* inside ``cast_weights_once()`` (entered by the attacks through ``model.cast_weights()``)
+  each weight is cast once for every model call of the block, not once per call: the ten
+  input-gradient passes of a PGD attack share one low-precision copy of the weights;
 * the attack's iterate, box and step arithmetic stay float32 (a bfloat16 image has 8 bits of
   mantissa: a step of 2/255 near 1.0 would round away).
 
@@ -18,12 +21,21 @@ divides the gradients by it, and skips the update when they are not finite.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Optional, Union
 
 import tensorflow as tf
 
 from adversarial_logit_pairing.errors import ConfigError
+
+try:  # the graphs of tf.while_loop and tf.cond bodies (TF 2 control flow)
+    from tensorflow.python.ops.control_flow_v2_func_graphs import ControlFlowFuncGraph
+
+    _CONTROL_FLOW_GRAPHS: tuple[type, ...] = (ControlFlowFuncGraph,)
+except ImportError:  # a TF without it: loop bodies then cast at each use, as before
+    _CONTROL_FLOW_GRAPHS = ()
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -48,6 +60,91 @@ def resolve_compute_dtype(compute_dtype: DTypeLike, what: str = "compute_dtype")
             f"{what}={compute_dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}"
         )
     return tf.as_dtype(name)
+
+
+class _CastBlock:
+    """One ``cast_weights_once`` block: the graph it runs in and the casts made so far."""
+
+    def __init__(self, graph: tf.Graph):
+        self.graph = graph
+        self.casts: dict[tuple[object, tf.DType], tf.Tensor] = {}
+
+
+# Open blocks, innermost last. Per thread: MirroredStrategy traces each replica in a thread of
+# its own, and each replica must cast its own copy of the weights.
+_BLOCKS = threading.local()
+
+
+def _open_blocks() -> list[_CastBlock]:
+    if not hasattr(_BLOCKS, "stack"):
+        _BLOCKS.stack = []
+    return _BLOCKS.stack
+
+
+def _block_for_current_graph() -> Optional[_CastBlock]:
+    """The innermost open block whose casts ops built now may use, if any.
+
+    Ops may use them in the block's own graph and in the bodies of ``tf.while_loop`` /
+    ``tf.cond`` built inside it, which capture the casts as loop invariants (that is the point:
+    the PGD loop's steps share one copy). Not eagerly, and not inside a nested ``tf.function``:
+    its trace is cached apart from the block's graph and may run where those tensors do not
+    exist.
+    """
+    stack = _open_blocks()
+    if not stack or tf.executing_eagerly():
+        return None
+    block = stack[-1]
+    graph = tf.compat.v1.get_default_graph()
+    while graph is not block.graph:
+        if not isinstance(graph, _CONTROL_FLOW_GRAPHS):
+            return None
+        graph = graph.outer_graph
+    return block
+
+
+@contextlib.contextmanager
+def cast_weights_once() -> Iterator[None]:
+    """Within the block, ``cast_variable`` casts each variable once (per dtype) for all uses.
+
+    The first use of a variable casts it in the graph the block was entered in, so a first use
+    inside a loop body still casts outside the loop. Enter it inside the traced function (the
+    attack and the training step do): the casts then run once per execution of that function,
+    after the weights' latest update. Entered eagerly it does nothing, so that a function traced
+    within it never bakes in the weights' values of the moment.
+
+    Only for passes that do not differentiate the weights (attacks, evaluation): a gradient
+    tape opened inside the block does not see the casts made before it, so it would find no
+    path back to the float32 variables.
+    """
+    if tf.executing_eagerly():
+        yield
+        return
+    stack = _open_blocks()
+    # Nested blocks in one graph share the outer one's casts.
+    stack.append(_block_for_current_graph() or _CastBlock(tf.compat.v1.get_default_graph()))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def cast_variable(variable: tf.Variable, dtype: tf.DType) -> Union[tf.Variable, tf.Tensor]:
+    """The variable's value in ``dtype``, as every layer reads its weights.
+
+    The variable itself when it already has that dtype (float32 graphs gain no op); inside
+    ``cast_weights_once`` the block's one cast; else a new cast at this use, which gradients
+    follow back to the float32 variable.
+    """
+    if variable.dtype == dtype:
+        return variable
+    block = _block_for_current_graph()
+    if block is None:
+        return tf.cast(variable, dtype)
+    key = (variable.ref(), dtype)
+    if key not in block.casts:
+        with block.graph.as_default():
+            block.casts[key] = tf.cast(variable, dtype)
+    return block.casts[key]
 
 
 def needs_loss_scaling(compute_dtype: DTypeLike) -> bool:

@@ -304,9 +304,10 @@ def make_train_step(
                 # (seed, step, replica, micro-batch) is unique, and a resumed run (which starts
                 # at an update boundary) draws the same starts again.
                 step_seed = tf.random.experimental.stateless_fold_in(step_seed, micro_batch)
+            # model.inference: a bfloat16/float16 model casts its weights once for the attack
+            # (the training pass below keeps its own casts, which the tape differentiates).
             adv_images = adversarial_attack.generate_adversarial_examples(
-                images, bounds, lambda x: model(x, is_training=False),
-                hparams.train_adv_method, seed=step_seed,
+                images, bounds, model.inference, hparams.train_adv_method, seed=step_seed,
             )
             inputs = tf.concat([images, adv_images], axis=0)
             one_hot = tf.concat([one_hot, one_hot], axis=0)

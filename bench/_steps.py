@@ -3,7 +3,7 @@
 * ``input_gradient_fn``: ONE input-gradient pass (forward + backward to the input, inference
   mode) of a model: the unit of every bound. A PGD step cannot cost less.
 * ``attack_fn``: the project's attack as a user calls it, eagerly
-  (``adversarial_attack.generate_adversarial_examples``).
+  (``adversarial_attack.generate_adversarial_examples`` on ``model.inference``).
 * ``make_train_step``: ``training.make_train_step`` on ``training.build_train_state``, the
   step ``train.py`` runs (attack in inference mode; one training-mode pass over
   ``[clean; adversarial]``; the TF1 RMSProp of ``model_lib.get_optimizer``; the moving
@@ -48,9 +48,6 @@ def build_model(name: str, num_classes: int, compute_dtype: str = "float32") -> 
     return create_model(name, num_classes, seed=0, compute_dtype=compute_dtype)
 
 
-def inference(model: ImageClassifier) -> Callable[[tf.Tensor], tf.Tensor]:
-    """The attack's view of a model; one object per model so the attack cache hits."""
-    return lambda x: model(x, is_training=False)
 
 
 def input_gradient_fn(model: ImageClassifier) -> Callable:
@@ -73,9 +70,14 @@ def forward_fn(model: ImageClassifier) -> Callable:
     return tf.function(lambda images: model(images, is_training=False))
 
 
-def attack_fn(model: ImageClassifier, description: str) -> Callable:
-    """The project's attack called eagerly, as a user would (its tf.function is cached)."""
-    model_fn = inference(model)
+def attack_fn(model: ImageClassifier, description: str, cast_once: bool = True) -> Callable:
+    """The project's attack called eagerly, as a user would (its tf.function is cached).
+
+    The model is given as ``model.inference``, so a bfloat16/float16 model casts its weights
+    once per attack; ``cast_once=False`` gives it as a lambda instead, which casts them at
+    every step (the attack before ``model.cast_weights`` existed).
+    """
+    model_fn = model.inference if cast_once else (lambda x: model(x, is_training=False))
 
     def attack(images, seed=(1, 2)):
         return adversarial_attack.generate_adversarial_examples(

@@ -6,7 +6,10 @@
 For each attack (``pgd_16_2_10``: untargeted, against the prediction; ``pgdll_16_2_10``:
 targeted at the least-likely class) and compute dtype, one round times, back to back:
 
-* ours: ``generate_adversarial_examples`` called eagerly (its compiled function is cached);
+* ours: ``generate_adversarial_examples`` called eagerly (its compiled function is cached)
+  on ``model.inference``, so a bfloat16 model casts its weights once per attack;
+* ours, per-step casts (bfloat16/float16 only): the same attack given the model as a lambda,
+  which casts every weight in every step; column ``casts once speed-up`` = its time / ours;
 * bound: 10 x one input-gradient pass of the same model (``bench/_steps.input_gradient_fn``);
   ours also runs one forward pass for the labels, so ``ours / bound`` >= ~1.03 by design;
 * cleverhans 4 ``cleverhans.tf2.attacks.projected_gradient_descent`` and ART 1.x
@@ -119,6 +122,9 @@ def main(argv: list[str]) -> None:
                                                               for _ in range(k)][-1],
                 "forward": lambda f=forward: f(images),
             }
+            if dtype != "float32":
+                per_step = _steps.attack_fn(model, description, cast_once=False)
+                contenders["per_step_casts"] = lambda per_step=per_step: per_step(images)
             peers = {
                 "cleverhans": cleverhans_attack(forward, spec, scale),
                 "art": art_attack(forward, spec, scale, FLAGS.num_classes, FLAGS.image_size,
@@ -142,6 +148,7 @@ def main(argv: list[str]) -> None:
                 _timing.median_ratio(times["ours"], times["bound"]),
                 _timing.median_ratio(times["ours"], with_labels),
                 speedup("cleverhans"), speedup("art"),
+                speedup("per_step_casts") if dtype != "float32" else "",
             ])
     # bfloat16 against the float32 peers: the speed a user gains by switching both the
     # precision and the library.
@@ -152,7 +159,7 @@ def main(argv: list[str]) -> None:
             rows.append([
                 description, "bf16 vs f32 peers", "", "",
                 "", "", *(f"{np.median(ref[p]) / np.median(low['ours']):.3f}"
-                      if p in ref else "n/a" for p in ("cleverhans", "art")),
+                      if p in ref else "n/a" for p in ("cleverhans", "art")), "",
             ])
 
     print()
@@ -162,11 +169,12 @@ def main(argv: list[str]) -> None:
     print()
     print(_timing.table(
         ["attack", "dtype", "ours images/s", "ours s", "ours / bound", "ours / (bound+fwd)",
-         "speed vs cleverhans", "speed vs ART"], rows))
+         "speed vs cleverhans", "speed vs ART", "casts once speed-up"], rows))
     print("\nbound = 10 x one input-gradient pass (target: ours / bound <= 1.05); bound+fwd adds "
           "the forward pass for the labels that PGD against the prediction needs; speed vs X = "
           "X's time / ours (target >= 1.15 in float32, >= 1.8 with bfloat16 compute against "
-          "float32 peers)")
+          "float32 peers); casts once speed-up = the same attack casting the weights in every "
+          "step / ours")
 
 
 if __name__ == "__main__":

@@ -322,7 +322,7 @@ def _scalar_events(directory, tag: str) -> dict:
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
+                    values[event.step] = value.simple_value  # TF1 scalar summaries
     return values
 
 

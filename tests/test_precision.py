@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -261,3 +263,132 @@ def test_float16_training_step_skips_an_overflowing_update_and_applies_the_next(
     applied = snapshot()
     assert all(np.all(np.isfinite(v)) for v in applied.values())
     assert all(not np.array_equal(applied[name], before[name]) for name in weights)
+
+
+# --- one cast of each weight per attack (model.inference / model.cast_weights) ---------------
+
+
+def _weight_casts(graph: tf.Graph) -> tuple[int, int]:
+    """(casts of a variable's value in ``graph``, the same in the functions it calls).
+
+    The functions are the bodies and conditions of its ``tf.while_loop``s; a weight cast is a
+    Cast whose input is a ReadVariableOp.
+    """
+
+    def count(nodes) -> int:
+        op_of = {node.name: node.op for node in nodes}
+        return sum(node.op == "Cast" and op_of.get(node.input[0].split(":")[0]) == "ReadVariableOp"
+                   for node in nodes)
+
+    graph_def = graph.as_graph_def()
+    return count(graph_def.node), sum(count(f.node_def) for f in graph_def.library.function)
+
+
+def _low_precision_weights(model) -> list[str]:
+    """The variables a bfloat16 resnet_v2 casts: conv weights and biases but the float32 head's."""
+    return [name for name in model.variables_by_name
+            if name.endswith(("/weights", "/biases")) and "/logits/" not in name]
+
+
+def test_bfloat16_attack_casts_each_weight_once_outside_the_pgd_loop():
+    model = create_model(MODEL, NUM_CLASSES, seed=0, compute_dtype="bfloat16")
+    images = tf.TensorSpec([2, SIZE, SIZE, 3], tf.float32)
+
+    def traced_attack(model_fn, description):
+        return tf.function(lambda x: adversarial_attack.generate_adversarial_examples(
+            x, (-1.0, 1.0), model_fn, description, seed=(1, 2))).get_concrete_function(images)
+
+    # 7 steps: a loop of 5-step iterations and a loop of one; with per-use casts each step
+    # casts every weight again.
+    weights = len(_low_precision_weights(model))
+    per_use = traced_attack(lambda x: model(x, is_training=False), "pgd_8_2_7")
+    assert _weight_casts(per_use.graph) == (weights, 6 * weights)
+    # Given as model.inference, the label pass casts each weight once and the loops reuse it.
+    for description in ("pgd_8_2_7", "pgdll_8_2_10", "pgdrnd_8_2_1"):
+        assert _weight_casts(traced_attack(model.inference, description).graph) == (weights, 0)
+    # pgd() alone (first use inside the loop): the casts still go before the loop.
+    direct = tf.function(lambda x: adversarial_attack.pgd(
+        x, (-1.0, 1.0), model.inference, 0.1, 0.01, 6, tf.zeros([2], tf.int64)))
+    assert _weight_casts(direct.get_concrete_function(images).graph) == (weights, 0)
+
+
+def test_float32_attack_graph_is_the_same_given_model_inference():
+    model = create_model(MODEL, NUM_CLASSES, seed=0)
+    images = tf.TensorSpec([2, SIZE, SIZE, 3], tf.float32)
+
+    def traced(model_fn):
+        return tf.function(lambda x: adversarial_attack.generate_adversarial_examples(
+            x, (-1.0, 1.0), model_fn, "pgd_8_2_6", seed=(1, 2))).get_concrete_function(
+                images).graph
+
+    def op_types(graph):
+        graph_def = graph.as_graph_def()
+        return sorted([node.op for node in graph_def.node]
+                      + [node.op for f in graph_def.library.function for node in f.node_def])
+
+    graph = traced(model.inference)
+    assert op_types(graph) == op_types(traced(lambda x: model(x, is_training=False)))
+    assert _weight_casts(graph) == (0, 0)
+
+
+def test_cast_weights_gives_the_per_use_values():
+    """One pass (logits and input gradient) inside the block equals the pass outside it."""
+    model = create_model(MODEL, NUM_CLASSES, seed=0, compute_dtype="bfloat16")
+    images, labels = _pattern_batch(4, seed=11)
+
+    def logits_and_gradient(x, once: bool):
+        with model.cast_weights() if once else contextlib.nullcontext():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                logits = model.inference(x)
+                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels=labels, logits=logits))
+            return logits, tape.gradient(loss, x)
+
+    per_use = tf.function(lambda x: logits_and_gradient(x, once=False))(images)
+    once = tf.function(lambda x: logits_and_gradient(x, once=True))(images)
+    for a, b in zip(per_use, once):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_attack_casting_once_follows_the_weights_of_each_call():
+    """The casts run in the compiled attack, each call: new weights are seen without retracing.
+
+    PGD's sign steps turn any last-bit difference into a different example, so the comparison
+    is between two attacks of the same graph structure: model A's compiled attack after A takes
+    model B's weights must equal B's own attack exactly.
+    """
+    model_a = create_model(MODEL, NUM_CLASSES, seed=0, compute_dtype="bfloat16")
+    model_b = create_model(MODEL, NUM_CLASSES, seed=1, compute_dtype="bfloat16")
+    images, _ = _pattern_batch(4, seed=13)
+    attack_a = adversarial_attack.make_attack("pgdll_8_2_6", model_a.inference, (-1.0, 1.0))
+    before = attack_a(images, seed=(3, 4)).numpy()
+    _copy_weights(model_b, model_a)
+    after = attack_a(images, seed=(3, 4)).numpy()
+    expected = adversarial_attack.make_attack("pgdll_8_2_6", model_b.inference, (-1.0, 1.0))(
+        images, seed=(3, 4)).numpy()
+    assert attack_a._compiled.experimental_get_tracing_count() == 1
+    assert np.any(before != after)
+    np.testing.assert_array_equal(after, expected)
+
+
+def test_bfloat16_training_step_attack_casts_weights_once_and_training_pass_keeps_gradients():
+    from adversarial_logit_pairing import training
+
+    model = create_model(MODEL, NUM_CLASSES, seed=0, compute_dtype="bfloat16")
+    hparams = model_lib.default_hparams().parse("train_adv_method=pgdll_8_2_6,train_lp_weight=0.5")
+    trainable = list(model.trainable_variables)
+    optimizer = model_lib.get_optimizer(hparams, lambda step: 0.01)
+    optimizer.build(trainable)
+    global_step = tf.Variable(0, dtype=tf.int64)
+    step = training.make_train_step(tf.distribute.get_strategy(), model, trainable, optimizer,
+                                    None, global_step, hparams, NUM_CLASSES, (-1.0, 1.0))
+    images, labels = _pattern_batch(4, seed=5)
+    weights = len(_low_precision_weights(model))
+    # The attack's casts (once) and the training pass's own (once, on the tape); none in loops.
+    assert _weight_casts(step.get_concrete_function(images, labels).graph) == (2 * weights, 0)
+    before = {name: v.numpy() for name, v in model.variables_by_name.items()}
+    step(images, labels)
+    # Every bfloat16 weight got a gradient through its cast and moved.
+    for name in _low_precision_weights(model):
+        assert np.any(model.variables_by_name[name].numpy() != before[name]), name

@@ -12,13 +12,15 @@ lets a model be built under a ``tf.distribute`` strategy scope and called later 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import zlib
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import tensorflow as tf
 
+from adversarial_logit_pairing import precision
 from adversarial_logit_pairing.checkpoints import variable_name
 
 if TYPE_CHECKING:
@@ -432,6 +434,30 @@ class ImageClassifier(tf.Module):
         """
         raise NotImplementedError
 
+    def inference(self, images: tf.Tensor) -> tf.Tensor:
+        """``self(images, is_training=False)``: the model as an attack's ``model_fn``.
+
+        Give the attacks this bound method rather than a lambda: it tells them which model
+        they run, so they enter ``cast_weights()`` around the whole attack.
+        """
+        return self(images, is_training=False)
+
+    def cast_weights(self) -> contextlib.AbstractContextManager:
+        """A block in which this model casts each float32 weight once, not at every call.
+
+        A bfloat16/float16 model casts its weights at each use; PGD calls the model NITER+1
+        times, so entered inside the traced attack (``adversarial_attack`` does it for
+        ``model.inference``) the block turns NITER+1 casts per weight into one, made outside
+        the loop on each run. The cast values are the same wherever the cast runs; the
+        attack's output may still differ in the last bits, as after any change to a graph,
+        because TensorFlow fuses and picks kernels per graph and PGD's sign steps amplify
+        rounding. For inference passes only: see ``precision.cast_weights_once``. A float32
+        model adds nothing to its graph.
+        """
+        if self.compute_dtype == tf.float32:
+            return contextlib.nullcontext()
+        return precision.cast_weights_once()
+
     def normalize_inputs(self, images: tf.Tensor) -> tf.Tensor:
         """Dataset-range images [-1, 1] -> the network's own input, in the compute dtype.
 
@@ -615,9 +641,10 @@ class UnfusedBatchNorm(BatchNorm):
 # --------------------------------- end of the EfficientNet layers ---------------------------------
 
 
-def _as(variable: tf.Variable, dtype: tf.DType) -> tf.Tensor:
-    """The variable's value in ``dtype``; no cast op in float32 (keeps the graph as before)."""
-    return variable if variable.dtype == dtype else tf.cast(variable, dtype)
+def _as(variable: tf.Variable, dtype: tf.DType) -> Union[tf.Variable, tf.Tensor]:
+    """The variable's value in ``dtype``: no op in float32, one cast per ``cast_weights`` block
+    in reduced precision (``precision.cast_variable``)."""
+    return precision.cast_variable(variable, dtype)
 
 
 def _module_name(scope: str) -> str:

@@ -468,10 +468,10 @@ def validate(config: TrainConfig,
     and reading data (or, on a cluster, the wait for every worker).
 
     Raises:
-      ConfigError: no ``output_dir``; bad hparams or attack; clean logit pairing with an odd
-        batch; ``--jit_compile --sync_batch_norm`` off TPU on several replicas; a bad
-        ``--replicas_to_aggregate``; float16 on several replicas; an unknown model, data set
-        or compute dtype.
+      ConfigError: no ``output_dir``; bad hparams (attack, learning-rate schedule, optimizer);
+        clean logit pairing with an odd batch; ``--jit_compile --sync_batch_norm`` off TPU on
+        several replicas; a bad ``--replicas_to_aggregate``; float16 on several replicas; an
+        unknown model, data set or compute dtype.
     """
     if not config.output_dir:
         raise ConfigError("--output_dir has to be provided")
@@ -489,10 +489,13 @@ def validate(config: TrainConfig,
                           "now; use bfloat16 with several replicas")
     lr_replicas = learning_rate_replicas(replicas, config.replicas_to_aggregate)
     model_config = get_model_config(config.model_name)
+    examples_per_epoch = dataset_factory.examples_per_epoch(config.dataset, "train")
+    # Schedule and optimizer hold no variables: making them checks their hparams, for nothing.
+    model_lib.get_optimizer(hparams, model_lib.get_lr_schedule(
+        hparams, examples_per_epoch, lr_replicas)[0])
     return TrainPlan(
         hparams, model_config, dataset_factory.num_classes(config.dataset, model_config),
-        dataset_factory.examples_per_epoch(config.dataset, "train"), lr_replicas,
-        lr_replicas // replicas,
+        examples_per_epoch, lr_replicas, lr_replicas // replicas,
         data_dir_for(config.dataset, config.imagenet_data_dir, config.tiny_imagenet_data_dir))
 
 

@@ -325,7 +325,8 @@ def test_evaluator_applies_the_registered_label_shift(
         checkpoint_path=prefix, model_name=model_name, dataset="imagenet",
         dataset_image_size=SIZE, hparams="eval_batch_size=2", moving_average_decay=-1,
         imagenet_data_dir=str(tmp_path / "data"))
-    with caplog.at_level(logging.INFO):
+    # The absl logger's own level: an earlier in-process flag parse may have set WARNING.
+    with caplog.at_level(logging.INFO, logger="absl"):
         evaluator = evaluation.Evaluator(config)
     result = evaluator.evaluate(prefix)
     assert (result.accuracy, result.num_examples) == (accuracy, 4)

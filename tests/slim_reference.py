@@ -31,6 +31,10 @@ API:
       SlimRun.variables: name -> value of every variable AFTER the pass (so, in training
       mode, the updated moving statistics), in creation order.
       SlimRun.input_gradient: with ``input_gradient``, d(sum of logits)/d(images), else None.
+  build_network(model_name, num_classes, images, is_training, **network_kwargs)
+      -> (logits, end_points, variables): Slim's network under its arg_scope in the current
+      graph, for tests that need the graph itself (e.g. to save or restore with a Saver).
+  set_values(session, variables, values): sets those variables by name, in one run.
   run_slim_inception_v3(images, values, num_classes=1001, dropout_keep_prob=1.0,
                         end_points=()) -> {False: SlimRun, True: SlimRun}
       Builds ``inception_v3`` under ``inception_v3_arg_scope()`` ONCE, with ``is_training``
@@ -119,11 +123,12 @@ def _shapes_only_getter(getter, *args, **kwargs):
     return _private_collection_getter(getter, *args, **kwargs)
 
 
-def _build(model_name: str, num_classes: int, images, is_training,
-           getter=_private_collection_getter, **network_kwargs):
+def build_network(model_name: str, num_classes: int, images, is_training,
+                  getter=_private_collection_getter, **network_kwargs):
     """Slim's network in the current graph -> (logits [N, classes], end points, variables).
 
-    Variables come in creation order; ``is_training`` is a Python bool or a bool tensor.
+    Variables come in creation order, in a private collection only (see the module
+    docstring); ``is_training`` is a Python bool or a bool tensor.
     """
     if model_name == "inception_v3":
         network = slim_inception_v3.inception_v3
@@ -146,7 +151,8 @@ def slim_variable_shapes(model_name: str, num_classes: int,
     """TF1 name -> shape of every variable Slim creates, in creation order (no session)."""
     with tf.Graph().as_default():
         images = v1.placeholder(tf.float32, [None, image_size, image_size, 3])
-        _, _, variables = _build(model_name, num_classes, images, False, _shapes_only_getter)
+        _, _, variables = build_network(model_name, num_classes, images, False,
+                                        _shapes_only_getter)
         return {variable_name(v): tuple(v.shape.as_list()) for v in variables}
 
 
@@ -196,7 +202,7 @@ def run_slim_resnet_v2(
     images = np.asarray(images, np.float32)
     with tf.Graph().as_default():
         inputs = v1.placeholder(tf.float32, images.shape)
-        logits, _, variables = _build(model_name, num_classes, inputs, is_training)
+        logits, _, variables = build_network(model_name, num_classes, inputs, is_training)
         updates = v1.get_collection(v1.GraphKeys.UPDATE_OPS) if is_training else []
         fetches = {"logits": logits, "updates": updates}
         if input_gradient:
@@ -208,7 +214,7 @@ def run_slim_resnet_v2(
             elif values is None:
                 session.run(v1.variables_initializer(variables))
             else:
-                _set_values(session, variables, values)
+                set_values(session, variables, values)
             if save_path is not None:
                 saver.save(session, save_path, write_meta_graph=False)
             results = session.run(fetches, {inputs: images})
@@ -220,7 +226,12 @@ def run_slim_resnet_v2(
     )
 
 
-def _set_values(session, variables, values: Mapping[str, np.ndarray]) -> None:
+def set_values(session, variables, values: Mapping[str, np.ndarray]) -> None:
+    """Sets every variable from ``values`` (name -> array) in one run.
+
+    Raises:
+      KeyError: ``values`` lacks some variable.
+    """
     missing = sorted({variable_name(v) for v in variables} - set(values))
     if missing:
         raise KeyError(f"values lack {len(missing)} variables, e.g. {missing[:3]}")
@@ -243,7 +254,7 @@ def run_slim_inception_v3(
     with tf.Graph().as_default():
         inputs = v1.placeholder(tf.float32, images.shape)
         is_training = v1.placeholder(tf.bool, [])
-        logits, points, variables = _build(
+        logits, points, variables = build_network(
             "inception_v3", num_classes, inputs, is_training,
             dropout_keep_prob=dropout_keep_prob,
         )
@@ -252,7 +263,7 @@ def run_slim_inception_v3(
         updates = v1.get_collection(v1.GraphKeys.UPDATE_OPS)
         runs = {}
         with v1.Session() as session:
-            _set_values(session, variables, values)
+            set_values(session, variables, values)
             for training in (False, True):
                 results = session.run({**fetches, "updates": updates if training else []},
                                       {inputs: images, is_training: training})

@@ -41,7 +41,7 @@ def _snapshot(model) -> dict[str, np.ndarray]:
     return {name: variable.numpy() for name, variable in model.variables_by_name.items()}
 
 
-def _calibrated_values(model, values, images, seed: int) -> dict[str, np.ndarray]:
+def calibrated_values(model, values, images, seed: int) -> dict[str, np.ndarray]:
     """``values`` with moving statistics that follow the activations of ``images``.
 
     Inception has no residual path: with independent random moving means and variances the
@@ -83,7 +83,7 @@ def _case(size: int):
     shapes = {name: tuple(v.shape.as_list()) for name, v in model.variables_by_name.items()}
     images = _images(BATCH, size, seed=size)
     values = slim_reference.random_variable_values(shapes, seed=size)
-    values = _calibrated_values(model, values, images, seed=size)
+    values = calibrated_values(model, values, images, seed=size)
     slim = slim_reference.run_slim_inception_v3(images, values, end_points=COMPARED_END_POINTS)
     return size, model, values, images, slim
 

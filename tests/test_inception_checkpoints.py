@@ -7,7 +7,7 @@ TF1's public ops in that same graph: decode, ``tf.image.central_crop(0.875)`` of
 
 1. Slim -> us: the graph's variables get random values with spread logits and are saved by a
    ``tf.compat.v1.train.Saver`` in the released checkpoints' layout (plain names, a
-   ``global_step``, no moving-average shadows); ``eval.py``'s evaluation with
+   ``global_step``, no moving-average shadows); ``eval.py`` (the program) with
    ``--moving_average_decay=-1`` on ImageNet shards of the same JPEGs must reproduce Slim's
    logits and its top-1/top-5 line.
 2. us -> Slim: ``checkpoints.save`` of our model's variables (other values) restored by a
@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adversarial_logit_pairing import checkpoints, evaluation
+from adversarial_logit_pairing import checkpoints
 from adversarial_logit_pairing.checkpoints import variable_name
 from adversarial_logit_pairing.models import create_model
 from tests import data_builders, slim_reference
+from tests.program_runs import run_program
 from tests.test_model_preprocessing import encode_jpeg_444
 from tests.test_models_inception_v3 import calibrated_values
 
@@ -126,20 +127,20 @@ def test_reference_preprocessing_is_the_same_in_graph_and_eagerly(case):
     np.testing.assert_allclose(case["slim_inputs"], case["images"], atol=1e-6, rtol=0)
 
 
-def test_eval_reproduces_slim_logits_and_top1_from_a_slim_written_checkpoint(case):
+@pytest.mark.slow  # runs eval.py
+def test_eval_py_reproduces_slim_logits_and_top1_from_a_slim_written_checkpoint(case):
     reference, labels = case["slim_logits"], case["labels"]
     stored = dict(tf.train.list_variables(case["slim_prefix"]))
     assert "global_step" in stored and len(stored) == 388 + 1
     assert not any(name.endswith(checkpoints.EMA_SUFFIX) for name in stored)
     predictions_file = str(case["root"] / "predictions.npz")
     output_file = str(case["root"] / "eval.csv")
-    # eval.py --checkpoint_path=... --model_name=inception_v3 --dataset=imagenet
-    #   --dataset_image_size=299 --moving_average_decay=-1, in-process.
-    evaluation.run(evaluation.EvalConfig(
-        checkpoint_path=case["slim_prefix"], model_name="inception_v3", dataset="imagenet",
-        imagenet_data_dir=case["data_dir"], dataset_image_size=SIZE, moving_average_decay=-1,
-        hparams="eval_batch_size=2", predictions_file=predictions_file,
-        output_file=output_file, eval_name="adv_inception_v3"))
+    run_program("eval.py", f"--checkpoint_path={case['slim_prefix']}",
+                "--model_name=inception_v3", "--dataset=imagenet",
+                f"--imagenet_data_dir={case['data_dir']}", f"--dataset_image_size={SIZE}",
+                "--moving_average_decay=-1", "--hparams=eval_batch_size=2",
+                "--eval_name=adv_inception_v3", f"--predictions_file={predictions_file}",
+                f"--output_file={output_file}")
     with np.load(predictions_file) as data:
         ours = {key: data[key] for key in data.files}
     # Evaluation interleaves the shards; the (distinct) labels say which image is which.

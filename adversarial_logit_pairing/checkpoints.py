@@ -378,3 +378,22 @@ def restore(
     for name, variable in assignments.items():
         variable.assign(tf.cast(values[name], variable.dtype))
     logging.info("Restored %d variables of the %s from %s", len(assignments), what, checkpoint_path)
+    _log_ignored(shapes, assignments, checkpoint_path, what)
+
+
+def _log_ignored(shapes: Mapping[str, list[int]], assignments: Mapping[str, tf.Variable],
+                 checkpoint_path: str, what: str) -> None:
+    """Says once which checkpoint entries were not read (optimizer slots, global_step, ...).
+
+    A released checkpoint holds more than a model reads (tensorflow/tpu's hold RMSProp's
+    ``/RMSProp`` and ``/RMSProp_1`` slots and ``global_step``); they are ignored, but not
+    silently. The other copy of each variable read (its plain value when the shadow is read,
+    or the reverse) is expected and not counted.
+    """
+    plain = {name.removesuffix(EMA_SUFFIX) for name in assignments}
+    expected = plain | {name + EMA_SUFFIX for name in plain}
+    ignored = sorted(name for name in shapes if name not in expected)
+    if ignored:
+        logging.info("Ignored %d entries of %s that the %s does not read (optimizer slots, "
+                     "global_step, other variables): %s", len(ignored), checkpoint_path, what,
+                     _describe(ignored, len(ignored)))

@@ -188,9 +188,9 @@ def save(
     return prefix
 
 
-def _describe(items: list[str], total: int) -> str:
-    listed = "; ".join(items[:_MAX_LISTED])
-    more = f" (and {total - _MAX_LISTED} more)" if total > _MAX_LISTED else ""
+def _describe(items: list[str], total: int, limit: int = _MAX_LISTED) -> str:
+    listed = "; ".join(items[:limit])
+    more = f" (and {total - limit} more)" if total > limit else ""
     return listed + more
 
 
@@ -396,4 +396,4 @@ def _log_ignored(shapes: Mapping[str, list[int]], assignments: Mapping[str, tf.V
     if ignored:
         logging.info("Ignored %d entries of %s that the %s does not read (optimizer slots, "
                      "global_step, other variables): %s", len(ignored), checkpoint_path, what,
-                     _describe(ignored, len(ignored)))
+                     _describe(ignored, len(ignored), limit=3))

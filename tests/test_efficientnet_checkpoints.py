@@ -1,9 +1,9 @@
 """Released tensorflow/tpu EfficientNet checkpoints (TF1, by name) evaluated by eval.py.
 
-A checkpoint is written the way tensorflow/tpu's training wrote it: ``tf.compat.v1`` variables
-with the released names in a ``tf.Graph``, their ``/ExponentialMovingAverage`` shadows made by
-TF1's ``ExponentialMovingAverage`` (holding OTHER values than the plain variables), RMSProp's
-``/RMSProp`` and ``/RMSProp_1`` slots and ``global_step``, saved by ``tf.compat.v1.train.Saver``.
+A checkpoint is written as tensorflow/tpu's training wrote it: ``tf.compat.v1`` variables with
+the released names in a ``tf.Graph``, every ``/ExponentialMovingAverage`` shadow (holding OTHER
+values than the plain variable), RMSProp's ``/RMSProp`` and ``/RMSProp_1`` slots and
+``global_step``, saved by ``tf.compat.v1.train.Saver`` into ``efficientnet-b0/model.ckpt``.
 
 The reference is independent of the library: tf_keras' ``EfficientNetB0`` holding the same
 values mapped by name (helpers of ``tests/test_models_efficientnet.py``), fed the released
@@ -183,8 +183,9 @@ def _check_reproduces(predictions: dict, reference: np.ndarray, other: np.ndarra
     np.testing.assert_array_equal(predictions["labels"], np.array(labels) - 1)
     np.testing.assert_array_equal(predictions["predictions"], expected)
     # Float32 round-off of two preprocessing orders (0..1 vs 0..255 scale, normalisation in the
-    # model) grows through 16 random blocks to about 1e-4 of the logits' range.
-    np.testing.assert_allclose(predictions["logits"], reference, rtol=0, atol=1e-2)
+    # model) grows through 16 random blocks to about 1e-5 of the logits' range (measured:
+    # at most 5e-4 on logits up to 56).
+    np.testing.assert_allclose(predictions["logits"], reference, rtol=0, atol=3e-3)
     assert len(set(expected.tolist())) > 1  # equal top-1 classes are no accident
     # The other value set gives other top-1 classes: reading the wrong one would show.
     assert np.any(np.argmax(other, axis=-1) != expected)
@@ -236,13 +237,15 @@ def test_restore_logs_the_checkpoint_entries_it_ignores(released, caplog):
     slots = [n for n in stored if n.endswith(("/RMSProp", "/RMSProp_1"))]
     trainable = [n for n in model.variables_by_name if not n.endswith(("_mean", "_variance"))]
     assert len(slots) == 2 * len(trainable)
-    # Everything but the variables read and their plain counterparts: slots and global_step.
-    assert f"Ignored {len(slots) + 1} entries" in lines[0]
-    assert slots[0] in lines[0] or "global_step" in lines[0]
+    # Everything but the variables read and their plain counterparts: slots and global_step,
+    # the first few by name.
+    assert f"Ignored {len(slots) + 1} entries of {prefix}" in lines[0]
+    listed = lines[0].split(": ", 1)[1].split(" (and ")[0].split("; ")
+    assert 0 < len(listed) <= 3 and set(listed) <= set(slots) | {"global_step"}
+    assert f"(and {len(slots) + 1 - len(listed)} more)" in lines[0]
     np.testing.assert_array_equal(
         model.variables_by_name["efficientnet-b0/head/dense/bias"].numpy(),
         released["advprop"].values["shadow"]["efficientnet-b0/head/dense/bias"])
-    assert all(not n.endswith(EMA_SUFFIX + EMA_SUFFIX) for n in stored)
 
 
 def _fresh_checkpoint(directory: str, model_name: str, num_classes: int) -> str:

@@ -70,7 +70,8 @@ def resolve_checkpoint(path: str, flag_name: str) -> str:
     Raises:
       MissingCheckpointError: (a FileNotFoundError) naming ``flag_name`` and ``path`` when
         nothing is found there.
-      CheckpointError: a directory without a ``checkpoint`` state file holds several.
+      CheckpointError: a directory whose ``checkpoint`` state file is missing (or names no
+        existing checkpoint) holds several.
     """
     if not path:
         raise MissingCheckpointError(f"{flag_name} is empty")
@@ -78,18 +79,19 @@ def resolve_checkpoint(path: str, flag_name: str) -> str:
         prefix = latest_checkpoint(path)
         if prefix is not None:
             return prefix
-        # An unpacked archive (a released checkpoint) may lack the ``checkpoint`` state file:
-        # a single checkpoint in the directory is unambiguous.
+        # An unpacked archive (a released checkpoint) may lack the ``checkpoint`` state file,
+        # or hold one naming where training wrote it (an absolute path, gone since): a single
+        # checkpoint in the directory is unambiguous.
         prefixes = sorted(name[: -len(".index")] for name in tf.io.gfile.listdir(path)
                           if name.endswith(".index"))
         if len(prefixes) == 1:
-            logging.info("%s has no 'checkpoint' state file; using its only checkpoint %s",
-                         path, prefixes[0])
+            logging.info("%s has no 'checkpoint' state file naming a checkpoint there; using "
+                         "its only checkpoint %s", path, prefixes[0])
             return os.path.join(path, prefixes[0])
         if prefixes:
             raise CheckpointError(
-                f"{flag_name}={path}: directory has no 'checkpoint' state file and "
-                f"{len(prefixes)} checkpoints ({_describe(prefixes, len(prefixes))}); "
+                f"{flag_name}={path}: directory has no 'checkpoint' state file naming one of "
+                f"its {len(prefixes)} checkpoints ({_describe(prefixes, len(prefixes))}); "
                 "pass one prefix"
             )
         raise MissingCheckpointError(f"{flag_name}={path}: directory holds no checkpoint")
@@ -319,6 +321,9 @@ def restore(
     classifier_scopes: Sequence[str] = (),
 ) -> None:
     """Assigns checkpoint tensors to variables, all or nothing.
+
+    Entries not read (optimizer slots, ``global_step``, other variables) are ignored with one
+    info log line giving their number and the first names.
 
     Args:
       assignments: name in the checkpoint -> variable to receive it.

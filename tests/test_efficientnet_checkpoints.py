@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -101,6 +100,7 @@ def released_inputs(jpegs: list[bytes], shapes, advprop: bool) -> np.ndarray:
 
 
 def reference_logits(pair: Pair, values: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
+    """tf_keras' EfficientNetB0 holding ``values`` (by our names), in inference mode."""
     for name, value in values.items():
         pair.keras_weights[name].assign(value)
     return pair.keras(inputs, training=False).numpy()
@@ -125,7 +125,7 @@ def spread_logits(values: dict[str, np.ndarray], logits: np.ndarray,
 
 @pytest.fixture(scope="module")
 def photos():
-    """(JPEG bytes, shape) of photo-like images of assorted non-square sizes."""
+    """JPEG bytes of photo-like images of the sizes ``PHOTO_SHAPES``."""
     rng = np.random.default_rng(13)
     return [data_builders.encode_jpeg(data_builders.synthetic_photo(h, w, rng))
             for h, w in PHOTO_SHAPES]
@@ -143,9 +143,13 @@ def released(tmp_path_factory, photos) -> dict[str, Released]:
             raw = _random_values(pair.ours, SIZE, seed)
             values[source] = spread_logits(raw, reference_logits(pair, raw, inputs))
             logits[source] = reference_logits(pair, values[source], inputs)
+        # Written in one place, then unpacked as efficientnet-b0/ in another: the
+        # ``checkpoint`` state file the Saver wrote names the first place, which is gone.
         directory = tmp_path_factory.mktemp(f"{kind}_release")
+        written = str(directory / "training_run" / "model.ckpt")
+        write_released_checkpoint(written, values["plain"], values["shadow"], RELEASED_STEP)
+        os.rename(os.path.dirname(written), directory / "efficientnet-b0")
         prefix = str(directory / "efficientnet-b0" / "model.ckpt")
-        write_released_checkpoint(prefix, values["plain"], values["shadow"], RELEASED_STEP)
         made[kind] = Released(model_name, prefix, values, logits)
     return made
 
@@ -195,14 +199,15 @@ def _check_reproduces(predictions: dict, reference: np.ndarray, other: np.ndarra
 def test_eval_py_reads_the_shadows_of_a_released_directory_by_default(
         released, data_dir, labels, tmp_path):
     case = released["standard"]
-    # Unpacked elsewhere than it was written: the state file Saver wrote names a prefix that
-    # is gone, and the directory still resolves to its only checkpoint.
-    moved = str(tmp_path / "efficientnet-b0")
-    shutil.copytree(os.path.dirname(case.prefix), moved)
-    assert os.path.exists(os.path.join(moved, "checkpoint"))
+    # The archive's state file names where training wrote it, gone since: the directory
+    # still resolves to its only checkpoint.
+    unpacked = os.path.dirname(case.prefix)
+    state = tf.train.get_checkpoint_state(unpacked)
+    assert "training_run" in state.model_checkpoint_path
+    assert checkpoints.resolve_checkpoint(unpacked, "--checkpoint_path") == case.prefix
     flags = _eval_flags(data_dir, case.model_name, str(tmp_path / "predictions.npz"))
     output = tmp_path / "results.csv"
-    run_program("eval.py", f"--checkpoint_path={moved}", f"--output_file={output}",
+    run_program("eval.py", f"--checkpoint_path={unpacked}", f"--output_file={output}",
                 *(f"--{name}={value}" for name, value in flags.items()))
     accuracy = _check_reproduces(_load(flags["predictions_file"]), case.logits["shadow"],
                                  case.logits["plain"], labels)

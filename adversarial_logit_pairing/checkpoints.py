@@ -70,7 +70,8 @@ def resolve_checkpoint(path: str, flag_name: str) -> str:
     Raises:
       MissingCheckpointError: (a FileNotFoundError) naming ``flag_name`` and ``path`` when
         nothing is found there.
-      CheckpointError: a directory without a ``checkpoint`` state file holds several.
+      CheckpointError: a directory whose ``checkpoint`` state file is missing (or names no
+        existing checkpoint) holds several.
     """
     if not path:
         raise MissingCheckpointError(f"{flag_name} is empty")
@@ -78,18 +79,19 @@ def resolve_checkpoint(path: str, flag_name: str) -> str:
         prefix = latest_checkpoint(path)
         if prefix is not None:
             return prefix
-        # An unpacked archive (a released checkpoint) may lack the ``checkpoint`` state file:
-        # a single checkpoint in the directory is unambiguous.
+        # An unpacked archive (a released checkpoint) may lack the ``checkpoint`` state file,
+        # or hold one naming where training wrote it (an absolute path, gone since): a single
+        # checkpoint in the directory is unambiguous.
         prefixes = sorted(name[: -len(".index")] for name in tf.io.gfile.listdir(path)
                           if name.endswith(".index"))
         if len(prefixes) == 1:
-            logging.info("%s has no 'checkpoint' state file; using its only checkpoint %s",
-                         path, prefixes[0])
+            logging.info("%s has no 'checkpoint' state file naming a checkpoint there; using "
+                         "its only checkpoint %s", path, prefixes[0])
             return os.path.join(path, prefixes[0])
         if prefixes:
             raise CheckpointError(
-                f"{flag_name}={path}: directory has no 'checkpoint' state file and "
-                f"{len(prefixes)} checkpoints ({_describe(prefixes, len(prefixes))}); "
+                f"{flag_name}={path}: directory has no 'checkpoint' state file naming one of "
+                f"its {len(prefixes)} checkpoints ({_describe(prefixes, len(prefixes))}); "
                 "pass one prefix"
             )
         raise MissingCheckpointError(f"{flag_name}={path}: directory holds no checkpoint")
@@ -188,9 +190,9 @@ def save(
     return prefix
 
 
-def _describe(items: list[str], total: int) -> str:
-    listed = "; ".join(items[:_MAX_LISTED])
-    more = f" (and {total - _MAX_LISTED} more)" if total > _MAX_LISTED else ""
+def _describe(items: list[str], total: int, limit: int = _MAX_LISTED) -> str:
+    listed = "; ".join(items[:limit])
+    more = f" (and {total - limit} more)" if total > limit else ""
     return listed + more
 
 
@@ -320,6 +322,9 @@ def restore(
 ) -> None:
     """Assigns checkpoint tensors to variables, all or nothing.
 
+    Entries not read (optimizer slots, ``global_step``, other variables) are ignored with one
+    info log line giving their number and the first names.
+
     Args:
       assignments: name in the checkpoint -> variable to receive it.
       checkpoint_path: a checkpoint prefix.
@@ -378,3 +383,22 @@ def restore(
     for name, variable in assignments.items():
         variable.assign(tf.cast(values[name], variable.dtype))
     logging.info("Restored %d variables of the %s from %s", len(assignments), what, checkpoint_path)
+    _log_ignored(shapes, assignments, checkpoint_path, what)
+
+
+def _log_ignored(shapes: Mapping[str, list[int]], assignments: Mapping[str, tf.Variable],
+                 checkpoint_path: str, what: str) -> None:
+    """Says once which checkpoint entries were not read (optimizer slots, global_step, ...).
+
+    A released checkpoint holds more than a model reads (tensorflow/tpu's hold RMSProp's
+    ``/RMSProp`` and ``/RMSProp_1`` slots and ``global_step``); they are ignored, but not
+    silently. The other copy of each variable read (its plain value when the shadow is read,
+    or the reverse) is expected and not counted.
+    """
+    plain = {name.removesuffix(EMA_SUFFIX) for name in assignments}
+    expected = plain | {name + EMA_SUFFIX for name in plain}
+    ignored = sorted(name for name in shapes if name not in expected)
+    if ignored:
+        logging.info("Ignored %d entries of %s that the %s does not read (optimizer slots, "
+                     "global_step, other variables): %s", len(ignored), checkpoint_path, what,
+                     _describe(ignored, len(ignored), limit=3))

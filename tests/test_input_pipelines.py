@@ -153,7 +153,10 @@ def test_training_crops_change_between_epochs_while_eval_passes_repeat(
         name, tiny_dir, imagenet_dir):
     data_dir = tiny_dir if name == "tiny_imagenet" else imagenet_dir
     train, *_ = dataset_factory.get_dataset(name, "train", 6, 16, True, data_dir)
-    images, labels = collect(train, 8)  # about 8 epochs of 6 records, one label per record
+    # About 24 epochs of 6 records, one label per record. The shuffle buffer spans epochs, so
+    # a record's count is binomial: with 8 batches some record had fewer than 3 copies about
+    # once in 20 runs; with 24, about once in 10^7.
+    images, labels = collect(train, 24)
     for label in np.unique(labels):
         copies = images[labels == label]
         assert len(copies) >= 3

@@ -139,8 +139,8 @@ def check_sources(value: str, train_adv_method: str, dataset: str, num_classes: 
             scopes = sorted({name.split("/", 1)[0] for name in shapes if "/" in name})
             raise ConfigError(
                 f"{where}: checkpoint {prefix} holds no {config.classifier_scopes[0]} "
-                f"variables (its scopes: {', '.join(scopes[:8]) or 'none'}): not a "
-                f"{source.model_name} checkpoint")
+                f"variables (its scopes: {', '.join(scopes[:8]) or 'none'}): not a checkpoint of "
+                f"{source.model_name}")
         if classes != {num_classes} or expected != num_classes:
             raise ConfigError(
                 f"{where}: the checkpoint has {'/'.join(map(str, sorted(classes)))} classes "

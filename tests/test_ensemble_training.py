@@ -179,7 +179,7 @@ def misfit_checkpoints(tmp_path_factory):
     (f"{MODEL}:{{ten_classes}}", ATTACK, ConfigError,
      "source 1 .*the checkpoint has 10 classes .* the model being trained 200"),
     ("inception_v3:{good}", ATTACK, ConfigError,
-     "source 1 .*holds no InceptionV3/Logits variables .*not a inception_v3 checkpoint"),
+     "source 1 .*holds no InceptionV3/Logits variables .*not a checkpoint of inception_v3"),
     ("inception_v3:{inception}", ATTACK, ConfigError,
      "source 1 .* at --dataset_image_size=16: InceptionV3 takes images of 75x75"),
     (f"{MODEL}:{{good}}", "clean", ConfigError, "--ensemble_sources: .*train_adv_method=clean"),

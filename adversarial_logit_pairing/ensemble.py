@@ -11,9 +11,9 @@ registered model names (``models.list_models``) and TF1 checkpoints (prefix or d
 Each source is its own ``ImageClassifier`` object, so several models of one variable scope
 (the released ``adv_``/``ens3_``/``ens4_adv_inception_v3`` all use ``InceptionV3``, as does the
 model being trained) live side by side under their original names: a checkpoint is read by
-name into one object's variables, never through a graph-wide scope. A checkpoint holding
-moving-average shadows (written by ``train.py``) is read from its shadows, as ``eval.py``
-would; one without (the released ones) from its plain names.
+name into one object's variables, never through a graph-wide scope. Each variable is read
+from its moving-average shadow when the checkpoint holds one (``train.py``'s checkpoints, as
+``eval.py`` would read them), else from its plain name (the released checkpoints).
 
 Static sources are frozen: their variables are created non-trainable (so no optimizer,
 gradient or weight decay reaches them), they run in inference mode only (batch-norm moving
@@ -178,14 +178,20 @@ def build_static_sources(sources: Sequence[StaticSource], num_classes: int,
         with tf.variable_creator_scope(_frozen):
             model = create_model(source.model_name, num_classes, seed=0,
                                  compute_dtype=compute_dtype)
-        shadows = checkpoints.has_moving_averages(source.checkpoint)
-        suffix = checkpoints.EMA_SUFFIX if shadows else ""
-        checkpoints.restore(
-            {name + suffix: v for name, v in model.variables_by_name.items()},
-            source.checkpoint, what=f"{FLAG} source {i} ({source.model_name})",
-            classifier_scopes=model.config.classifier_scopes)
-        logging.info("Static source %d of ensemble adversarial training: %s (%s values)", i,
-                     source, "moving-average" if shadows else "plain")
+        # The averaged value of each variable when the checkpoint holds one (train.py's
+        # shadows), else its plain value (the released checkpoints hold no shadow).
+        names = checkpoints.variable_shapes(source.checkpoint)
+        assignments = {}
+        for name, variable in model.variables_by_name.items():
+            shadow = name + checkpoints.EMA_SUFFIX
+            assignments[shadow if shadow in names else name] = variable
+        checkpoints.restore(assignments, source.checkpoint,
+                            what=f"{FLAG} source {i} ({source.model_name})",
+                            classifier_scopes=model.config.classifier_scopes)
+        averaged = sum(name.endswith(checkpoints.EMA_SUFFIX) for name in assignments)
+        logging.info("Static source %d of ensemble adversarial training: %s (%d of %d "
+                     "variables read from their moving averages)", i, source, averaged,
+                     len(assignments))
         models.append(model)
     return tuple(models)
 

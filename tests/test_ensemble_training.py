@@ -160,6 +160,20 @@ def test_the_drawn_source_makes_the_adversarial_examples(static_checkpoints):
     assert step.experimental_get_tracing_count() == 1
 
 
+def test_a_source_is_read_from_its_moving_averages_where_its_checkpoint_has_them(tmp_path):
+    """train.py's checkpoints hold shadows (read, as eval.py would); released ones do not."""
+    plain = _source_values(3)
+    values = dict(plain)
+    shadowed = sorted(plain)[::2]
+    for name in shadowed:
+        values[name + "/ExponentialMovingAverage"] = plain[name] + 1.0
+    path = _write_tf1_checkpoint(values, str(tmp_path / "ema" / "model.ckpt"))
+    (model,) = ensemble.build_static_sources([ensemble.StaticSource(MODEL, path)], CLASSES)
+    for name, variable in model.variables_by_name.items():
+        expected = plain[name] + 1.0 if name in shadowed else plain[name]
+        np.testing.assert_array_equal(variable.numpy(), expected, name)
+
+
 @pytest.fixture(scope="module")
 def misfit_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("misfit")

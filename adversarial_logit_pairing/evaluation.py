@@ -131,6 +131,14 @@ class EvalPlan:
     data_dir: Optional[str]
 
 
+def refuse_multi_worker(multi_worker: bool) -> None:
+    """Evaluation runs as one process; eval.py checks its flag before a cluster would start."""
+    if multi_worker:
+        raise ConfigError("--strategy=multi_worker is for training; run eval.py as one process "
+                          "(--strategy=default or mirrored) beside the cluster, on the chief's "
+                          "--output_dir")
+
+
 def validate(config: EvalConfig,
              strategy: Optional[tf.distribute.Strategy] = None) -> EvalPlan:
     """Checks every flag and its fit with the strategy; opens no file.
@@ -144,9 +152,7 @@ def validate(config: EvalConfig,
     if config.split_name not in ("train", "validation"):
         raise ConfigError(f"--split_name={config.split_name}: expected 'train' or 'validation'")
     strategy = strategy or tf.distribute.get_strategy()
-    if distribution.num_workers(strategy) > 1:
-        raise ConfigError("--strategy=multi_worker is for training; run eval.py as one "
-                          "process (--strategy=default or mirrored) beside the cluster")
+    refuse_multi_worker(distribution.num_workers(strategy) > 1)
     batch_size, replicas = hparams.eval_batch_size, strategy.num_replicas_in_sync
     if batch_size % replicas:
         raise ConfigError(f"eval_batch_size={batch_size} must be a multiple of the "

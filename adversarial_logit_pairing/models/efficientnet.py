@@ -6,7 +6,7 @@ the original's creation order. All nine variants come from one table:
 
   ``BLOCK_STRINGS``: the seven MBConv stages of B0 (repeats, kernel, stride, expansion, filters,
   squeeze-excite ratio), decoded by ``decode_block_string``;
-  ``SPECS``: per variant (width, depth, resolution, dropout), scaling filters by
+  ``SPECS``: per variant (width, depth, dropout), scaling filters by
   ``round_filters`` and repeats by ``round_repeats``.
 
 Layers: stem 3x3/2 conv -> BN -> swish; MBConv blocks (``MBConvBlock``); head 1x1 conv -> BN ->
@@ -80,26 +80,25 @@ class StageArgs:
 
 @dataclasses.dataclass(frozen=True)
 class EfficientNetSpec:
-    """A variant's compound scaling (width, depth, resolution) and its head dropout rate."""
+    """A variant's compound scaling (width, depth) and its head dropout rate; its resolution
+    is the registry's (``ModelConfig.default_image_size``)."""
 
     width: float
     depth: float
-    resolution: int
     dropout: float
-    crop_fraction: float  # timm's crop pct, equal to resolution / (resolution + 32) rounded
 
 
-# Keyed by the TF1 scope; from tensorflow/tpu's efficientnet_builder.py (and timm's crop pct).
+# Keyed by the TF1 scope; from tensorflow/tpu's efficientnet_builder.py.
 SPECS: dict[str, EfficientNetSpec] = {
-    "efficientnet-b0": EfficientNetSpec(1.0, 1.0, 224, 0.2, 0.875),
-    "efficientnet-b1": EfficientNetSpec(1.0, 1.1, 240, 0.2, 0.882),
-    "efficientnet-b2": EfficientNetSpec(1.1, 1.2, 260, 0.3, 0.890),
-    "efficientnet-b3": EfficientNetSpec(1.2, 1.4, 300, 0.3, 0.904),
-    "efficientnet-b4": EfficientNetSpec(1.4, 1.8, 380, 0.4, 0.922),
-    "efficientnet-b5": EfficientNetSpec(1.6, 2.2, 456, 0.4, 0.934),
-    "efficientnet-b6": EfficientNetSpec(1.8, 2.6, 528, 0.5, 0.942),
-    "efficientnet-b7": EfficientNetSpec(2.0, 3.1, 600, 0.5, 0.949),
-    "efficientnet-b8": EfficientNetSpec(2.2, 3.6, 672, 0.5, 0.954),
+    "efficientnet-b0": EfficientNetSpec(1.0, 1.0, 0.2),
+    "efficientnet-b1": EfficientNetSpec(1.0, 1.1, 0.2),
+    "efficientnet-b2": EfficientNetSpec(1.1, 1.2, 0.3),
+    "efficientnet-b3": EfficientNetSpec(1.2, 1.4, 0.3),
+    "efficientnet-b4": EfficientNetSpec(1.4, 1.8, 0.4),
+    "efficientnet-b5": EfficientNetSpec(1.6, 2.2, 0.4),
+    "efficientnet-b6": EfficientNetSpec(1.8, 2.6, 0.5),
+    "efficientnet-b7": EfficientNetSpec(2.0, 3.1, 0.5),
+    "efficientnet-b8": EfficientNetSpec(2.2, 3.6, 0.5),
 }
 
 _BLOCK_STRING = re.compile(

@@ -316,11 +316,10 @@ class MixedBlock(Layer):
 
 def _conv_unit(scope: str, spec: Conv, in_channels: int, factory: VariableFactory,
                initializer: Optional[Initializer] = None) -> ConvBatchNormReLU:
-    return ConvBatchNormReLU(
-        scope, in_channels, spec.depth, spec.kernel, factory, stride=spec.stride,
-        padding=spec.padding, decay=BATCH_NORM_DECAY, epsilon=BATCH_NORM_EPSILON,
-        scale=False, initializer=initializer,
-    )
+    conv = Conv2D(scope, in_channels, spec.depth, spec.kernel, factory, stride=spec.stride,
+                  padding=spec.padding, initializer=initializer)
+    return ConvBatchNormReLU(conv, factory, decay=BATCH_NORM_DECAY, epsilon=BATCH_NORM_EPSILON,
+                             scale=False)
 
 
 class InceptionV3(ImageClassifier):

@@ -338,25 +338,12 @@ class ConvBatchNormReLU(Layer):
     follows, so a per-channel scale would only rescale the next layer's weights).
     """
 
-    def __init__(
-        self,
-        scope: str,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Kernel,
-        factory: VariableFactory,
-        stride: int = 1,
-        padding: str = "SAME",
-        decay: float = BATCH_NORM_DECAY,
-        epsilon: float = BATCH_NORM_EPSILON,
-        scale: bool = True,
-        initializer: Optional[Initializer] = None,
-    ):
-        super().__init__(scope)
-        self.out_channels = out_channels
-        self.conv = Conv2D(scope, in_channels, out_channels, kernel_size, factory,
-                           stride=stride, padding=padding, initializer=initializer)
-        self.bn = BatchNorm(f"{scope}/BatchNorm", out_channels, factory, decay=decay,
+    def __init__(self, conv: Conv2D, factory: VariableFactory, decay: float = BATCH_NORM_DECAY,
+                 epsilon: float = BATCH_NORM_EPSILON, scale: bool = True):
+        super().__init__(conv.scope)
+        self.conv = conv
+        self.out_channels = int(conv.weights.shape[-1])
+        self.bn = BatchNorm(f"{conv.scope}/BatchNorm", self.out_channels, factory, decay=decay,
                             epsilon=epsilon, scale=scale)
         self._adopt(self.conv, self.bn)
 

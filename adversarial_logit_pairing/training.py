@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Callable, Optional, Union
 
 import tensorflow as tf
@@ -64,7 +64,7 @@ from adversarial_logit_pairing import (
     summaries,
     tf_error_text,
 )
-from adversarial_logit_pairing.datasets import dataset_factory
+from adversarial_logit_pairing.datasets import dataset_factory, dataset_facts
 from adversarial_logit_pairing.errors import ConfigError, DataError, TrainingDivergedError
 from adversarial_logit_pairing.models import ImageClassifier, ModelConfig, get_model_config
 from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
@@ -107,12 +107,6 @@ class TrainResult:
     global_step: int
     checkpoint_path: Optional[str]
     last_losses: dict
-
-
-def data_dir_for(dataset: str, imagenet_data_dir: Optional[str],
-                 tiny_imagenet_data_dir: Optional[str]) -> Optional[str]:
-    """The data directory flag that belongs to ``dataset``."""
-    return tiny_imagenet_data_dir if dataset == "tiny_imagenet" else imagenet_data_dir
 
 
 def smoothed_cross_entropy(one_hot: tf.Tensor, logits: tf.Tensor,
@@ -521,9 +515,7 @@ def validate(config: TrainConfig,
                                      config.dataset, num_classes, config.dataset_image_size)
     return TrainPlan(
         hparams, model_config, num_classes, examples_per_epoch, lr_replicas,
-        lr_replicas // replicas,
-        data_dir_for(config.dataset, config.imagenet_data_dir, config.tiny_imagenet_data_dir),
-        sources)
+        lr_replicas // replicas, dataset_facts.data_dir(config.dataset, config), sources)
 
 
 def log_plan(config: TrainConfig, plan: TrainPlan, strategy: tf.distribute.Strategy) -> None:
@@ -713,20 +705,6 @@ def prepare_output_dir(output_dir: str, strategy: tf.distribute.Strategy) -> str
     return save_dir
 
 
-def next_batch(batches: Iterator, config: TrainConfig, plan: TrainPlan) -> tuple:
-    """The next training batch; a corrupt image or truncated file is named in a DataError.
-
-    Finding the record takes a slow scan of the split, run only after the pipeline failed.
-    """
-    try:
-        return next(batches)
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-        where = dataset_factory.locate_bad_record(config.dataset, "train", plan.data_dir,
-                                                  plan.model_config)
-        raise DataError(f"bad training record: {where or 'unknown record'} "
-                        f"({tf_error_text.reason(exc)})") from None
-
-
 class StepLog:
     """The per-step log line: loss, seconds per step, examples per second and ETA.
 
@@ -874,7 +852,8 @@ def train(config: TrainConfig,
     try:
         while config.max_steps < 0 or step < config.max_steps:
             # -- step
-            images, labels = next_batch(batches, config, plan)
+            images, labels = dataset_factory.next_batch(
+                batches, config.dataset, "train", plan.data_dir, plan.model_config)
             tick = time.time()
             outputs = train_step(images, labels)
             step = int(state.global_step.numpy())

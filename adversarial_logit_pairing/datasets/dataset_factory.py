@@ -12,6 +12,7 @@ background class from it, so a model name is enough to feed a model. See docs/DA
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Optional
 
@@ -21,7 +22,7 @@ from absl import logging
 from adversarial_logit_pairing import tf_error_text
 from adversarial_logit_pairing.datasets import imagenet_input, tfrecord_files, tiny_imagenet_input
 from adversarial_logit_pairing.datasets.dataset_facts import FACTS, DataSetFacts
-from adversarial_logit_pairing.errors import ConfigError, MissingDataError
+from adversarial_logit_pairing.errors import ConfigError, DataError, MissingDataError
 from adversarial_logit_pairing.models import ModelConfig, get_model_config
 
 DATASETS = ("imagenet", "tiny_imagenet")
@@ -190,6 +191,21 @@ def count_records(dataset_name: str, split: str, data_dir: str) -> int:
     """
     return sum(tfrecord_files.count_records_in_file(path)
                for path in data_files(dataset_name, split, data_dir))
+
+
+def next_batch(batches: Iterator, dataset_name: str, split: str, data_dir: Optional[str],
+               model_config: Optional[ModelConfig] = None) -> tuple:
+    """``next(batches)``; a corrupt image or truncated file is named in a DataError.
+
+    Finding the record takes a slow scan of the split (``locate_bad_record``), run only after
+    the pipeline failed. StopIteration passes through.
+    """
+    try:
+        return next(batches)
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
+        where = locate_bad_record(dataset_name, split, data_dir, model_config)
+        raise DataError(f"bad {split} record: {where or 'unknown record'} "
+                        f"({tf_error_text.reason(exc)})") from None
 
 
 def locate_bad_record(dataset_name: str, split: str, data_dir: str,

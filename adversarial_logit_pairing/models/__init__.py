@@ -130,7 +130,8 @@ def _efficientnet(variant: str, advprop: bool) -> tuple[Builder, ModelConfig]:
     """tensorflow/tpu's EfficientNet-``variant``: the standard checkpoints take ImageNet
     mean/std-normalised inputs, the AdvProp ones ('_ap') [-1, 1]. Evaluation crops
     ``size / (size + 32)`` of the short side ('padded_size'); ``crop_fraction`` (timm's crop
-    pct, that ratio rounded) is informative only."""
+    pct, that ratio rounded) is informative only. Training samples its crop around the
+    whole image ('whole_image_box')."""
     scope = f"efficientnet-{variant}"
     spec = efficientnet.SPECS[scope]
     name = f"efficientnet_{variant}" + ("_ap" if advprop else "")

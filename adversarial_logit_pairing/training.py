@@ -65,6 +65,7 @@ from adversarial_logit_pairing import (
     tf_error_text,
 )
 from adversarial_logit_pairing.datasets import dataset_factory, dataset_facts
+from adversarial_logit_pairing.datasets.autoaugment import Augmentation
 from adversarial_logit_pairing.errors import ConfigError, DataError, TrainingDivergedError
 from adversarial_logit_pairing.models import ImageClassifier, ModelConfig, get_model_config
 from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
@@ -598,6 +599,7 @@ def build_train_state(
     with strategy.scope():
         model = model_lib.get_model(model_name, num_classes, seed=seed,
                                     compute_dtype=compute_dtype)
+        model_lib.set_drop_connect_rate(model, hparams.drop_connect_rate)
         if sync_batch_norm:
             distribution.use_cross_replica_batch_norm(model)
         trainable = model_lib.filter_trainable_variables(trainable_scopes,
@@ -669,7 +671,8 @@ def training_input(config: TrainConfig, plan: TrainPlan,
     replicas = strategy.num_replicas_in_sync
     dataset, _, _, _ = dataset_factory.get_dataset(
         config.dataset, "train", plan.hparams.batch_size * replicas, config.dataset_image_size,
-        is_training=True, data_dir=plan.data_dir, model_config=plan.model_config)
+        is_training=True, data_dir=plan.data_dir, model_config=plan.model_config,
+        augmentation=Augmentation.from_hparams(plan.hparams))
     dataset_factory.log_image_size(plan.model_config, config.dataset_image_size)
     dataset = group_micro_batches(dataset, plan.num_micro_batches, replicas)
     workers = distribution.num_workers(strategy)

@@ -21,6 +21,7 @@ from absl import logging
 
 from adversarial_logit_pairing import tf_error_text
 from adversarial_logit_pairing.datasets import imagenet_input, tfrecord_files, tiny_imagenet_input
+from adversarial_logit_pairing.datasets.autoaugment import Augmentation
 from adversarial_logit_pairing.datasets.dataset_facts import FACTS, DataSetFacts
 from adversarial_logit_pairing.errors import ConfigError, DataError, MissingDataError
 from adversarial_logit_pairing.models import ModelConfig, get_model_config
@@ -118,6 +119,7 @@ def examples_per_epoch(dataset_name: str, split: str) -> int:
 def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
                 is_training: bool, data_dir: str | None = None,
                 model_config: Optional[ModelConfig] = None,
+                augmentation: Optional[Augmentation] = None,
                 ) -> tuple[tf.data.Dataset, int, int, tuple[float, float]]:
     """Returns the input pipeline of a split, preprocessed for a model, and facts about it.
 
@@ -134,6 +136,9 @@ def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
       model_config: the model to feed (``models.get_model_config(name)``): its evaluation
         crop and resize kernels, and on ImageNet its labels. None: ``DEFAULT_MODEL``'s
         (ALP's ResNet v2 preprocessing).
+      augmentation: AutoAugment / RandAugment applied to training images
+        (``Augmentation.from_hparams``); None or 'none': no augmentation. Ignored in
+        evaluation.
 
     Returns:
       dataset: yields (images float32 [batch_size, image_size, image_size, 3] in [-1, 1],
@@ -162,10 +167,11 @@ def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
     files = data_files(dataset_name, split, data_dir)
     if dataset_name == "imagenet":
         dataset = imagenet_input.imagenet_input(files, batch_size, image_size, is_training,
-                                                model_config)
+                                                model_config, augmentation)
     else:
         dataset = tiny_imagenet_input.tiny_imagenet_input(files, batch_size, image_size,
-                                                          is_training, model_config)
+                                                          is_training, model_config,
+                                                          augmentation)
     return dataset, examples_per_epoch(dataset_name, split), classes, BOUNDS
 
 

@@ -44,6 +44,14 @@ __all__ = [
 #   'central_fraction': ``tf.image.central_crop(image, crop_fraction)``, i.e. that fraction
 #                    of EACH side (TF-Slim / adv_imagenet_models Inception preprocessing).
 EVAL_CROPS = ("short_side", "padded_size", "central_fraction")
+# How the training crop is sampled (``ModelConfig.train_crop``), both with
+# ``tf.image.sample_distorted_bounding_box`` (min object covered 0.1, area 0.08..1, 10 attempts):
+#   'object_boxes':    around the record's object boxes, aspect 0.75..1.33, the whole image
+#                      when no window fits (ALP / TF-Slim ImageNet input).
+#   'whole_image_box': around a box covering the whole image, aspect 3/4..4/3; when the
+#                      sampler returns the whole image, the model's evaluation centre crop
+#                      instead (tensorflow/tpu EfficientNet's ``_decode_and_random_crop``).
+TRAIN_CROPS = ("object_boxes", "whole_image_box")
 # Resize kernels, both the TF1 ops (``align_corners=False``, no half-pixel centres).
 RESIZE_KERNELS = ("bicubic", "bilinear")
 # Normalisation the network applies INSIDE its call to inputs in the dataset range [-1, 1]
@@ -74,6 +82,7 @@ class ModelConfig:
       input_normalization: one of ``INPUT_NORMALIZATIONS``, applied inside the model.
       classifier_scopes: variable-scope prefixes of the classification head(s), whose shapes
         depend on the class count (what fine-tuning across data sets excludes).
+      train_crop: one of ``TRAIN_CROPS``, the ImageNet training crop.
     """
 
     name: str
@@ -87,9 +96,11 @@ class ModelConfig:
     train_resize: str
     input_normalization: str
     classifier_scopes: tuple[str, ...]
+    train_crop: str = "object_boxes"
 
     def __post_init__(self):
-        checks = (("eval_crop", EVAL_CROPS), ("eval_resize", RESIZE_KERNELS),
+        checks = (("eval_crop", EVAL_CROPS), ("train_crop", TRAIN_CROPS),
+                  ("eval_resize", RESIZE_KERNELS),
                   ("train_resize", RESIZE_KERNELS), ("input_normalization", INPUT_NORMALIZATIONS))
         for field, allowed in checks:
             if getattr(self, field) not in allowed:
@@ -140,7 +151,8 @@ def _efficientnet(variant: str, advprop: bool) -> tuple[Builder, ModelConfig]:
     """tensorflow/tpu's EfficientNet-``variant``: the standard checkpoints take ImageNet
     mean/std-normalised inputs, the AdvProp ones ('_ap') [-1, 1]. Evaluation crops
     ``size / (size + 32)`` of the short side ('padded_size'); ``crop_fraction`` (timm's crop
-    pct, that ratio rounded) is informative only."""
+    pct, that ratio rounded) is informative only. Training samples its crop around the
+    whole image ('whole_image_box')."""
     scope = f"efficientnet-{variant}"
     image_size, crop_fraction = _EFFICIENTNET_INPUTS[variant]
     name = f"efficientnet_{variant}" + ("_ap" if advprop else "")
@@ -156,6 +168,7 @@ def _efficientnet(variant: str, advprop: bool) -> tuple[Builder, ModelConfig]:
         train_resize="bicubic",
         input_normalization="none" if advprop else "imagenet_mean_std",
         classifier_scopes=(f"{scope}/head/dense",),
+        train_crop="whole_image_box",
     )
 
 

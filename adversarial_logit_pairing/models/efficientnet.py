@@ -293,6 +293,15 @@ class EfficientNet(ImageClassifier):
             net = tf.nn.dropout(net, rate=self.dropout_rate)
         return self.dense(net)
 
+    def set_drop_connect_rate(self, rate: float) -> None:
+        """Block ``i`` of ``n`` keeps its branch with probability ``1 - rate * i / n``.
+
+        ``train.py``'s hparam ``drop_connect_rate`` (tensorflow/tpu's flag of that name);
+        0 turns drop-connect off. Set it before the model is traced.
+        """
+        for index, block in enumerate(self.blocks):
+            block.survival_prob = 1.0 - rate * index / len(self.blocks)
+
 
 def _batch_norm(scope: str, channels: int, factory: VariableFactory) -> UnfusedBatchNorm:
     return UnfusedBatchNorm(scope, channels, factory, decay=BATCH_NORM_DECAY,

@@ -73,6 +73,9 @@ class ModelConfig:
       input_normalization: one of ``INPUT_NORMALIZATIONS``, applied inside the model.
       classifier_scopes: variable-scope prefixes of the classification head(s), whose shapes
         depend on the class count (what fine-tuning across data sets excludes).
+      aux_loss_weight: for a model with an auxiliary classifier (``logits_and_aux``), the
+        default weight of its cross-entropy in the training loss (the ``aux_loss_weight``
+        hparam) and in the step-LL attacks' loss; None for a model without one.
     """
 
     name: str
@@ -86,6 +89,7 @@ class ModelConfig:
     train_resize: str
     input_normalization: str
     classifier_scopes: tuple[str, ...]
+    aux_loss_weight: Optional[float] = None
 
     def __post_init__(self):
         checks = (("eval_crop", EVAL_CROPS), ("eval_resize", RESIZE_KERNELS),
@@ -163,6 +167,8 @@ _REGISTRY: dict[str, tuple[Builder, ModelConfig]] = {
         train_resize="bilinear",
         input_normalization="none",
         classifier_scopes=("InceptionV3/Logits", "InceptionV3/AuxLogits"),
+        # Slim's train_image_classifier and the adversarial training papers: 0.4 x AuxLogits.
+        aux_loss_weight=0.4,
     )),
 }
 

@@ -1,8 +1,8 @@
 """Step-LL, Kurakin's random-eps Step-LL and R+Step-LL against hand-computed updates.
 
 The model is linear, ``z = flat(x) @ W + b``, so the gradient of the attack loss (label-smoothed
-cross-entropy of the least-likely class, summed over the batch) is written out in numpy:
-``d/dx = (softmax(z) - smoothed_one_hot(argmin z)) @ W.T`` per example.
+cross-entropy of the least-likely class, summed over the batch) is written out in numpy
+(``tests.linear_classifiers.hand_gradient``).
 """
 
 import math
@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from adversarial_logit_pairing import adversarial_attack as aa
 from adversarial_logit_pairing.errors import ConfigError
+from tests.linear_classifiers import LinearClassifier, hand_gradient, hand_step_ll
 
 BOUNDS = (-1.0, 1.0)
 SCALE = 2.0 / 255  # one level of the 0..255 scale in model units, for BOUNDS
@@ -20,52 +21,22 @@ SHAPE = (4, 4, 3)
 NUM_CLASSES = 5
 
 
-class LinearModel:
-    def __init__(self, shape=SHAPE, num_classes=NUM_CLASSES, seed=0):
-        rng = np.random.default_rng(seed)
-        self.w = rng.normal(0, 1, (int(np.prod(shape)), num_classes)).astype(np.float32)
-        self.b = rng.normal(0, 1, num_classes).astype(np.float32)
-
-    def __call__(self, x):
-        return tf.reshape(x, [tf.shape(x)[0], -1]) @ self.w + self.b
-
-
-def _smoothed_one_hot(labels, num_classes, smoothing=0.1):
-    y = np.full((len(labels), num_classes), smoothing / num_classes)
-    y[np.arange(len(labels)), labels] += 1 - smoothing
-    return y
-
-
-def _softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _hand_gradient(model, x):
-    """Gradient of the least-likely class's smoothed cross-entropy at x, per example (float64)."""
-    flat = x.reshape(len(x), -1).astype(np.float64)
-    w, b = model.w.astype(np.float64), model.b.astype(np.float64)
-    z = flat @ w + b
-    y = _smoothed_one_hot(z.argmin(axis=1), w.shape[1])
-    return ((_softmax(z) - y) @ w.T).reshape(x.shape)
-
-
 def _images(n, seed=1, low=-1.0, high=1.0, shape=SHAPE):
     return np.random.default_rng(seed).uniform(low, high, (n,) + shape).astype(np.float32)
 
 
 def test_step_ll_descends_the_least_likely_class_loss_by_eps_sign():
-    model = LinearModel()
+    model = LinearClassifier(SHAPE, NUM_CLASSES)
     x = _images(6)
     x[:, 0, 0, :] = 1.0  # at the bounds: the step must be clipped there
     x[:, 0, 1, :] = -1.0
     eps = 16 * SCALE
-    expected = np.clip(x - eps * np.sign(_hand_gradient(model, x)), -1.0, 1.0)
-    adv = aa.generate_adversarial_examples(tf.constant(x), BOUNDS, model, "stepll_16").numpy()
-    np.testing.assert_allclose(adv, expected, atol=1e-6)
+    adv = aa.generate_adversarial_examples(tf.constant(x), BOUNDS, model.inference,
+                                           "stepll_16").numpy()
+    np.testing.assert_allclose(adv, hand_step_ll(model, x, eps), atol=1e-6)
     # The clip mattered, and the least-likely class's logit went up.
-    assert np.any(np.abs(x - eps * np.sign(_hand_gradient(model, x))) > 1.0)
-    z, z_adv = model(x).numpy(), model(adv).numpy()
+    assert np.any(np.abs(x - eps * np.sign(hand_gradient(model, x))) > 1.0)
+    z, z_adv = model.numpy_heads(x)[0], model.numpy_heads(adv)[0]
     rows = np.arange(len(x))
     assert np.all(z_adv[rows, z.argmin(1)] > z[rows, z.argmin(1)])
 
@@ -74,22 +45,23 @@ def test_r_step_ll_takes_a_random_sign_step_then_a_step_ll_step_from_there():
     """rstepll_12_4: delta = 4 s + 8 g (0..255 units) with s, g in {-1, +1}: each pixel's
     delta in {-12, -4, 4, 12} names its random sign s and its gradient sign g, and g must be
     the Step-LL step at x' = x + 4 s (images kept away from the bounds: no clipping)."""
-    model = LinearModel()
+    model = LinearClassifier(SHAPE, NUM_CLASSES)
     x = _images(16, low=-0.8, high=0.8)
-    adv = aa.generate_adversarial_examples(tf.constant(x), BOUNDS, model, "rstepll_12_4",
+    model_fn = model.inference
+    adv = aa.generate_adversarial_examples(tf.constant(x), BOUNDS, model_fn, "rstepll_12_4",
                                            seed=(5, 6)).numpy()
     levels = (adv - x) / SCALE
     np.testing.assert_allclose(np.abs(levels), np.where(np.abs(levels) > 8, 12, 4), atol=1e-3)
     g = np.sign(levels)
     s = np.rint((levels - 8 * g) / 4)
     x_prime = x + 4 * SCALE * s
-    np.testing.assert_array_equal(g, -np.sign(_hand_gradient(model, x_prime)))
+    np.testing.assert_array_equal(g, -np.sign(hand_gradient(model, x_prime)))
     # The first step is a random sign: about half of each, and another seed draws others.
     assert 0.4 < np.mean(s > 0) < 0.6
-    again = aa.generate_adversarial_examples(tf.constant(x), BOUNDS, model, "rstepll_12_4",
+    again = aa.generate_adversarial_examples(tf.constant(x), BOUNDS, model_fn, "rstepll_12_4",
                                              seed=(5, 6)).numpy()
     np.testing.assert_array_equal(again, adv)
-    other = aa.generate_adversarial_examples(tf.constant(x), BOUNDS, model, "rstepll_12_4",
+    other = aa.generate_adversarial_examples(tf.constant(x), BOUNDS, model_fn, "rstepll_12_4",
                                              seed=(7, 8)).numpy()
     assert np.mean(other != adv) > 0.2
 
@@ -107,7 +79,7 @@ def test_step_ll_random_eps_is_truncated_normal_on_zero_to_eps_per_example():
     Every pixel of an example moves by its eps (images far from the bounds), so the largest
     change of each example is its eps. 20000 examples: the mean is known to about 0.4%.
     """
-    model = LinearModel(shape=(1, 1, 3))
+    model = LinearClassifier((1, 1, 3), NUM_CLASSES).inference
     x = _images(20000, low=-0.5, high=0.5, shape=(1, 1, 3))
     adv = aa.generate_adversarial_examples(tf.constant(x), BOUNDS, model, "stepllrand_16",
                                            seed=(1, 2)).numpy()
@@ -137,7 +109,7 @@ def test_step_ll_descriptions_parse_and_bad_ones_name_the_field():
 
 
 def test_step_ll_through_make_attack_matches_the_function_and_traces_once():
-    model = LinearModel()
+    model = LinearClassifier(SHAPE, NUM_CLASSES).inference
     x = tf.constant(_images(4))
     attack = aa.make_attack("stepll_8", model, BOUNDS)
     first = attack(x).numpy()

@@ -8,9 +8,21 @@ Attack descriptions are the original strings:
 * ``pgdll_EPS_STEP_NITER``: PGD targeted at the least-likely predicted class ``argmin(logits)``.
 * ``pgdrnd_EPS_STEP_NITER``: PGD targeted at a uniformly random class.
 
-EPS and STEP are integers within 1..255 (the original README's range, the 0..255 pixel scale)
-and are rescaled to model units by ``(bounds[1] - bounds[0]) / 255``; with the bounds (-1, 1) of
-the ALP datasets, 16 means 32/255. NITER is at least 1.
+and the single-step least-likely-class attacks of the adversarially trained Inception v3
+(``attacks/step_ll.py``; no random start, one gradient step):
+
+* ``stepll_EPS``: Step-LL (Kurakin et al. 2017), ``x - EPS * sign(grad J(x, y_LL))`` with
+  ``y_LL = argmin(logits)``.
+* ``stepllrand_EPS``: Step-LL with a random eps per example, from a normal N(0, EPS/2)
+  truncated to [0, EPS] (Kurakin et al. trained with ``stepllrand_16``).
+* ``rstepll_EPS_ALPHA``: R+Step-LL (Tramer et al. 2018): a random sign step of ALPHA, then a
+  Step-LL step of EPS - ALPHA (they use ``rstepll_16_8``); 1 <= ALPHA < EPS.
+
+EPS, STEP and ALPHA are integers within 1..255 (the original README's range, the 0..255 pixel
+scale) and are rescaled to model units by ``(bounds[1] - bounds[0]) / 255``; with the bounds
+(-1, 1) of the ALP datasets, 16 means 32/255. NITER is at least 1. The step-LL attacks descend
+the reference's loss, cross-entropy with label smoothing 0.1 plus, for a model with an auxiliary
+head, 0.4 x that of the auxiliary logits (``step_ll.loss_heads``).
 
 The PGD loop runs in-graph (a ``tf.while_loop`` of a few steps per iteration, so the model is
 traced a fixed number of times whatever NITER is). Eagerly, keep the attack compiled for your
@@ -45,39 +57,60 @@ Seed = Optional[Union[tf.Tensor, tuple, list]]
 
 _METHODS = ("pgd", "pgdll", "pgdrnd")
 _DESCRIPTION_RE = re.compile(r"^(pgd|pgdll|pgdrnd)_(\d+)_(\d+)_(\d+)$")
+# The step-LL family (attacks/step_ll.py): METHOD_EPS, or rstepll_EPS_ALPHA.
+STEP_LL_METHODS = ("stepll", "stepllrand", "rstepll")
+_STEP_LL_RE = re.compile(r"^(stepll|stepllrand)_(\d+)$|^(rstepll)_(\d+)_(\d+)$")
+_GRAMMAR = ("'clean', 'METHOD_EPS_STEP_NITER' with METHOD in pgd, pgdll, pgdrnd, "
+            "'stepll_EPS', 'stepllrand_EPS' or 'rstepll_EPS_ALPHA', with integer fields")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
     """A parsed attack description; ``eps`` and ``step`` are on the 0..255 scale."""
 
-    method: str  # 'clean', 'pgd', 'pgdll' or 'pgdrnd'
+    method: str  # 'clean', 'pgd', 'pgdll', 'pgdrnd', 'stepll', 'stepllrand' or 'rstepll'
     eps: int = 0
-    step: int = 0
-    num_iter: int = 0
+    step: int = 0  # step-LL: the gradient step, EPS (at most EPS for stepllrand) or EPS-ALPHA
+    num_iter: int = 0  # step-LL: 1
+    alpha: int = 0  # rstepll: the random sign step
 
     @property
     def is_clean(self) -> bool:
         return self.method == "clean"
 
 
+def _parse_step_ll(attack_description: str, match: re.Match) -> AttackSpec:
+    if match.group(1):
+        method, eps, alpha = match.group(1), int(match.group(2)), 0
+    else:
+        method, eps, alpha = match.group(3), int(match.group(4)), int(match.group(5))
+    if not 1 <= eps <= 255:
+        raise ConfigError(f"invalid attack description {attack_description!r}: EPS must be "
+                          f"within 1..255 (the 0..255 pixel scale), not {eps}")
+    if method == "rstepll" and not 1 <= alpha < eps:
+        raise ConfigError(f"invalid attack description {attack_description!r}: ALPHA must be "
+                          f"within 1..EPS-1 (the random step leaves EPS - ALPHA to the "
+                          f"gradient step), not {alpha}")
+    return AttackSpec(method, eps, eps - alpha, 1, alpha)
+
+
 def parse_attack_description(attack_description: str) -> AttackSpec:
-    """Parses ``clean`` or ``METHOD_EPS_STEP_NITER``.
+    """Parses ``clean``, ``METHOD_EPS_STEP_NITER`` or a step-LL description (module docstring).
 
     Raises:
-      ConfigError: (a ValueError) naming the description when it is malformed, EPS or STEP is
-        outside 1..255 or NITER is below 1.
+      ConfigError: (a ValueError) naming the description when it is malformed, EPS, STEP or
+        ALPHA is outside its range (1..255; ALPHA below EPS) or NITER is below 1.
     """
     description = (attack_description or "").strip()
     if description == "clean":
         return AttackSpec("clean")
+    step_ll_match = _STEP_LL_RE.match(description)
+    if step_ll_match:
+        return _parse_step_ll(attack_description, step_ll_match)
     match = _DESCRIPTION_RE.match(description)
     if not match:
-        raise ConfigError(
-            f"invalid attack description {attack_description!r}: expected 'clean' or "
-            f"'METHOD_EPS_STEP_NITER' with METHOD in {', '.join(_METHODS)} and integer "
-            "EPS, STEP, NITER (e.g. 'pgdll_16_2_10')"
-        )
+        raise ConfigError(f"invalid attack description {attack_description!r}: expected "
+                          f"{_GRAMMAR} (e.g. 'pgdll_16_2_10' or 'stepll_16')")
     method, eps, step, num_iter = match.groups()
     spec = AttackSpec(method, int(eps), int(step), int(num_iter))
     # The original README's range: pixel values on the 0..255 scale, at least one level.
@@ -323,7 +356,17 @@ def _attack_graph(
     spec: AttackSpec,
     seed: Optional[tf.Tensor],
 ) -> tf.Tensor:
-    """Labels from the model's prediction (or a random target), then PGD; traced in a graph."""
+    """Labels from the model's prediction (or a random target), then PGD; traced in a graph.
+
+    The step-LL family runs ``attacks/step_ll.py`` instead.
+    """
+    if spec.method in STEP_LL_METHODS:
+        # Imported here: the attacks package imports this module.
+        from adversarial_logit_pairing.attacks import step_ll
+
+        with _weights_cast_once(model_fn):
+            return step_ll.attack_graph(x, bounds, model_fn, spec.method, spec.eps, spec.alpha,
+                                        seed)
     lo, hi = bounds
     scale = (hi - lo) / 255.0
     start_seed = target_seed = None
@@ -369,9 +412,11 @@ def generate_adversarial_examples(
       x: clean images [N, H, W, C] within ``bounds``.
       bounds: (lo, hi) range of the images, e.g. (-1, 1).
       model_fn: maps images to logits [N, K], in inference mode.
-      attack_description: 'clean', 'pgd_EPS_STEP_NITER', 'pgdll_...' or 'pgdrnd_...'.
-      seed: None, or a shape-[2] integer seed making the random start and the random target
-        of 'pgdrnd' reproducible.
+      attack_description: 'clean', 'pgd_EPS_STEP_NITER', 'pgdll_...', 'pgdrnd_...',
+        'stepll_EPS', 'stepllrand_EPS' or 'rstepll_EPS_ALPHA'.
+      seed: None, or a shape-[2] integer seed making the random start, the random target
+        of 'pgdrnd', the random eps of 'stepllrand' and the random step of 'rstepll'
+        reproducible.
 
     Returns:
       The adversarial images (``x`` itself for 'clean').
@@ -430,7 +475,8 @@ def make_attack(attack_description: str, model_fn: ModelFn,
     """The :class:`Attack` ``attack_description`` against ``model_fn`` for images in ``bounds``.
 
     Args:
-      attack_description: 'clean', 'pgd_EPS_STEP_NITER', 'pgdll_...' or 'pgdrnd_...'.
+      attack_description: 'clean', 'pgd_EPS_STEP_NITER', 'pgdll_...', 'pgdrnd_...' or a
+        step-LL description (module docstring).
       model_fn: maps images to logits [N, K], in inference mode.
       bounds: (lo, hi) range of the images, e.g. (-1, 1).
 

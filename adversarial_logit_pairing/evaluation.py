@@ -145,7 +145,9 @@ def validate(config: EvalConfig,
       ConfigError: bad hparams, attack, split, model or data set; a multi-worker strategy;
         ``eval_batch_size`` not a multiple of the replicas; fewer examples than one batch.
     """
-    hparams = model_lib.default_hparams().parse(config.hparams)
+    model_config = get_model_config(config.model_name)
+    # The model's hparams (aux_loss_weight for inception_v3), so training's string is accepted.
+    hparams = model_lib.default_hparams(model_config).parse(config.hparams)
     adversarial_attack.parse_attack_description(config.adv_method or "clean")
     if config.split_name not in ("train", "validation"):
         raise ConfigError(f"--split_name={config.split_name}: expected 'train' or 'validation'")
@@ -155,7 +157,6 @@ def validate(config: EvalConfig,
     if batch_size % replicas:
         raise ConfigError(f"eval_batch_size={batch_size} must be a multiple of the "
                           f"{replicas} replicas (it is the global evaluation batch)")
-    model_config = get_model_config(config.model_name)
     num_classes = dataset_factory.num_classes(config.dataset, model_config)
     num_examples = dataset_factory.examples_per_epoch(config.dataset, config.split_name)
     if config.num_examples > 0:

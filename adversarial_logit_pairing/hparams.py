@@ -10,9 +10,12 @@ command-line programs report them in one line.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from adversarial_logit_pairing.errors import ConfigError
+
+if TYPE_CHECKING:
+    from adversarial_logit_pairing.models import ModelConfig
 
 # Values the code downstream knows how to handle; checked when parsing so that a typo fails at
 # start-up rather than after the data pipeline and model are built.
@@ -146,6 +149,16 @@ class HParams:
     def _unknown(self, name: str) -> ConfigError:
         return ConfigError(f"unknown hparam '{name}' (known: {', '.join(self._values)})")
 
+    def add_hparam(self, name: str, value: Any) -> None:
+        """Adds a new hparam whose type is ``value``'s (TF1 ``HParams.add_hparam``).
+
+        Raises:
+          ConfigError: ``name`` exists already.
+        """
+        if name in self._values:
+            raise ConfigError(f"hparam '{name}' exists already")
+        self._values[name] = list(value) if isinstance(value, (list, tuple)) else value
+
     def set_hparam(self, name: str, value: Any) -> None:
         """Sets one hparam, cast to its default's type.
 
@@ -268,9 +281,15 @@ def _validate_efficientnet_recipe(values: dict[str, Any]) -> None:
                           f"rate in [0, 1), got {rate}")
 
 
-def default_hparams() -> HParams:
-    """Returns the original's default hyper-parameters (same names, types and values)."""
-    return HParams(
+def default_hparams(model_config: Optional[ModelConfig] = None) -> HParams:
+    """Returns the original's default hyper-parameters (same names, types and values).
+
+    With the ``model_config`` of a model that has an auxiliary head (``aux_loss_weight`` not
+    None, e.g. ``inception_v3``), also ``aux_loss_weight``: the weight of the auxiliary
+    logits' label-smoothed cross-entropy in the training loss (0.4 registered); for other
+    models that hparam does not exist.
+    """
+    hparams = HParams(
         # Batch sizes: training (per replica, clean half) and evaluation.
         batch_size=32,
         eval_batch_size=50,
@@ -278,8 +297,18 @@ def default_hparams() -> HParams:
         weight_decay=0.0001,
         label_smoothing=0.1,
         # Adversarial training: the attack description and the logit pairing weight.
+        # train_adv_method: 'clean', pgd_EPS_STEP_NITER, pgdll_EPS_STEP_NITER,
+        # pgdrnd_EPS_STEP_NITER, stepll_EPS, stepllrand_EPS (eps per example from N(0, EPS/2)
+        # truncated to [0, EPS]) or rstepll_EPS_ALPHA (R+Step-LL); see adversarial_attack.
         train_adv_method="clean",
         train_lp_weight=0.0,
+        # Kurakin et al.'s mixed batch (see mixed_batch): 0 keeps ALP's batch, every example
+        # plus its adversarial copy; in (0, 1], the fraction k/m of the m examples replaced by
+        # their adversarial examples (0.5 in the paper). The loss weighs the adversarial
+        # examples by train_adv_loss_weight (lambda; 0.3 in the paper):
+        # (sum_clean + lambda * sum_adv) / (clean count + lambda * adversarial count).
+        train_adv_fraction=0.0,
+        train_adv_loss_weight=1.0,
         # Optimizer: 'rms', 'momentum' or 'adam' with TF1 semantics.
         optimizer="rms",
         momentum=0.9,
@@ -305,3 +334,7 @@ def default_hparams() -> HParams:
         # drop-connect (EfficientNet) accept a positive rate.
         drop_connect_rate=-1.0,
     )
+    aux_loss_weight = getattr(model_config, "aux_loss_weight", None)
+    if aux_loss_weight is not None:
+        hparams.add_hparam("aux_loss_weight", float(aux_loss_weight))
+    return hparams

@@ -11,10 +11,15 @@ moving averages; also what the benchmarks and tests build), the data, resume or 
   through the attack), then run ``[clean; adversarial]`` as ONE batch of 2B in training mode,
   so batch norm sees the statistics of the mixed batch, with the labels duplicated;
 * loss = label-smoothed softmax cross-entropy (mean over the batch)
+  + for a model with an auxiliary head (``inception_v3``), ``aux_loss_weight`` (0.4) x the
+  same cross-entropy of its auxiliary logits, as Slim's Inception training;
   + ``train_lp_weight * mean((first_half - second_half)**2)`` of the logits when
   ``train_lp_weight > 0``: ``[clean; adversarial]`` halves with an attack (ALP), the two
   halves of the clean batch without one (clean logit pairing), as the original;
   + ``weight_decay * sum(l2_loss(v))`` over the trainable variables;
+* Kurakin et al.'s mixed batch instead of ``[clean; adversarial]`` when
+  ``train_adv_fraction > 0`` (``mixed_batch``): k of the B examples replaced by their
+  adversarial examples, cross-entropies weighed by ``train_adv_loss_weight``;
 * the optimizer step increments ``global_step``; then the TF1-style moving average of all model
   variables (weights and batch-norm statistics) is updated with ``num_updates = global_step``.
 
@@ -57,6 +62,7 @@ from adversarial_logit_pairing import (
     checkpoints,
     distribution,
     ensemble,
+    mixed_batch,
     model_lib,
     moving_average,
     optimizers,
@@ -110,13 +116,40 @@ class TrainResult:
     last_losses: dict
 
 
-def smoothed_cross_entropy(one_hot: tf.Tensor, logits: tf.Tensor,
-                           label_smoothing: float) -> tf.Tensor:
-    """``tf.compat.v1.losses.softmax_cross_entropy`` with label smoothing: batch mean."""
+def smoothed_cross_entropy(one_hot: tf.Tensor, logits: tf.Tensor, label_smoothing: float,
+                           example_weights: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """``tf.compat.v1.losses.softmax_cross_entropy`` with label smoothing: batch mean.
+
+    With ``example_weights`` (Kurakin's mixed batch), ``sum(w * loss) / sum(w)`` instead.
+    """
     if label_smoothing > 0:
         num_classes = tf.cast(tf.shape(one_hot)[-1], one_hot.dtype)
         one_hot = one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=one_hot, logits=logits))
+    per_example = tf.nn.softmax_cross_entropy_with_logits(labels=one_hot, logits=logits)
+    return mixed_batch.weighted_mean(per_example, example_weights)
+
+
+def aux_loss_weight(hparams: model_lib.HParams, model_config: Optional[ModelConfig]) -> float:
+    """The weight of the auxiliary head's cross-entropy in the training loss; 0: no such term.
+
+    The ``aux_loss_weight`` hparam when the hparams have it (``default_hparams(model_config)``
+    adds it for a model with an auxiliary head), else the model's registered default (None
+    for a model without an auxiliary head).
+
+    Raises:
+      ConfigError: a negative weight, or one given for a model without an auxiliary head.
+    """
+    registered = getattr(model_config, "aux_loss_weight", None)
+    if "aux_loss_weight" not in hparams:
+        return float(registered or 0.0)
+    weight = hparams.aux_loss_weight
+    if registered is None:
+        name = getattr(model_config, "name", "this model")
+        raise ConfigError(f"--hparams: aux_loss_weight={weight}, but {name} has no auxiliary "
+                          "head")
+    if weight < 0:
+        raise ConfigError(f"--hparams: aux_loss_weight={weight} must be >= 0")
+    return float(weight)
 
 
 def check_logit_pairing(hparams: model_lib.HParams) -> None:
@@ -139,6 +172,9 @@ def alp_losses(
     one_hot: tf.Tensor,
     trainable: list,
     hparams: model_lib.HParams,
+    aux_logits: Optional[tf.Tensor] = None,
+    aux_weight: float = 0.0,
+    example_weights: Optional[tf.Tensor] = None,
 ) -> dict:
     """The loss terms of the original ``train.py`` and their sum, ``total_loss``.
 
@@ -148,6 +184,11 @@ def alp_losses(
       one_hot: [N, K] one-hot labels (duplicated for the adversarial half).
       trainable: variables subject to weight decay.
       hparams: reads label_smoothing, train_lp_weight, weight_decay.
+      aux_logits: [N, K] auxiliary-head logits of the same pass, or None; with
+        ``aux_weight > 0`` they add ``loss_aux``, ``aux_weight`` x their cross-entropy
+        (same labels and label smoothing), as Slim's Inception training does.
+      example_weights: [N] weights of Kurakin's mixed batch for both cross-entropies
+        (``mixed_batch``), or None for the batch mean.
 
     Whenever ``train_lp_weight > 0`` the first half of ``logits`` is paired with the second,
     as the original did whatever the attack: with an attack that is adversarial logit
@@ -155,8 +196,13 @@ def alp_losses(
     halves of the clean batch; N must be even, see ``check_logit_pairing``).
     """
     logits = tf.cast(logits, tf.float32)
-    losses = {"loss_xent": smoothed_cross_entropy(one_hot, logits, hparams.label_smoothing)}
+    losses = {"loss_xent": smoothed_cross_entropy(one_hot, logits, hparams.label_smoothing,
+                                                  example_weights)}
     total = losses["loss_xent"]
+    if aux_logits is not None and aux_weight > 0:
+        losses["loss_aux"] = aux_weight * smoothed_cross_entropy(
+            one_hot, tf.cast(aux_logits, tf.float32), hparams.label_smoothing, example_weights)
+        total += losses["loss_aux"]
     if hparams.train_lp_weight > 0:
         first, second = tf.split(logits, 2)
         losses["loss_lp"] = hparams.train_lp_weight * tf.reduce_mean(tf.square(first - second))
@@ -190,7 +236,7 @@ def finetune_assignments(model, checkpoint_path: str, exclude_scopes, trainable_
     return assignments
 
 
-SCALAR_OUTPUTS = ("loss_xent", "loss_lp", "loss_wd", "total_loss", "learning_rate")
+SCALAR_OUTPUTS = ("loss_xent", "loss_aux", "loss_lp", "loss_wd", "total_loss", "learning_rate")
 SCALAR_OUTPUTS += (ensemble.SOURCE_OUTPUT,)  # ensemble adversarial training only
 
 # Errors by which a multi-worker job learns that a peer died or stopped answering.
@@ -292,12 +338,14 @@ def make_train_step(
     still counts it) and the scale shrinks.
     """
     attack = adversarial_attack.parse_attack_description(hparams.train_adv_method)
+    mixing = mixed_batch.from_hparams(hparams)
+    aux_weight = aux_loss_weight(hparams, getattr(model, "config", None))
     learning_rate = optimizer.learning_rate
     names: list[str] = []  # the scalars step_fn stacks, known once it is traced
 
     def forward_backward(images, labels, micro_batch=None):
         one_hot = tf.one_hot(labels, num_classes)
-        adv_images = None
+        adv_images = example_weights = None
         if attack.is_clean:
             inputs = images
         else:
@@ -309,19 +357,24 @@ def make_train_step(
                 step_seed = tf.random.experimental.stateless_fold_in(step_seed, micro_batch)
             # model.inference: a bfloat16/float16 model casts its weights once for the attack
             # (the training pass below keeps its own casts, which the tape differentiates).
+            to_attack = mixing.to_attack(images)
             if static_sources:
                 adv_images, source = ensemble.adversarial_examples(
-                    images, bounds, [model.inference] + [s.inference for s in static_sources],
+                    to_attack, bounds, [model.inference] + [s.inference for s in static_sources],
                     hparams.train_adv_method, step_seed)
             else:
                 adv_images = adversarial_attack.generate_adversarial_examples(
-                    images, bounds, model.inference, hparams.train_adv_method, seed=step_seed,
+                    to_attack, bounds, model.inference, hparams.train_adv_method, seed=step_seed,
                 )
-            inputs = tf.concat([images, adv_images], axis=0)
-            one_hot = tf.concat([one_hot, one_hot], axis=0)
+            inputs, one_hot, example_weights = mixing.training_batch(images, adv_images, one_hot)
         with tf.GradientTape() as tape:
-            logits = model(inputs, is_training=True)
-            losses = alp_losses(logits, one_hot, trainable, hparams)
+            aux_logits = None
+            if aux_weight > 0:
+                logits, aux_logits = model.logits_and_aux(inputs, is_training=True)
+            else:
+                logits = model(inputs, is_training=True)
+            losses = alp_losses(logits, one_hot, trainable, hparams, aux_logits, aux_weight,
+                                example_weights)
             objective = losses["total_loss"]
             if loss_scale is not None:
                 objective = loss_scale.scale(objective)
@@ -351,7 +404,7 @@ def make_train_step(
         k = num_micro_batches
         none_grads: set[int] = set()
         present: list[str] = []  # the loss terms this configuration has, found while tracing
-        shown_init = tf.zeros_like(images[0, :num_summary_images])
+        shown_init = tf.zeros_like(mixing.to_attack(images[0])[:num_summary_images])
 
         def body(i, grad_sums, loss_sums, shown):
             grads, losses, adv_images = forward_backward(images[i], labels[i], i)
@@ -493,8 +546,12 @@ def validate(config: TrainConfig,
     """
     if not config.output_dir:
         raise ConfigError("--output_dir has to be provided")
-    hparams = model_lib.default_hparams().parse(config.hparams)
+    model_config = get_model_config(config.model_name)
+    # A model with an auxiliary head has the aux_loss_weight hparam too.
+    hparams = model_lib.default_hparams(model_config).parse(config.hparams)
     check_logit_pairing(hparams)  # parses train_adv_method too
+    mixed_batch.from_hparams(hparams)
+    aux_loss_weight(hparams, model_config)
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     if (config.jit_compile and config.sync_batch_norm and replicas > 1
@@ -506,7 +563,6 @@ def validate(config: TrainConfig,
         raise ConfigError("--compute_dtype=float16 (loss scaling) runs on one device only for "
                           "now; use bfloat16 with several replicas")
     lr_replicas = learning_rate_replicas(replicas, config.replicas_to_aggregate)
-    model_config = get_model_config(config.model_name)
     examples_per_epoch = dataset_factory.examples_per_epoch(config.dataset, "train")
     # Schedule and optimizer hold no variables: making them checks their hparams, for nothing.
     model_lib.get_optimizer(hparams, model_lib.get_lr_schedule(

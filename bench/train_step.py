@@ -1,7 +1,9 @@
-"""Speed of the ALP training step against its bound, and of clean training against Keras fit.
+"""Speed of the ALP and Step-LL training steps against their bounds, and of clean training
+against Keras fit.
 
   python bench/train_step.py [--model=resnet_v2_50] [--image_size=64] [--batch_size=32]
                              [--repetitions=5] [--dtypes=float32,bfloat16]
+                             [--rows=alp,stepll,clean]
 
 Rows, per compute dtype, timed in interleaved rounds (``bench/_timing.interleaved_seconds``):
 
@@ -10,6 +12,11 @@ Rows, per compute dtype, timed in interleaved rounds (``bench/_timing.interleave
   TF1 RMSProp, moving average) against its bound: 10 input-gradient passes on B images plus one
   training forward/backward on 2B (``make_training_pass``). The step also runs the attack's
   label pass and the optimizer/EMA updates, which the bound leaves out.
+* Step-LL step (``stepll_16``, ALP's batch of ``[clean; adversarial]``, no pairing) against its
+  bound: ONE input-gradient pass on B plus one training forward/backward on 2B (Step-LL takes
+  its least-likely class from the gradient pass itself, so it has no separate label pass). For
+  a model with an auxiliary head (``inception_v3``) the step also runs that head in the attack
+  and the training pass, which the bound leaves out.
 * clean step (``train_adv_method=clean``) against its bound (one training pass on B), and
   against ``tf_keras.Model.fit`` of the same network (wrapped in a Keras model, RMSprop, no
   moving average, the same in-memory batch repeated), time per step.
@@ -38,6 +45,7 @@ flags.DEFINE_integer("num_classes", TINY_IMAGENET.stored_classes, "Logits width 
 flags.DEFINE_integer("repetitions", 5, "Timed rounds after one warm-up round")
 flags.DEFINE_integer("fit_steps", 3, "Steps per timed Keras fit call (and per clean round)")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure")
+flags.DEFINE_list("rows", ["alp", "stepll", "clean"], "Steps to measure: alp, stepll, clean")
 
 
 def keras_fit(model, images, labels, steps: int):
@@ -68,39 +76,50 @@ def keras_fit(model, images, labels, steps: int):
 
 
 def measure(dtype: str, images, labels) -> list[list[object]]:
-    """The two table rows (ALP step, clean step) of one compute dtype."""
+    """The table rows (ALP step, Step-LL step, clean step: those in --rows) of one dtype."""
     b, n = FLAGS.batch_size, FLAGS.fit_steps
     double = (tf.concat([images, images], 0), tf.concat([labels, labels], 0))
-    alp, model = _steps.make_train_step(FLAGS.model, "pgdll_16_2_10", 0.5, FLAGS.num_classes,
-                                        dtype)
-    clean, _ = _steps.make_train_step(FLAGS.model, "clean", 0.0, FLAGS.num_classes, dtype)
+    clean, model = _steps.make_train_step(FLAGS.model, "clean", 0.0, FLAGS.num_classes, dtype)
     gradient = _steps.input_gradient_fn(model)
     training_pass = _steps.make_training_pass(model, FLAGS.num_classes)
-    fit = keras_fit(model, images, labels, n)
 
-    def alp_bound():
-        for _ in range(10):
-            gradient(images, labels)
-        return training_pass(*double)
+    def bound(gradient_passes):
+        def run():
+            for _ in range(gradient_passes):
+                gradient(images, labels)
+            return training_pass(*double)
+        return run
 
     contenders = {
-        "alp": lambda: alp(images, labels),
-        "alp_bound": alp_bound,
         "clean": lambda: [clean(images, labels) for _ in range(n)][-1],
         "clean_bound": lambda: [training_pass(images, labels) for _ in range(n)][-1],
     }
+    adversarial = {"alp": ("pgdll_16_2_10", 0.5, 10), "stepll": ("stepll_16", 0.0, 1)}
+    for row, (attack, lp_weight, passes) in adversarial.items():
+        if row in FLAGS.rows:
+            step, _ = _steps.make_train_step(FLAGS.model, attack, lp_weight, FLAGS.num_classes,
+                                             dtype)
+            contenders[row] = lambda step=step: step(images, labels)
+            contenders[row + "_bound"] = bound(passes)
+    fit = keras_fit(model, images, labels, n) if "clean" in FLAGS.rows else None
     if fit is not None:
         contenders["fit"] = fit
     times = _timing.interleaved_seconds(contenders, FLAGS.repetitions)
-    alp_s = float(np.median(times["alp"]))
     clean_s = float(np.median(times["clean"])) / n
-    return [
-        ["ALP pgdll_16_2_10 lp 0.5", dtype, b / alp_s, alp_s,
-         _timing.median_ratio(times["alp"], times["alp_bound"]), ""],
-        ["clean", dtype, b / clean_s, clean_s,
-         _timing.median_ratio(times["clean"], times["clean_bound"]),
-         _timing.median_ratio(times["fit"], times["clean"]) if "fit" in times else "n/a"],
-    ]
+    names = {"alp": "ALP pgdll_16_2_10 lp 0.5", "stepll": "Step-LL stepll_16"}
+    rows = []
+    for row in ("alp", "stepll"):
+        if row in times:
+            seconds = float(np.median(times[row]))
+            rows.append([names[row], dtype, b / seconds, seconds,
+                         _timing.median_ratio(times[row], times[row + "_bound"]), "",
+                         seconds / clean_s])
+    if "clean" in FLAGS.rows:
+        rows.append(["clean", dtype, b / clean_s, clean_s,
+                     _timing.median_ratio(times["clean"], times["clean_bound"]),
+                     _timing.median_ratio(times["fit"], times["clean"]) if "fit" in times
+                     else "n/a", 1.0])
+    return rows
 
 
 def main(argv: list[str]) -> None:
@@ -117,11 +136,12 @@ def main(argv: list[str]) -> None:
         f"{b} (ALP trains on 2x{b}), {FLAGS.num_classes} classes, {FLAGS.repetitions} rounds"))
     print()
     print(_timing.table(["step", "dtype", "images/s", "s/step", "step / bound",
-                         "speed vs Keras fit"], rows))
+                         "speed vs Keras fit", "time / clean step"], rows))
     print("\nALP bound = 10 input-gradient passes on B + one training forward/backward on 2B "
-          "(target <= 1.10); clean bound = one training forward/backward on B; speed vs Keras "
-          "fit = fit's time per step / ours (ours also applies weight decay and a moving "
-          "average)")
+          "(target <= 1.10); Step-LL bound = one input-gradient pass on B + one training "
+          "forward/backward on 2B; clean bound = one training forward/backward on B; speed vs "
+          "Keras fit = fit's time per step / ours (ours also applies weight decay and a moving "
+          "average); time / clean step = s/step over the clean step's")
 
 
 if __name__ == "__main__":

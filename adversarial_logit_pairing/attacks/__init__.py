@@ -12,6 +12,9 @@ parameter-free attacks. Modules, one job each:
   autoattack    the standard sequence APGD-CE -> APGD-T -> FAB-T -> Square, with its report
   descriptions  description strings (``autoattack_8``, ``apgdt_8``, ...; grammar there)
   batching      the driver: chunks of at most ``batch_size``, only the points still robust
+  step_ll       Step-LL, random-eps Step-LL and R+Step-LL: the single-step attacks of the
+                adversarially trained Inception v3, named by the ORIGINAL attack strings
+                (``stepll_EPS``, ...; ``adversarial_attack`` parses and dispatches them)
 
 Descriptions (:func:`parse_strong_attack_description`, :func:`run_strong_attack`) name an
 attack as the command line will; EPS and STEP are integers 1..255 on the 0..255 pixel scale,

@@ -27,7 +27,9 @@ flags.DEFINE_string("output_file", None,
                     "checkpoint).")
 flags.DEFINE_string("eval_name", "default", "Name for eval subdirectory.")
 flags.DEFINE_string("adv_method", "clean",
-                    "Method which is used to generate adversarial examples.")
+                    "Method which is used to generate adversarial examples: clean, "
+                    "pgd_EPS_STEP_NITER, pgdll_..., pgdrnd_..., stepll_EPS, stepllrand_EPS or "
+                    "rstepll_EPS_ALPHA (see adversarial_attack).")
 flags.DEFINE_string("hparams", "", "Hyper parameters (only eval_batch_size matters here).")
 flags.DEFINE_string("split_name", "validation", "Name of the split: train or validation.")
 flags.DEFINE_float("moving_average_decay", 0.9999,

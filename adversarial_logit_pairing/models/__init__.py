@@ -83,6 +83,9 @@ class ModelConfig:
       classifier_scopes: variable-scope prefixes of the classification head(s), whose shapes
         depend on the class count (what fine-tuning across data sets excludes).
       train_crop: one of ``TRAIN_CROPS``, the ImageNet training crop.
+      aux_loss_weight: for a model with an auxiliary classifier (``logits_and_aux``), the
+        default weight of its cross-entropy in the training loss (the ``aux_loss_weight``
+        hparam) and in the step-LL attacks' loss; None for a model without one.
     """
 
     name: str
@@ -97,6 +100,7 @@ class ModelConfig:
     input_normalization: str
     classifier_scopes: tuple[str, ...]
     train_crop: str = "object_boxes"
+    aux_loss_weight: Optional[float] = None
 
     def __post_init__(self):
         checks = (("eval_crop", EVAL_CROPS), ("train_crop", TRAIN_CROPS),
@@ -197,6 +201,8 @@ _REGISTRY: dict[str, tuple[Builder, ModelConfig]] = {
         train_resize="bilinear",
         input_normalization="none",
         classifier_scopes=("InceptionV3/Logits", "InceptionV3/AuxLogits"),
+        # Slim's train_image_classifier and the adversarial training papers: 0.4 x AuxLogits.
+        aux_loss_weight=0.4,
     )),
 }
 

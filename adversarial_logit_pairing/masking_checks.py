@@ -33,8 +33,12 @@ USELESS_GRADIENT_SHARE = 0.10
 # Robust accuracy at the larger eps must fall by at least this much (absolute) below the
 # smaller eps's, unless the smaller is already (nearly) zero.
 EPS_MIN_DROP = 0.0
-# The training attack's accuracy above the strong attack's by more than this (absolute).
-TRAINING_GAP = 0.10
+# The training attack's accuracy above the strong attack's by more than this (absolute). ALP's
+# gaps were 27 and 28 points (SPEC section 5); a 20-step PGD on the cross-entropy of an
+# honest, plainly trained 5-class linear model was measured 17.5 points above the analytic
+# robust accuracy (65% against 47.5%: maximising the cross-entropy is not minimising the
+# margin), so smaller gaps are not taken as a sign of masking.
+TRAINING_GAP = 0.20
 
 GRADIENT_STAGES = ("apgd-ce", "apgd-t", "fab-t", "apgdce", "apgddlr", "apgdmargin", "apgdt",
                    "fabt", "pgdtrue")

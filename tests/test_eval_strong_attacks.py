@@ -92,6 +92,9 @@ def test_strong_eval_writes_worst_case_line_report_and_mask_the_same_every_run(s
     assert report["n"] == NUM_EXAMPLES and report["eps"] == 8
     assert report["clean_count"] == NUM_EXAMPLES - 2
     assert [row["name"] for row in report["attacks"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    # The description's budgets: 3 iterations, 20 Square queries.
+    assert "3 iterations" in report["attacks"][0]["detail"]
+    assert report["attacks"][-1]["detail"].startswith("20 queries")
     # Each attack ran on the points robust after the previous one; the last row is the mask.
     previous = report["clean_count"]
     for row in report["attacks"]:

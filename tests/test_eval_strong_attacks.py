@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from adversarial_logit_pairing import checkpoints, evaluation, model_lib
 from adversarial_logit_pairing.errors import ConfigError
@@ -154,3 +155,39 @@ def test_dlr_attacks_are_refused_for_too_few_classes():
     with pytest.raises(ConfigError, match="needs >= 4 classes"):
         attacks.description_stages("apgdt_8", num_classes=2)
     assert [s.name for s in attacks.description_stages("apgdmargin_8", 2)(2)] == ["apgdmargin"]
+
+
+def test_driver_attacks_only_robust_points_seeded_as_run_stages_per_batch():
+    from adversarial_logit_pairing import attacks, strong_evaluation
+    from tests.test_autoattack import _counted_case
+
+    model, x, labels, _, eps = _counted_case(12)
+    eps_255 = max(1, int(round(eps * 255 / 2)))
+    assert eps_255 * 2 / 255 < 0.05  # the index pixel still names its image
+
+    def batches():
+        return [(x[:6], labels[:6]), (x[6:], labels[6:])]
+
+    def run(description):
+        model.views.assign(tf.zeros_like(model.views))
+        result = strong_evaluation.run_sequence(model, batches, description, bounds=(-1.0, 1.0),
+                                                num_classes=5, batch_size=6)
+        return result, model.views.numpy().copy()
+
+    first, views_first = run(f"apgdce_{eps_255}_5")
+    full, views = run(f"autoattack_{eps_255}_5_30")
+    # Points APGD-CE broke are never shown to the later attacks; the others are.
+    broken_first = first.clean & ~first.robust
+    assert broken_first.sum() >= 2 and full.robust.sum() >= 2
+    np.testing.assert_array_equal(views[broken_first], views_first[broken_first])
+    assert (views[full.robust] > views_first[full.robust]).all()
+    # Batch b is attacked as run_stages on that batch alone with seed (0, b): same masks.
+    for description in (f"autoattack_{eps_255}_5_30", f"square_{eps_255}_10"):
+        result, _ = run(description)
+        expected = [attacks.run_stages(attacks.description_stages(description), model, xb, lb,
+                                       eps=eps_255 * 2 / 255, seed=(0, b), batch_size=6)[1]
+                    for b, (xb, lb) in enumerate(batches())]
+        np.testing.assert_array_equal(result.robust,
+                                      np.concatenate([r.robust for r in expected]))
+        for i, row in enumerate(result.rows):
+            assert row.robust_count == sum(r.stages[i].robust_count for r in expected)

@@ -182,12 +182,32 @@ def test_driver_attacks_only_robust_points_seeded_as_run_stages_per_batch():
     np.testing.assert_array_equal(views[broken_first], views_first[broken_first])
     assert (views[full.robust] > views_first[full.robust]).all()
     # Batch b is attacked as run_stages on that batch alone with seed (0, b): same masks.
-    for description in (f"autoattack_{eps_255}_5_30", f"square_{eps_255}_10"):
-        result, _ = run(description)
-        expected = [attacks.run_stages(attacks.description_stages(description), model, xb, lb,
-                                       eps=eps_255 * 2 / 255, seed=(0, b), batch_size=6)[1]
-                    for b, (xb, lb) in enumerate(batches())]
-        np.testing.assert_array_equal(result.robust,
-                                      np.concatenate([r.robust for r in expected]))
-        for i, row in enumerate(result.rows):
-            assert row.robust_count == sum(r.stages[i].robust_count for r in expected)
+    description = f"autoattack_{eps_255}_5_30"
+    result, _ = run(description)
+    expected = [attacks.run_stages(attacks.description_stages(description), model, xb, lb,
+                                   eps=eps_255 * 2 / 255, seed=(0, b), batch_size=6)[1]
+                for b, (xb, lb) in enumerate(batches())]
+    np.testing.assert_array_equal(result.robust, np.concatenate([r.robust for r in expected]))
+    for i, row in enumerate(result.rows):
+        assert row.robust_count == sum(r.stages[i].robust_count for r in expected)
+
+
+def test_driver_seeds_batch_b_with_0_b():
+    # Two Square queries at a large eps: which points break depends on the seed.
+    from adversarial_logit_pairing import attacks, strong_evaluation
+    from tests.attack_models import LinearModel, images, predictions
+
+    model = LinearModel(shape=(4, 4, 3), bias_scale=8.0, seed=4)
+    x = images(40, shape=(4, 4, 3), low=-0.3, high=0.3, seed=2)
+    labels = predictions(model, x)
+    chunks = [(x[:20], labels[:20]), (x[20:], labels[20:])]
+    result = strong_evaluation.run_sequence(model, lambda: chunks, "square_12_2",
+                                            bounds=(-1.0, 1.0), num_classes=5, batch_size=20)
+
+    def masks(seed_of):
+        return np.concatenate([attacks.run_stages(
+            attacks.description_stages("square_12_2"), model, xb, lb, eps=24 / 255,
+            seed=seed_of(b), batch_size=20)[1].robust for b, (xb, lb) in enumerate(chunks)])
+
+    np.testing.assert_array_equal(result.robust, masks(lambda b: (0, b)))
+    assert (masks(lambda b: (0, b + 1)) != result.robust).any()  # the seed matters here

@@ -26,8 +26,9 @@ A second table times the strong attacks (``adversarial_logit_pairing.attacks``, 
 ``--strong_batch_size`` images labelled with the model's own predictions, so every point is
 attacked): ``--apgd`` (APGD-CE, 100 iterations) against its bound, that many input-gradient
 passes, interleaved over ``--strong_repetitions`` rounds; and one run of ``--autoattack`` (the
-standard sequence), its seconds per image and per stage. A randomly initialised model falls to
-APGD-CE, so the later stages see few points: that time is the cost on a NON-robust model; on a
+standard sequence), its seconds per image and per stage. A randomly initialised model falls
+early (APGD-CE or APGD-T), so the later stages see few points: that time is the cost on a
+NON-robust model; on a
 robust one every stage runs on most points (at most 100 + 9 x 100 gradient passes for APGD-CE
 and APGD-T, FAB-T's 9 x 100 iterations and Square's 5000 forward passes per point). IBM ART's
 APGD (a peer with other defaults: first step 0.1, 5 restarts) is timed when ART is installed.
@@ -189,8 +190,8 @@ def strong_table() -> str:
     return (_timing.table(header, rows) + "\n\nbound = NITER input-gradient passes; APGD "
             "runs one per iteration plus a forward pass for the clean logits and one for the "
             "final check (target: ours / bound <= 1.05); speed vs ART = ART's time / ours; "
-            "autoattack s includes tracing. Its stages (on a randomly initialised model, "
-            "which APGD-CE breaks, the later ones see few points):\n" + stages)
+            "autoattack s includes tracing. Its stages (a randomly initialised model falls "
+            "early, so the later stages see few points):\n" + stages)
 
 
 def main(argv: list[str]) -> None:

@@ -21,6 +21,14 @@ numbers on every run (with the same number of replicas).
 Under a strategy (``--strategy=mirrored`` or ``tpu``), ``eval_batch_size`` stays the global
 batch, so the same examples are counted as on one device; each replica gets its share.
 
+A strong ``--adv_method`` (``autoattack_16``, ``apgdce_16``, ... : the grammar of
+:mod:`adversarial_logit_pairing.attacks`) runs through :mod:`strong_evaluation` instead: attack
+by attack on the true labels, one progress line per attack. The ``--output_file`` line keeps
+its form, with the worst-case (robust) accuracy and the top-5 at each point's final image;
+``--report_file`` gets the per-attack JSON report with the masking checks' warnings and
+``--robust_mask_file`` the per-example robust mask (record order), which separate runs combine
+by AND.
+
 Progress is one absl log line every 10 batches (``progress.ProgressLog``), not
 ``tf.keras.utils.Progbar``: Keras 3.15's Progbar redraws with carriage returns, backspaces and
 ANSI colours on stdout even when stdout is a file (measured: 5 updates wrote one 898-byte line
@@ -42,10 +50,12 @@ from absl import logging
 from adversarial_logit_pairing import (
     adversarial_attack,
     atomic_files,
+    attacks,
     checkpoints,
     distribution,
     model_lib,
     moving_average,
+    strong_evaluation,
     summaries,
     tf_error_text,
 )
@@ -80,6 +90,10 @@ class EvalConfig:
     timeout_secs: Optional[float] = None
     predictions_file: Optional[str] = None
     compute_dtype: str = "float32"
+    report_file: Optional[str] = None
+    robust_mask_file: Optional[str] = None
+    second_eps: int = 0
+    training_adv_method: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -91,6 +105,7 @@ class EvalResult:
     accuracy: float
     top5: float
     num_examples: int
+    strong_report: Optional[strong_evaluation.StrongReport] = None
 
 
 def restore_assignments(model, moving_average_decay: float, trainable_scopes=None) -> dict:
@@ -148,7 +163,12 @@ def validate(config: EvalConfig,
     model_config = get_model_config(config.model_name)
     # The model's hparams (aux_loss_weight for inception_v3), so training's string is accepted.
     hparams = model_lib.default_hparams(model_config).parse(config.hparams)
-    adversarial_attack.parse_attack_description(config.adv_method or "clean")
+    strong = attacks.is_strong_attack_description(config.adv_method)
+    if strong:
+        attacks.parse_strong_attack_description(config.adv_method)
+    else:
+        adversarial_attack.parse_attack_description(config.adv_method or "clean")
+    _validate_strong_flags(config, strong)
     if config.split_name not in ("train", "validation"):
         raise ConfigError(f"--split_name={config.split_name}: expected 'train' or 'validation'")
     strategy = strategy or tf.distribute.get_strategy()
@@ -158,6 +178,11 @@ def validate(config: EvalConfig,
         raise ConfigError(f"eval_batch_size={batch_size} must be a multiple of the "
                           f"{replicas} replicas (it is the global evaluation batch)")
     num_classes = dataset_factory.num_classes(config.dataset, model_config)
+    if strong:
+        try:
+            attacks.description_stages(config.adv_method, num_classes)
+        except ConfigError as exc:
+            raise ConfigError(f"--adv_method: {exc}") from None
     num_examples = dataset_factory.examples_per_epoch(config.dataset, config.split_name)
     if config.num_examples > 0:
         num_examples = min(num_examples, config.num_examples)
@@ -167,6 +192,24 @@ def validate(config: EvalConfig,
                           f"(eval_batch_size={batch_size}); nothing to evaluate")
     return EvalPlan(batch_size, num_examples, num_batches, model_config, num_classes,
                     dataset_facts.data_dir(config.dataset, config))
+
+
+def _validate_strong_flags(config: EvalConfig, strong: bool) -> None:
+    """The report, mask and masking-check flags go with a strong ``--adv_method`` only."""
+    if not strong:
+        for flag in ("report_file", "robust_mask_file", "second_eps", "training_adv_method"):
+            if getattr(config, flag):
+                raise ConfigError(f"--{flag} needs a strong --adv_method (e.g. autoattack_16, "
+                                  f"apgdce_16), not {config.adv_method!r}")
+        return
+    if not 0 <= config.second_eps <= 255:
+        raise ConfigError(f"--second_eps={config.second_eps}: expected 1..255 (the 0..255 "
+                          "pixel scale), or 0 for none")
+    if config.training_adv_method:
+        try:
+            adversarial_attack.parse_attack_description(config.training_adv_method)
+        except ConfigError as exc:
+            raise ConfigError(f"--training_adv_method: {exc}") from None
 
 
 def make_eval_step(strategy: tf.distribute.Strategy, model, adv_method: str,
@@ -226,8 +269,11 @@ class Evaluator:
                                              compute_dtype=config.compute_dtype)
         self.assignments = restore_assignments(self.model, config.moving_average_decay,
                                                config.trainable_scopes)
-        self._eval_step = make_eval_step(strategy, self.model, config.adv_method or "clean",
-                                         self.bounds, plan.num_classes)
+        self.num_classes = plan.num_classes
+        self.strong = attacks.is_strong_attack_description(config.adv_method)
+        if not self.strong:
+            self._eval_step = make_eval_step(strategy, self.model, config.adv_method or "clean",
+                                             self.bounds, plan.num_classes)
 
     def evaluate(self, checkpoint_path: str) -> EvalResult:
         """Restores ``checkpoint_path`` into the model and evaluates it."""
@@ -238,6 +284,8 @@ class Evaluator:
                             what=f"{config.model_name} evaluation model",
                             classifier_scopes=self.model_config.classifier_scopes)
         step = checkpoints.checkpoint_step(checkpoint_path)
+        if self.strong:
+            return self._evaluate_strong(checkpoint_path, step)
 
         # ---- The loop: count hits batch by batch
         correct = top5 = seen = 0
@@ -272,6 +320,49 @@ class Evaluator:
             config.adv_method or "clean", seen, config.dataset, config.split_name, step,
             accuracy, top5_rate)
         return EvalResult(checkpoint_path, step, accuracy, top5_rate, seen)
+
+    def _evaluate_strong(self, checkpoint_path: str, step: Optional[int]) -> EvalResult:
+        """The strong attack's sequence (``strong_evaluation``) over the same batches."""
+        config = self.config
+
+        def batches():
+            # Undistributed: the strong attacks drive the model eagerly, batch by batch.
+            iterator = iter(self.dataset.take(self.num_batches))
+            while True:
+                try:
+                    images, labels = dataset_factory.next_batch(
+                        iterator, config.dataset, config.split_name, self.data_dir,
+                        self.model_config)
+                except StopIteration:
+                    return
+                yield images.numpy(), labels.numpy()
+
+        report = strong_evaluation.evaluate(
+            self.model.inference, batches, config.adv_method, bounds=self.bounds,
+            num_classes=self.num_classes, batch_size=self.batch_size,
+            second_eps=config.second_eps or None,
+            training_adv_method=config.training_adv_method or None)
+        main = report.main
+        self._check_seen(main.n)
+        for line in report.lines():
+            logging.info("%s", line)
+        context = {"checkpoint": checkpoint_path, "global_step": step,
+                   "dataset": config.dataset, "split": config.split_name,
+                   "model_name": config.model_name}
+        for flag, write in (
+                ("report_file", lambda path: strong_evaluation.write_report(path, report,
+                                                                            context)),
+                ("robust_mask_file", lambda path: strong_evaluation.write_robust_mask(
+                    path, main.robust))):
+            path = getattr(config, flag)
+            try:
+                if path:
+                    write(path)
+            except tf.errors.OpError as exc:
+                raise DataError(f"--{flag}={path}: cannot write it "
+                                f"({tf_error_text.reason(exc)})") from None
+        accuracy, top5 = metric_values(int(main.robust.sum()), int(main.top5.sum()), main.n)
+        return EvalResult(checkpoint_path, step, accuracy, top5, main.n, report)
 
     def _check_seen(self, seen: int) -> None:
         """Refuses a split without one full batch; warns when it ended before the count."""

@@ -21,12 +21,24 @@ targeted at the least-likely class) and compute dtype, one round times, back to 
 The table gives medians over rounds of per-round ratios. The peers are optional
 (``pip install --no-deps cleverhans adversarial-robustness-toolbox tqdm``); a missing one
 shows 'n/a'.
+
+A second table times the strong attacks (``adversarial_logit_pairing.attacks``, float32, on
+``--strong_batch_size`` images labelled with the model's own predictions, so every point is
+attacked): ``--apgd`` (APGD-CE, 100 iterations) against its bound, that many input-gradient
+passes, interleaved over ``--strong_repetitions`` rounds; and one run of ``--autoattack`` (the
+standard sequence), its seconds per image and per stage. A randomly initialised model falls
+early (APGD-CE or APGD-T), so the later stages see few points: that time is the cost on a
+NON-robust model; on a
+robust one every stage runs on most points (at most 100 + 9 x 100 gradient passes for APGD-CE
+and APGD-T, FAB-T's 9 x 100 iterations and Square's 5000 forward passes per point). IBM ART's
+APGD (a peer with other defaults: first step 0.1, 5 restarts) is timed when ART is installed.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,6 +58,12 @@ flags.DEFINE_integer("num_classes", TINY_IMAGENET.stored_classes, "Logits width 
 flags.DEFINE_integer("repetitions", 5, "Timed rounds after one warm-up round")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure")
 flags.DEFINE_list("attacks", ["pgd_16_2_10", "pgdll_16_2_10"], "Attack descriptions")
+flags.DEFINE_string("apgd", "apgdce_16_100", "Strong table: the APGD description timed "
+                    "against its bound ('' skips the strong table)")
+flags.DEFINE_string("autoattack", "autoattack_16", "Strong table: the AutoAttack description "
+                    "run once ('' skips it)")
+flags.DEFINE_integer("strong_batch_size", 16, "Strong table: images attacked")
+flags.DEFINE_integer("strong_repetitions", 1, "Strong table: timed APGD rounds after a warm-up")
 
 
 def cleverhans_attack(forward, spec, scale):
@@ -98,6 +116,82 @@ def art_attack(forward, spec, scale, num_classes, image_size, batch_size):
         return attack.generate(images.numpy(), y=one_hot)
 
     return run
+
+
+def art_apgd(forward, eps, n_iter, num_classes, image_size, batch_size):
+    """ART's AutoProjectedGradientDescent (CE), or None when ART is not installed."""
+    try:
+        from art.attacks.evasion import AutoProjectedGradientDescent
+        from art.estimators.classification import TensorFlowV2Classifier
+    except ImportError:
+        return None
+    classifier = TensorFlowV2Classifier(
+        model=lambda x, training=False: forward(x), nb_classes=num_classes,
+        input_shape=(image_size, image_size, 3),
+        loss_object=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
+        clip_values=_steps.BOUNDS)
+    attack = AutoProjectedGradientDescent(
+        classifier, norm=np.inf, eps=eps, max_iter=n_iter, nb_random_init=1,
+        batch_size=batch_size, loss_type="cross_entropy", verbose=False)
+    return lambda images, labels: attack.generate(
+        images.numpy(), y=tf.one_hot(labels, num_classes).numpy())
+
+
+def strong_table() -> str:
+    """APGD against its bound, and one AutoAttack run (float32)."""
+    from adversarial_logit_pairing import attacks
+
+    model = _steps.build_model(FLAGS.model, FLAGS.num_classes, "float32")
+    forward = _steps.forward_fn(model)
+    gradient = _steps.input_gradient_fn(model)
+    images, _ = _steps.images_and_labels(FLAGS.strong_batch_size, FLAGS.image_size,
+                                         FLAGS.num_classes)
+    labels = tf.argmax(forward(images), axis=-1)  # every point starts correct
+    rows = []
+    if FLAGS.apgd:
+        spec = attacks.parse_strong_attack_description(FLAGS.apgd)
+        robust = []
+
+        def ours():
+            result, _ = attacks.run_strong_attack(
+                FLAGS.apgd, model.inference, images, labels, bounds=_steps.BOUNDS,
+                batch_size=FLAGS.strong_batch_size)
+            robust.append(int(result.robust.numpy().sum()))
+            return result.x_adv
+
+        contenders = {
+            "ours": ours,
+            "bound": lambda: [gradient(images, labels) for _ in range(spec.budget)][-1],
+        }
+        art = art_apgd(forward, spec.eps_in(_steps.BOUNDS), spec.budget, FLAGS.num_classes,
+                       FLAGS.image_size, FLAGS.strong_batch_size)
+        if art is not None:
+            contenders["art"] = lambda: art(images, labels)
+        times = _timing.interleaved_seconds(contenders, FLAGS.strong_repetitions)
+        ours_s = float(np.median(times["ours"]))
+        rows.append([FLAGS.apgd, FLAGS.strong_batch_size, ours_s,
+                     ours_s / FLAGS.strong_batch_size,
+                     _timing.median_ratio(times["ours"], times["bound"]), robust[-1],
+                     _timing.median_ratio(times["art"], times["ours"]) if "art" in times
+                     else "n/a (ART not installed)"])
+    stages = ""
+    if FLAGS.autoattack:
+        start = time.perf_counter()
+        result, report = attacks.run_strong_attack(
+            FLAGS.autoattack, model.inference, images, labels, bounds=_steps.BOUNDS,
+            batch_size=FLAGS.strong_batch_size)
+        seconds = time.perf_counter() - start
+        rows.append([FLAGS.autoattack, FLAGS.strong_batch_size, seconds,
+                     seconds / FLAGS.strong_batch_size, "", int(result.robust.numpy().sum()),
+                     ""])
+        stages = "\n".join(f"  {line}" for line in report.lines())
+    header = ["strong attack", "images", "s", "s/image", "ours / bound", "robust after",
+              "speed vs ART APGD"]
+    return (_timing.table(header, rows) + "\n\nbound = NITER input-gradient passes; APGD "
+            "runs one per iteration plus a forward pass for the clean logits and one for the "
+            "final check (target: ours / bound <= 1.05); speed vs ART = ART's time / ours; "
+            "autoattack s includes tracing. Its stages (a randomly initialised model falls "
+            "early, so the later stages see few points):\n" + stages)
 
 
 def main(argv: list[str]) -> None:
@@ -175,6 +269,12 @@ def main(argv: list[str]) -> None:
           "X's time / ours (target >= 1.15 in float32, >= 1.8 with bfloat16 compute against "
           "float32 peers); casts once speed-up = the same attack casting the weights in every "
           "step / ours")
+    if FLAGS.apgd or FLAGS.autoattack:
+        print()
+        print(f"Strong attacks: {FLAGS.model}, {FLAGS.image_size}x{FLAGS.image_size}, "
+              f"{FLAGS.strong_batch_size} images labelled by the model, float32")
+        print()
+        print(strong_table())
 
 
 if __name__ == "__main__":

@@ -7,13 +7,17 @@
 2. Converts it with ``tiny_imagenet_converter/converter.py``.
 3. Trains a clean model and an ALP model (``pgdll`` training attack, logit pairing 0.5)
    with ``train.py``.
-4. Evaluates both with ``eval.py --eval_once`` on clean and PGD inputs and prints a table.
+4. Evaluates both with ``eval.py --eval_once`` on clean and PGD inputs, and under a strong
+   attack on the true labels (``--strong_attack``: AutoAttack at eps 16, by default with a
+   reduced budget so that the demo stays short), and prints a table and the masking checks'
+   warnings.
 
 Every step is the command a user would type; they are echoed as they run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +36,11 @@ flags.DEFINE_integer("image_size", 32, "Image size of the generated dataset and 
 flags.DEFINE_string("train_attack", "pgdll_16_4_3", "ALP model's training attack.")
 flags.DEFINE_list("eval_attacks", ["pgd_16_2_10", "pgd_16_1_100"],
                   "Evaluation attacks: the paper's, and a much longer PGD.")
+flags.DEFINE_string("strong_attack", "autoattack_16_20_500",
+                    "Strong evaluation attack (eval.py --adv_method), '' to skip it. The default "
+                    "is AutoAttack at eps 16 with 20 iterations for APGD-CE, APGD-T and FAB-T "
+                    "(standard: 100) and 500 Square queries (standard: 5000); 'autoattack_16' "
+                    "is the standard one (several minutes more).")
 flags.DEFINE_string("model_name", "resnet_v2_tiny", "Model of both runs.")
 flags.DEFINE_integer("seed", 0, "Seed of the dataset split and of training.")
 
@@ -126,12 +135,23 @@ def main(argv: list[str]) -> None:
                     *common, f"--hparams={hparams}", f"--max_steps={FLAGS.train_steps}",
                     f"--save_model_steps={FLAGS.train_steps}", "--save_summaries_steps=50",
                     "--moving_average_decay=0.99", f"--seed={FLAGS.seed}")
+    strong = [FLAGS.strong_attack] if FLAGS.strong_attack else []
+    attack_seconds: dict[str, float] = {}
     for name in runs:
-        for attack in ["clean", *FLAGS.eval_attacks]:
+        for attack in ["clean", *FLAGS.eval_attacks, *strong]:
+            extra = []
+            if attack in strong:
+                # The per-attack report and the masking checks; the ALP model's training
+                # attack is compared with the strong one.
+                extra = [f"--report_file={work}/report_{name}.json"]
+                if name == "alp":
+                    extra.append(f"--training_adv_method={FLAGS.train_attack}")
+            attack_start = time.time()
             run_command(os.path.join(REPO, "eval.py"), f"--train_dir={work}/train_{name}",
                         "--eval_once", *common, "--hparams=eval_batch_size=50",
                         f"--adv_method={attack}", f"--eval_name={name}:{attack}",
-                        "--moving_average_decay=0.99", f"--output_file={results}")
+                        "--moving_average_decay=0.99", f"--output_file={results}", *extra)
+            attack_seconds[attack] = attack_seconds.get(attack, 0.0) + time.time() - attack_start
 
     scores = {}
     with open(results) as f:
@@ -140,12 +160,22 @@ def main(argv: list[str]) -> None:
             model, attack = eval_name.split(":")
             scores[(model, attack)] = float(accuracy)
     print()
-    columns = ["clean", *FLAGS.eval_attacks]
+    columns = ["clean", *FLAGS.eval_attacks, *strong]
+    width = max(16, *(len(name) + 2 for name in columns))
     print("accuracy on the validation digits")
-    print(f"{'model':<8}" + "".join(f"{name:>16}" for name in columns))
+    print(f"{'model':<8}" + "".join(f"{name:>{width}}" for name in columns))
     for model in runs:
-        print(f"{model:<8}" + "".join(f"{scores[(model, name)]:>16.1%}" for name in columns))
-    print(f"\nWall time {time.time() - start:.0f}s; outputs in {work}")
+        print(f"{model:<8}" + "".join(f"{scores[(model, name)]:>{width}.1%}" for name in columns))
+    for model in runs if strong else ():
+        with open(os.path.join(work, f"report_{model}.json")) as f:
+            report = json.load(f)
+        steps = ", ".join(f"{row['name']} {row['accuracy']:.1%}" for row in report["attacks"])
+        print(f"\n{model}: {FLAGS.strong_attack} on {report['n']} digits: {steps}")
+        for warning in report["warnings"]:
+            print(f"  WARNING: {warning}")
+    print("\nseconds per evaluation attack (both models): " + ", ".join(
+        f"{name} {seconds:.0f}" for name, seconds in attack_seconds.items()))
+    print(f"Wall time {time.time() - start:.0f}s; outputs in {work}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ flags.DEFINE_string("split", "test", "Split to evaluate: train, test or extras."
 flags.DEFINE_integer("batch_size", 16, "Images per batch.")
 flags.DEFINE_string("attacks", evaluation.DEFAULT_ATTACKS,
                     "Comma-separated attacks: clean, spatial_grid, pgd, pgd_EPS_STEP_NITER, "
-                    "spsa, common_corruptions, or one corruption by name ("
+                    "spsa, common_corruptions, strong attacks on the true labels "
+                    "(apgdce_EPS[_NITER], apgdmargin_EPS[_NITER], square_EPS[_NQUERIES]; DLR "
+                    "is undefined for two classes), or one corruption by name ("
                     + ", ".join(corruptions.CORRUPTIONS) + ").")
 flags.DEFINE_string("output_file", None,
                     "Write one JSON line per attack here (CSV if the name ends in .csv).")

@@ -15,6 +15,14 @@ the challenge's accuracy at 80% and at 100% coverage (see :mod:`llr.coverage`). 
   challenge (:mod:`llr.spsa`).
 * ``common_corruptions``: per image, the worst of the selected corruptions; or one corruption
   by its name, e.g. ``jpeg_compression`` (:mod:`llr.corruptions`).
+* Strong attacks on the TRUE labels (:mod:`adversarial_logit_pairing.attacks`, EPS on the
+  0..255 scale): ``apgdce_EPS[_NITER]`` (APGD on the cross-entropy), ``apgdmargin_EPS[_NITER]``
+  (APGD on the margin ``z_other - z_y``, the stand-in for DLR, which is undefined for two
+  classes) and ``square_EPS[_NQUERIES]`` (gradient-free); also ``pgdtrue_*``, ``fabt_*`` and
+  ``autoattack_EPS[_NITER_NQUERIES]`` (on two classes: APGD-CE, APGD on the targeted margin,
+  FAB-T with one target, Square). ``apgddlr_*`` and ``apgdt_*`` are refused. Each returns the
+  adversarial image of every point it fooled (the clean image elsewhere), scored at 80% and
+  100% coverage like the other attacks.
 
 The command line is :mod:`llr.evaluate`.
 """
@@ -33,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from adversarial_logit_pairing import adversarial_attack, atomic_files
+from adversarial_logit_pairing import adversarial_attack, atomic_files, attacks
 from adversarial_logit_pairing.errors import ConfigError, DataError
 from adversarial_logit_pairing.progress import ProgressLog
 from llr import corruptions, coverage, data, spatial, spsa
@@ -99,7 +107,12 @@ def parse_attacks(text: str) -> list[str]:
         raise ConfigError("--attacks is empty; choose from " + _valid_attacks())
     for name in names:
         known = name in BASE_ATTACKS or name in corruptions.CORRUPTIONS
-        if _pgd_spec(name) is None and not known:
+        if attacks.is_strong_attack_description(name):
+            try:  # the two classes of bird-or-bicycle: no DLR
+                attacks.description_stages(name, num_classes=2)
+            except ConfigError as exc:
+                raise ConfigError(f"--attacks: {exc}") from None
+        elif _pgd_spec(name) is None and not known:
             raise ConfigError(f"--attacks: unknown attack {name!r}; choose from "
                               + _valid_attacks())
     repeated = sorted({name for name in names if names.count(name) > 1})
@@ -124,7 +137,8 @@ def _pgd_spec(name: str) -> Optional[adversarial_attack.AttackSpec]:
 
 
 def _valid_attacks() -> str:
-    return (", ".join(BASE_ATTACKS) + ", pgd_EPS_STEP_NITER, or one corruption: "
+    return (", ".join(BASE_ATTACKS) + ", pgd_EPS_STEP_NITER, apgdce_EPS, apgdmargin_EPS, "
+            "square_EPS (strong attacks on the true labels), or one corruption: "
             + ", ".join(corruptions.CORRUPTIONS))
 
 
@@ -220,6 +234,14 @@ def make_attack(name: str, model, settings: EvalSettings) -> Attack:
                 progress.update(len(out[-1]))
             return np.concatenate(out)
         return spsa_attack
+
+    if attacks.is_strong_attack_description(name):
+        def strong(images, labels, batch_index):
+            result, _ = attacks.run_strong_attack(
+                name, model, images, labels, bounds=(0.0, 1.0),
+                seed=_seed(settings.seed, 4, batch_index), batch_size=len(images))
+            return result.x_adv.numpy()
+        return strong
 
     if name == "common_corruptions" or name in corruptions.CORRUPTIONS:
         names = settings.corruptions if name == "common_corruptions" else (name,)

@@ -47,10 +47,13 @@ def numbers(row: list[str]) -> list[float]:
 
 def test_attack_bench_prints_a_row_per_attack_and_dtype():
     output = run_bench("attack.py", *TINY, "--repetitions=1", "--dtypes=float32",
-                       "--attacks=pgd_16_2_3,pgdll_16_2_3")
+                       "--attacks=pgd_16_2_3,pgdll_16_2_3", "--apgd=apgdce_16_3",
+                       "--autoattack=autoattack_16_3_20", "--strong_batch_size=4")
     rows = table_rows(output, "attack")
     assert [row[:2] for row in rows] == [["pgd_16_2_3", "float32"], ["pgdll_16_2_3", "float32"]]
     assert all(value > 0 for row in rows for value in numbers(row))
+    strong = table_rows(output, "strong attack")
+    assert [row[:2] for row in strong] == [["apgdce_16_3", "4"], ["autoattack_16_3_20", "4"]]
 
 
 def test_train_step_bench_prints_alp_step_ll_and_clean_rows():

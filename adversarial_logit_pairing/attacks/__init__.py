@@ -23,12 +23,15 @@ budget overrides the standard one:
 
   apgdce_EPS[_NITER]                APGD on cross-entropy, 1 restart, NITER 100
   apgddlr_EPS[_NITER]               APGD on DLR (>= 3 classes), 1 restart, NITER 100
+  apgdmargin_EPS[_NITER]            APGD on the margin z_other - z_y (any number of classes;
+                                    the DLR stand-in for two classes), NITER 100
   apgdt_EPS[_NITER]                 APGD-T, targeted DLR (>= 4 classes), 9 targets, NITER 100
   fabt_EPS[_NITER]                  FAB-T, 9 targets, counted within eps, NITER 100
   square_EPS[_NQUERIES]             Square, p_init 0.8, NQUERIES 5000
   pgdtrue_EPS_STEP_NITER_RESTARTS   PGD with random start on the true labels
-  autoattack_EPS                    the standard sequence (e.g. autoattack_8: eps 8/255 of
-                                    the input range)
+  autoattack_EPS[_NITER_NQUERIES]   the standard sequence (e.g. autoattack_8: eps 8/255 of
+                                    the input range); NITER (APGD, APGD-T and FAB-T iterations)
+                                    and NQUERIES (Square) make a cheaper, non-standard one
 
 Every attack takes ``model_fn`` (images -> logits, in inference mode), images within ``bounds``,
 the true labels, ``eps`` in model units, a shape-[2] stateless ``seed`` (same seed, same
@@ -46,12 +49,17 @@ from adversarial_logit_pairing.attacks.apgd import (
 from adversarial_logit_pairing.attacks.autoattack import (
     STANDARD_ATTACKS,
     AutoAttackReport,
+    Stage,
     StageReport,
+    autoattack_stages,
     run_autoattack,
+    run_stages,
 )
 from adversarial_logit_pairing.attacks.batching import AttackResult
 from adversarial_logit_pairing.attacks.descriptions import (
     StrongAttackSpec,
+    description_stages,
+    is_strong_attack_description,
     parse_strong_attack_description,
     run_strong_attack,
 )
@@ -71,11 +79,15 @@ __all__ = [
     "AttackResult",
     "AutoAttackReport",
     "STANDARD_ATTACKS",
+    "Stage",
     "StageReport",
     "StrongAttackSpec",
+    "autoattack_stages",
     "checkpoint_fractions",
     "checkpoint_iterations",
     "cross_entropy",
+    "description_stages",
+    "is_strong_attack_description",
     "dlr_loss",
     "margin_loss",
     "parse_strong_attack_description",
@@ -84,6 +96,7 @@ __all__ = [
     "run_autoattack",
     "run_fab_targeted",
     "run_pgd_true_labels",
+    "run_stages",
     "run_square",
     "run_strong_attack",
     "targeted_dlr_loss",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -27,7 +28,7 @@ import tensorflow as tf
 from adversarial_logit_pairing.adversarial_attack import ModelFn
 from adversarial_logit_pairing.attacks import batching
 from adversarial_logit_pairing.attacks.apgd import run_apgd, run_apgd_targeted
-from adversarial_logit_pairing.attacks.batching import ArrayLike, Bounds, Seed
+from adversarial_logit_pairing.attacks.batching import ArrayLike, AttackResult, Bounds, Seed
 from adversarial_logit_pairing.attacks.fab import run_fab_targeted
 from adversarial_logit_pairing.attacks.losses import MIN_CLASSES
 from adversarial_logit_pairing.attacks.square import run_square
@@ -87,6 +88,109 @@ class AutoAttackReport:
         return rows
 
 
+# run(model_fn, x, labels, *, robust, seed, eps, bounds, batch_size) -> AttackResult
+StageFn = Callable[..., AttackResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One attack of a sequence: its name, the settings it runs with, and how to run it."""
+
+    name: str
+    detail: str
+    run: StageFn
+
+
+def autoattack_stages(
+    num_classes: int,
+    attacks: Sequence[str] = STANDARD_ATTACKS,
+    apgd_iters: int = 100,
+    apgd_restarts: int = 1,
+    n_target_classes: int = 9,
+    fab_iters: int = 100,
+    square_queries: int = 5000,
+) -> tuple[Stage, ...]:
+    """The stages of the sequence for a model with ``num_classes`` logits, in order.
+
+    Raises:
+      ConfigError: for an unknown attack name.
+    """
+    unknown = [name for name in attacks if name not in STANDARD_ATTACKS]
+    if unknown:
+        raise ConfigError(f"unknown AutoAttack stage(s) {unknown}: expected some of "
+                          f"{', '.join(STANDARD_ATTACKS)}")
+    targeted_loss = (
+        "dlr-targeted" if num_classes >= MIN_CLASSES["dlr-targeted"] else "margin-targeted")
+    n_targets = max(min(n_target_classes, num_classes - 1), 0)
+    table = {
+        "apgd-ce": Stage(
+            "apgd-ce", f"loss=ce, {apgd_iters} iterations, {apgd_restarts} restart(s)",
+            lambda model_fn, x, labels, **common: run_apgd(
+                model_fn, x, labels, loss="ce", n_iter=apgd_iters, n_restarts=apgd_restarts,
+                **common)),
+        "apgd-t": Stage(
+            "apgd-t", f"loss={targeted_loss}, {n_targets} targets, {apgd_iters} iterations",
+            lambda model_fn, x, labels, **common: run_apgd_targeted(
+                model_fn, x, labels, loss=targeted_loss, n_target_classes=n_target_classes,
+                n_iter=apgd_iters, **common)),
+        "fab-t": Stage(
+            "fab-t", f"{n_targets} targets, {fab_iters} iterations",
+            lambda model_fn, x, labels, **common: run_fab_targeted(
+                model_fn, x, labels, n_target_classes=n_target_classes, n_iter=fab_iters,
+                **common)),
+        "square": Stage(
+            "square", f"{square_queries} queries, p_init 0.8, schedule not rescaled",
+            lambda model_fn, x, labels, **common: run_square(
+                model_fn, x, labels, n_queries=square_queries, rescale_schedule=False,
+                **common)),
+    }
+    return tuple(table[name] for name in attacks)
+
+
+def run_stages(
+    stages_for: Callable[[int], Sequence[Stage]],
+    model_fn: ModelFn,
+    x: ArrayLike,
+    labels: ArrayLike,
+    *,
+    eps: float,
+    bounds: Bounds = (-1.0, 1.0),
+    seed: Seed = (0, 0),
+    batch_size: int = 128,
+    robust: Optional[ArrayLike] = None,
+) -> tuple[tf.Tensor, AutoAttackReport]:
+    """Runs the stages ``stages_for(num_classes)`` in order, each only on the points all
+    earlier ones failed on (the number of classes is read off the clean pass).
+
+    Stage ``i`` is seeded with ``seed`` folded with ``i``. ``robust`` (optional bool [N])
+    restricts the run to those points, as in :func:`run_autoattack`.
+
+    Returns:
+      (x_adv, report), as :func:`run_autoattack`.
+    """
+    eps, bounds = batching.check_inputs(eps, bounds, batch_size)
+    seed = batching.as_seed(seed)
+    x, labels, logits, robust = batching.start_state(model_fn, x, labels, robust, batch_size)
+    stages = stages_for(logits.shape[1] if logits is not None else 0)
+    clean = robust.copy()
+    x_adv = x.copy()
+    reports = []
+    for position, stage in enumerate(stages):
+        start = time.perf_counter()
+        attacked = int(robust.sum())
+        if attacked:
+            images, survived = stage.run(
+                model_fn, x, labels, robust=robust, seed=batching.fold_seed(seed, position),
+                eps=eps, bounds=bounds, batch_size=batch_size)
+            survived = survived.numpy()
+            broken = robust & ~survived
+            x_adv[broken] = images.numpy()[broken]
+            robust = robust & survived
+        reports.append(StageReport(stage.name, stage.detail, attacked, robust.copy(),
+                                   time.perf_counter() - start))
+    return tf.constant(x_adv), AutoAttackReport(clean, tuple(reports))
+
+
 def run_autoattack(
     model_fn: ModelFn,
     x: ArrayLike,
@@ -123,53 +227,11 @@ def run_autoattack(
     Raises:
       ConfigError: for an unknown attack name or bad settings.
     """
-    unknown = [name for name in attacks if name not in STANDARD_ATTACKS]
-    if unknown:
-        raise ConfigError(f"unknown AutoAttack stage(s) {unknown}: expected some of "
-                          f"{', '.join(STANDARD_ATTACKS)}")
-    eps, bounds = batching.check_inputs(eps, bounds, batch_size)
-    seed = batching.as_seed(seed)
-    x, labels, logits, robust = batching.start_state(model_fn, x, labels, None, batch_size)
-    clean = robust.copy()
-    num_classes = logits.shape[1] if logits is not None else 0
-    targeted_loss = (
-        "dlr-targeted" if num_classes >= MIN_CLASSES["dlr-targeted"] else "margin-targeted")
-    n_targets = max(min(n_target_classes, num_classes - 1), 0)
-    common = dict(eps=eps, bounds=bounds, batch_size=batch_size)
-    stages = {
-        "apgd-ce": (
-            f"loss=ce, {apgd_iters} iterations, {apgd_restarts} restart(s)",
-            lambda robust, seed: run_apgd(
-                model_fn, x, labels, loss="ce", n_iter=apgd_iters, n_restarts=apgd_restarts,
-                seed=seed, robust=robust, **common)),
-        "apgd-t": (
-            f"loss={targeted_loss}, {n_targets} targets, {apgd_iters} iterations",
-            lambda robust, seed: run_apgd_targeted(
-                model_fn, x, labels, loss=targeted_loss, n_target_classes=n_target_classes,
-                n_iter=apgd_iters, seed=seed, robust=robust, **common)),
-        "fab-t": (
-            f"{n_targets} targets, {fab_iters} iterations",
-            lambda robust, seed: run_fab_targeted(
-                model_fn, x, labels, n_target_classes=n_target_classes, n_iter=fab_iters,
-                seed=seed, robust=robust, **common)),
-        "square": (
-            f"{square_queries} queries, p_init 0.8, schedule not rescaled",
-            lambda robust, seed: run_square(
-                model_fn, x, labels, n_queries=square_queries, rescale_schedule=False,
-                seed=seed, robust=robust, **common)),
-    }
-    x_adv = x.copy()
-    reports = []
-    for position, name in enumerate(attacks):
-        detail, run = stages[name]
-        start = time.perf_counter()
-        attacked = int(robust.sum())
-        if attacked:
-            images, survived = run(robust, batching.fold_seed(seed, position))
-            survived = survived.numpy()
-            broken = robust & ~survived
-            x_adv[broken] = images.numpy()[broken]
-            robust = robust & survived
-        reports.append(StageReport(name, detail, attacked, robust.copy(),
-                                   time.perf_counter() - start))
-    return tf.constant(x_adv), AutoAttackReport(clean, tuple(reports))
+    autoattack_stages(0, attacks)  # an unknown name fails before any work
+
+    def stages_for(num_classes: int) -> tuple[Stage, ...]:
+        return autoattack_stages(num_classes, attacks, apgd_iters, apgd_restarts,
+                                 n_target_classes, fab_iters, square_queries)
+
+    return run_stages(stages_for, model_fn, x, labels, eps=eps, bounds=bounds, seed=seed,
+                      batch_size=batch_size)

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 
 from adversarial_logit_pairing.adversarial_attack import ModelFn
 from adversarial_logit_pairing.attacks.apgd import run_apgd, run_apgd_targeted
-from adversarial_logit_pairing.attacks.autoattack import AutoAttackReport, run_autoattack
+from adversarial_logit_pairing.attacks.autoattack import (
+    AutoAttackReport,
+    Stage,
+    autoattack_stages,
+    run_stages,
+)
 from adversarial_logit_pairing.attacks.batching import ArrayLike, AttackResult, Bounds, Seed
 from adversarial_logit_pairing.attacks.fab import run_fab_targeted
 from adversarial_logit_pairing.attacks.pgd import run_pgd_true_labels
@@ -26,15 +31,19 @@ from adversarial_logit_pairing.errors import ConfigError
 _FIELDS = {
     "apgdce": ((0, 1), 100),
     "apgddlr": ((0, 1), 100),
+    "apgdmargin": ((0, 1), 100),
     "apgdt": ((0, 1), 100),
     "fabt": ((0, 1), 100),
     "square": ((0, 1), 5000),
     "pgdtrue": ((3,), 0),
-    "autoattack": ((0,), 0),
+    "autoattack": ((0, 2), 0),
 }
+# The smallest number of classes each method is defined for (DLR needs 3, targeted DLR 4).
+_MIN_CLASSES = {"apgddlr": 3, "apgdt": 4}
 _DESCRIPTION_RE = re.compile(r"^([a-z]+)((?:_\d+)+)$")
-_GRAMMAR = ("apgdce_EPS[_NITER], apgddlr_EPS[_NITER], apgdt_EPS[_NITER], fabt_EPS[_NITER], "
-            "square_EPS[_NQUERIES], pgdtrue_EPS_STEP_NITER_RESTARTS or autoattack_EPS")
+_GRAMMAR = ("apgdce_EPS[_NITER], apgddlr_EPS[_NITER], apgdmargin_EPS[_NITER], apgdt_EPS[_NITER], "
+            "fabt_EPS[_NITER], square_EPS[_NQUERIES], pgdtrue_EPS_STEP_NITER_RESTARTS or "
+            "autoattack_EPS[_NITER_NQUERIES]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +52,10 @@ class StrongAttackSpec:
 
     method: str
     eps: int
-    budget: int = 0  # iterations (queries for square); 0 for autoattack
+    budget: int = 0  # iterations (queries for square); autoattack: 0 = the standard ones
     step: int = 0  # pgdtrue only
     restarts: int = 1
+    queries: int = 0  # autoattack only: Square's queries (0 = the standard 5000)
 
     def eps_in(self, bounds: Bounds) -> float:
         """EPS in model units for inputs in ``bounds``."""
@@ -81,11 +91,70 @@ def parse_strong_attack_description(description: str) -> StrongAttackSpec:
             raise ConfigError(f"invalid strong attack description {description!r}: STEP must "
                               "be in 1..255, NITER and RESTARTS >= 1")
         return StrongAttackSpec(method, eps, budget, step, restarts)
-    budget = rest[0] if rest else standard
-    if rest and budget < 1:
+    if rest and min(rest) < 1:
         raise ConfigError(f"invalid strong attack description {description!r}: the budget "
                           "must be >= 1")
-    return StrongAttackSpec(method, eps, budget)
+    if method == "autoattack":
+        return StrongAttackSpec(method, eps, *(rest[:1] or [0]), queries=(rest[1:] or [0])[0])
+    return StrongAttackSpec(method, eps, rest[0] if rest else standard)
+
+
+def is_strong_attack_description(description: str) -> bool:
+    """Whether ``description`` names one of this package's methods (it may still be
+    malformed: :func:`parse_strong_attack_description` says how)."""
+    match = _DESCRIPTION_RE.match((description or "").strip())
+    return bool(match) and match.group(1) in _FIELDS
+
+
+def description_stages(description: str,
+                       num_classes: Optional[int] = None) -> Callable[[int], tuple[Stage, ...]]:
+    """The attack sequence a description names, as ``stages_for(num_classes)``.
+
+    ``autoattack_*`` is the four-stage sequence (with its budgets); every other description is
+    one stage named by its method. With ``num_classes`` given, a method the model cannot
+    support is refused now rather than when it runs.
+
+    Raises:
+      ConfigError: a malformed description, or DLR with fewer classes than it needs.
+    """
+    spec = parse_strong_attack_description(description)
+    needed = _MIN_CLASSES.get(spec.method, 2)
+    if num_classes is not None and num_classes < needed:
+        raise ConfigError(f"strong attack {description!r} needs >= {needed} classes (DLR is "
+                          f"undefined below), the model has {num_classes}: use apgdce or "
+                          "apgdmargin")
+    if spec.method == "autoattack":
+        budgets = {}
+        if spec.budget:
+            budgets = dict(apgd_iters=spec.budget, fab_iters=spec.budget)
+        if spec.queries:
+            budgets["square_queries"] = spec.queries
+        return lambda classes: autoattack_stages(classes, **budgets)
+    if spec.method.startswith("apgd") and spec.method != "apgdt":
+        loss = {"apgdce": "ce", "apgddlr": "dlr", "apgdmargin": "margin"}[spec.method]
+        stage = Stage(spec.method, f"loss={loss}, {spec.budget} iterations, 1 restart",
+                      lambda model_fn, x, labels, **common: run_apgd(
+                          model_fn, x, labels, loss=loss, n_iter=spec.budget, **common))
+    elif spec.method == "apgdt":
+        stage = Stage(spec.method, f"loss=dlr-targeted, 9 targets, {spec.budget} iterations",
+                      lambda model_fn, x, labels, **common: run_apgd_targeted(
+                          model_fn, x, labels, n_iter=spec.budget, **common))
+    elif spec.method == "fabt":
+        stage = Stage(spec.method, f"9 targets, {spec.budget} iterations",
+                      lambda model_fn, x, labels, **common: run_fab_targeted(
+                          model_fn, x, labels, n_iter=spec.budget, **common))
+    elif spec.method == "square":
+        stage = Stage(spec.method, f"{spec.budget} queries, p_init 0.8",
+                      lambda model_fn, x, labels, **common: run_square(
+                          model_fn, x, labels, n_queries=spec.budget, **common))
+    else:
+        def pgdtrue(model_fn, x, labels, *, bounds, **common):
+            return run_pgd_true_labels(model_fn, x, labels, step_size=spec.step_in(bounds),
+                                       n_iter=spec.budget, n_restarts=spec.restarts,
+                                       bounds=bounds, **common)
+        stage = Stage(spec.method, f"step {spec.step}/255, {spec.budget} iterations, "
+                      f"{spec.restarts} restart(s), random start", pgdtrue)
+    return lambda classes: (stage,)
 
 
 def run_strong_attack(
@@ -110,10 +179,11 @@ def run_strong_attack(
     spec = parse_strong_attack_description(description)
     common = dict(eps=spec.eps_in(bounds), bounds=bounds, seed=seed, batch_size=batch_size)
     if spec.method == "autoattack":
-        x_adv, report = run_autoattack(model_fn, x, labels, **common)
+        x_adv, report = run_stages(description_stages(description), model_fn, x, labels,
+                                   **common)
         return AttackResult(x_adv, tf.constant(report.robust)), report
-    if spec.method in ("apgdce", "apgddlr"):
-        loss = "ce" if spec.method == "apgdce" else "dlr"
+    if spec.method in ("apgdce", "apgddlr", "apgdmargin"):
+        loss = {"apgdce": "ce", "apgddlr": "dlr", "apgdmargin": "margin"}[spec.method]
         return run_apgd(model_fn, x, labels, loss=loss, n_iter=spec.budget, **common), None
     if spec.method == "apgdt":
         return run_apgd_targeted(model_fn, x, labels, n_iter=spec.budget, **common), None

@@ -27,9 +27,13 @@ flags.DEFINE_string("output_file", None,
                     "checkpoint).")
 flags.DEFINE_string("eval_name", "default", "Name for eval subdirectory.")
 flags.DEFINE_string("adv_method", "clean",
-                    "Method which is used to generate adversarial examples: clean, "
-                    "pgd_EPS_STEP_NITER, pgdll_..., pgdrnd_..., stepll_EPS, stepllrand_EPS or "
-                    "rstepll_EPS_ALPHA (see adversarial_attack).")
+                    "Method which is used to generate adversarial examples: clean, the "
+                    "original pgd_/pgdll_/pgdrnd_EPS_STEP_NITER, stepll_EPS, stepllrand_EPS, "
+                    "rstepll_EPS_ALPHA (see adversarial_attack), or a strong attack on the true "
+                    "labels: autoattack_EPS[_NITER_NQUERIES], apgdce_EPS, apgddlr_EPS, "
+                    "apgdmargin_EPS, apgdt_EPS, fabt_EPS, square_EPS, "
+                    "pgdtrue_EPS_STEP_NITER_RESTARTS (--output_file then gets the worst-case "
+                    "accuracy).")
 flags.DEFINE_string("hparams", "", "Hyper parameters (only eval_batch_size matters here).")
 flags.DEFINE_string("split_name", "validation", "Name of the split: train or validation.")
 flags.DEFINE_float("moving_average_decay", 0.9999,
@@ -48,6 +52,19 @@ flags.DEFINE_string("trainable_scopes", None,
 flags.DEFINE_string("predictions_file", None,
                     "Optional .npz file receiving the per-example labels, logits and "
                     "predictions of the (last) evaluated checkpoint.")
+flags.DEFINE_string("report_file", None,
+                    "Strong --adv_method: JSON report of the (last) evaluated checkpoint: clean "
+                    "accuracy, then per attack of the sequence the accuracy after it, robust "
+                    "count and seconds; eps, n, and the masking checks' warnings.")
+flags.DEFINE_string("robust_mask_file", None,
+                    "Strong --adv_method: the per-example robust mask in record order, .npy "
+                    "(bool) or .csv; AND the masks of separate runs for the worst case.")
+flags.DEFINE_integer("second_eps", 0,
+                     "Strong --adv_method: also attack at this EPS (0..255 scale) and warn when "
+                     "accuracy does not fall as eps grows (0: not run).")
+flags.DEFINE_string("training_adv_method", None,
+                    "Strong --adv_method: also run this original attack (the training attack, "
+                    "e.g. pgdll_16_2_10) and warn when it leaves far more accuracy.")
 flags.DEFINE_float("timeout_secs", None,
                    "Continuous mode: stop when no new checkpoint appeared for this long "
                    "(default: wait forever, as the original).")

@@ -239,8 +239,9 @@ def validate(values: dict[str, Any]) -> None:
     Raises:
       ConfigError: for ``lr_schedule=step``, ``lr_list`` must have one more entry than
         ``lr_decay_epochs`` (a value before each boundary and one after the last), and the
-        boundaries must not decrease.
+        boundaries must not decrease; an ``llr_*`` value is negative.
     """
+    _validate_llr(values)
     if values.get("lr_schedule") != "step":
         return
     lr_list = values.get("lr_list", [])
@@ -255,8 +256,20 @@ def validate(values: dict[str, Any]) -> None:
         raise ConfigError(f"hparam 'lr_decay_epochs': must not decrease, got {epochs}")
 
 
+def _validate_llr(values: dict[str, Any]) -> None:
+    """The local linearity regulariser's hparams are weights, sizes and counts: not negative."""
+    for name in ("llr_lambda", "llr_mu", "llr_eps", "llr_steps", "llr_adam_lr",
+                 "llr_eps_warmup_steps", "llr_xent_weight"):
+        if values.get(name, 0) < 0:
+            raise ConfigError(f"hparam '{name}': must be >= 0, got {values[name]}")
+
+
 def default_hparams() -> HParams:
-    """Returns the original's default hyper-parameters (same names, types and values)."""
+    """The original's hyper-parameters (same names, types and values), then the ``llr_*`` ones.
+
+    The ``llr_*`` hparams are this project's (local linearity regulariser, off by default):
+    with their defaults training is the original's.
+    """
     return HParams(
         # Batch sizes: training (per replica, clean half) and evaluation.
         batch_size=32,
@@ -279,4 +292,15 @@ def default_hparams() -> HParams:
         lr_num_epochs_per_decay=2.0,
         lr_list=[1.0 / 6, 2.0 / 6, 3.0 / 6, 4.0 / 6, 5.0 / 6, 1.0, 0.1, 0.01, 0.001, 0.0001],
         lr_decay_epochs=[1, 2, 3, 4, 5, 30, 60, 80, 90],
+        # Local linearity regulariser (Qin et al. 2019; llr_regularizer.py), not in the
+        # original: off while llr_lambda is 0, and then the other llr_* hparams do nothing.
+        # The other defaults are DeepMind's CIFAR-10 config, so llr_lambda=4 alone trains
+        # as DeepMind did (their mu, 0.3, weighs |d^T grad| INSIDE lambda: 4 * 0.3 = 1.2).
+        llr_lambda=0.0,  # weight of gamma = mean |l(x+d) - l(x) - d^T grad_x l(x)|
+        llr_mu=1.2,  # weight of mean |d^T grad_x l(x)|
+        llr_eps=8.0,  # L-inf radius of the search for d, 0..255 scale like the attacks
+        llr_steps=10,  # inner Adam steps of the search for d
+        llr_adam_lr=0.1,  # inner Adam learning rate, on a [0, 1] image scale as DeepMind's
+        llr_eps_warmup_steps=500,  # eps grows linearly from 0 over the first global steps
+        llr_xent_weight=2.0,  # weight of loss_xent (the cross-entropy) in LLR training
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 import zlib
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
@@ -189,6 +190,36 @@ class Conv2D(Layer):
         return y
 
 
+# Batch norm replaced by a hook, per thread (MirroredStrategy runs each replica's step in a
+# thread of its own): ``hook(layer, x) -> y`` or None. The local linearity regulariser
+# (``llr_regularizer.BatchStatistics``) sets it to normalise its passes with the statistics of
+# the clean batch: a pass with given batch statistics, without a copy of the model.
+_hook = threading.local()
+
+
+@contextlib.contextmanager
+def batch_norm_hook(hook: Callable[[BatchNorm, tf.Tensor], tf.Tensor]):
+    """A block in which every ``BatchNorm(x, is_training)`` call returns ``hook(layer, x)``.
+
+    The hook owns the normalisation and any moving-statistics update, whatever
+    ``is_training`` says (the model still applies it elsewhere, e.g. to dropout). Blocks do
+    not nest.
+    """
+    if getattr(_hook, "hook", None) is not None:
+        raise RuntimeError("batch_norm_hook blocks do not nest")
+    _hook.hook = hook
+    try:
+        yield
+    finally:
+        _hook.hook = None
+
+
+def _hooked(layer: BatchNorm, x: tf.Tensor) -> Optional[tf.Tensor]:
+    """``hook(layer, x)`` inside a ``batch_norm_hook`` block, else None."""
+    hook = getattr(_hook, "hook", None)
+    return None if hook is None else hook(layer, x)
+
+
 class BatchNorm(Layer):
     """Slim ``batch_norm`` (fused) with in-place moving-statistics updates.
 
@@ -233,6 +264,9 @@ class BatchNorm(Layer):
         )
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        hooked = _hooked(self, x)  # see batch_norm_hook
+        if hooked is not None:
+            return hooked
         # The fused op normalises a float16/bfloat16 ``x`` with float32 scale, offset and
         # statistics (and returns float32 batch statistics), so those are never cast.
         gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], tf.float32)
@@ -621,6 +655,9 @@ class UnfusedBatchNorm(BatchNorm):
     """
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        hooked = _hooked(self, x)  # see batch_norm_hook
+        if hooked is not None:
+            return hooked
         if not is_training:
             return super().__call__(x, is_training)
         gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], tf.float32)

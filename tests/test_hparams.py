@@ -26,9 +26,14 @@ SPEC_DEFAULTS = {
 }
 
 
+# This project's additions: the local linearity regulariser, off (llr_lambda=0) by default.
+LLR_DEFAULTS = {"llr_lambda": 0.0, "llr_mu": 1.2, "llr_eps": 8.0, "llr_steps": 10,
+                "llr_adam_lr": 0.1, "llr_eps_warmup_steps": 500, "llr_xent_weight": 2.0}
+
+
 def test_default_hparams_match_the_original_table():
     values = default_hparams().values()
-    assert values == SPEC_DEFAULTS
+    assert values == {**SPEC_DEFAULTS, **LLR_DEFAULTS}
     for name, value in SPEC_DEFAULTS.items():
         assert type(values[name]) is type(value), name
     assert all(type(e) is int for e in values["lr_decay_epochs"])
@@ -54,7 +59,7 @@ def test_parse_returns_self_and_empty_string_changes_nothing():
     hp = default_hparams()
     assert hp.parse("") is hp
     assert hp.parse("   ") is hp
-    assert hp.values() == SPEC_DEFAULTS
+    assert hp.values() == {**SPEC_DEFAULTS, **LLR_DEFAULTS}
     assert hp.parse("batch_size=8,") is hp  # a trailing comma is allowed, as in TF1
     assert hp.batch_size == 8
 
@@ -144,7 +149,7 @@ def test_failed_parse_leaves_the_hparams_unchanged():
     hp = default_hparams()
     with pytest.raises(ConfigError):
         hp.parse("batch_size=64,optimizer=sgd")
-    assert hp.values() == SPEC_DEFAULTS
+    assert hp.values() == {**SPEC_DEFAULTS, **LLR_DEFAULTS}
 
 
 def test_config_errors_are_value_errors():
@@ -172,7 +177,7 @@ def test_values_is_a_copy_and_repr_names_every_hparam():
     values = hp.values()
     values["lr_list"].append(5.0)
     values["batch_size"] = 1
-    assert hp.values() == SPEC_DEFAULTS
+    assert hp.values() == {**SPEC_DEFAULTS, **LLR_DEFAULTS}
     text = str(hp)
     assert text.startswith("HParams(") and all(f"{name}=" in text for name in SPEC_DEFAULTS)
     assert "train_adv_method='clean'" in repr(hp)

@@ -5,9 +5,10 @@
    32x32 RGB JPEG files, with ``wnids.txt``, per-class ``*_boxes.txt`` and
    ``val/val_annotations.txt``.
 2. Converts it with ``tiny_imagenet_converter/converter.py``.
-3. Trains a clean model and an ALP model (``pgdll`` training attack, logit pairing 0.5)
-   with ``train.py``.
-4. Evaluates both with ``eval.py --eval_once`` on clean and PGD inputs and prints a table.
+3. Trains a clean model, an ALP model (``pgdll`` training attack, logit pairing 0.5) and an
+   LLR model (local linearity regulariser at the same eps and number of inner steps) with
+   ``train.py``.
+4. Evaluates them with ``eval.py --eval_once`` on clean and PGD inputs and prints a table.
 
 Every step is the command a user would type; they are echoed as they run.
 """
@@ -32,7 +33,11 @@ flags.DEFINE_integer("image_size", 32, "Image size of the generated dataset and 
 flags.DEFINE_string("train_attack", "pgdll_16_4_3", "ALP model's training attack.")
 flags.DEFINE_list("eval_attacks", ["pgd_16_2_10", "pgd_16_1_100"],
                   "Evaluation attacks: the paper's, and a much longer PGD.")
-flags.DEFINE_string("model_name", "resnet_v2_tiny", "Model of both runs.")
+flags.DEFINE_string("llr_hparams", "llr_lambda=4,llr_eps=16,llr_steps=3,llr_eps_warmup_steps=500",
+                    "LLR model's regulariser: DeepMind's CIFAR-10 weights (llr_mu=1.2, "
+                    "llr_xent_weight=2 by default) at the ALP attack's eps and number of steps.")
+flags.DEFINE_list("models", ["clean", "alp", "llr"], "Which of the models to train and evaluate.")
+flags.DEFINE_string("model_name", "resnet_v2_tiny", "Model of every run.")
 flags.DEFINE_integer("seed", 0, "Seed of the dataset split and of training.")
 
 
@@ -120,12 +125,19 @@ def main(argv: list[str]) -> None:
     runs = {
         "clean": base_hparams,
         "alp": f"{base_hparams},train_adv_method={FLAGS.train_attack},train_lp_weight=0.5",
+        "llr": f"{base_hparams},{FLAGS.llr_hparams}",
     }
+    unknown = sorted(set(FLAGS.models) - set(runs))
+    if unknown:
+        raise app.UsageError(f"--models: unknown {unknown}; choose from {sorted(runs)}")
+    runs = {name: runs[name] for name in FLAGS.models}
     for name, hparams in runs.items():
+        tick = time.time()
         run_command(os.path.join(REPO, "train.py"), f"--output_dir={work}/train_{name}",
                     *common, f"--hparams={hparams}", f"--max_steps={FLAGS.train_steps}",
                     f"--save_model_steps={FLAGS.train_steps}", "--save_summaries_steps=50",
                     "--moving_average_decay=0.99", f"--seed={FLAGS.seed}")
+        print(f"trained {name} in {time.time() - tick:.0f}s", flush=True)
     for name in runs:
         for attack in ["clean", *FLAGS.eval_attacks]:
             run_command(os.path.join(REPO, "eval.py"), f"--train_dir={work}/train_{name}",

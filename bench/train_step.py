@@ -10,6 +10,12 @@ Rows, per compute dtype, timed in interleaved rounds (``bench/_timing.interleave
   TF1 RMSProp, moving average) against its bound: 10 input-gradient passes on B images plus one
   training forward/backward on 2B (``make_training_pass``). The step also runs the attack's
   label pass and the optimizer/EMA updates, which the bound leaves out.
+* LLR step (local linearity regulariser at the ALP attack's strength: ``llr_eps=16``,
+  ``llr_steps=10``, no eps warm-up, clean training) as ``training.train`` runs it, against its
+  bound: one training forward/backward on B, 10 input-gradient passes on B (the search), and
+  one forward on B with a second-order backward (``make_second_order_pass``). The step also
+  runs the regulariser's own clean pass (DeepMind's code has it too), which the bound leaves
+  out. ``LLR / ALP`` is the time of the LLR step over the ALP step's.
 * clean step (``train_adv_method=clean``) against its bound (one training pass on B), and
   against ``tf_keras.Model.fit`` of the same network (wrapped in a Keras model, RMSprop, no
   moving average, the same in-memory batch repeated), time per step.
@@ -31,6 +37,8 @@ from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET  # no
 from bench import _steps, _timing  # noqa: E402
 
 FLAGS = flags.FLAGS
+# The regulariser at the ALP attack's strength (eps 16, 10 steps), from the first step.
+LLR_HPARAMS = "llr_lambda=4,llr_eps=16,llr_steps=10,llr_eps_warmup_steps=0"
 flags.DEFINE_string("model", "resnet_v2_50", "Registered model name")
 flags.DEFINE_integer("image_size", 64, "Image side")
 flags.DEFINE_integer("batch_size", 32, "Clean images per step (the ALP step trains on 2x)")
@@ -74,8 +82,12 @@ def measure(dtype: str, images, labels) -> list[list[object]]:
     alp, model = _steps.make_train_step(FLAGS.model, "pgdll_16_2_10", 0.5, FLAGS.num_classes,
                                         dtype)
     clean, _ = _steps.make_train_step(FLAGS.model, "clean", 0.0, FLAGS.num_classes, dtype)
+    llr, _ = _steps.make_train_step(FLAGS.model, "clean", 0.0, FLAGS.num_classes, dtype,
+                                    extra_hparams=LLR_HPARAMS)
     gradient = _steps.input_gradient_fn(model)
     training_pass = _steps.make_training_pass(model, FLAGS.num_classes)
+    second_order_pass = _steps.make_second_order_pass(model, FLAGS.num_classes)
+    delta = tf.fill(images.shape, 16 * 2.0 / 255)
     fit = keras_fit(model, images, labels, n)
 
     def alp_bound():
@@ -83,9 +95,17 @@ def measure(dtype: str, images, labels) -> list[list[object]]:
             gradient(images, labels)
         return training_pass(*double)
 
+    def llr_bound():
+        training_pass(images, labels)
+        for _ in range(10):
+            gradient(images, labels)
+        return second_order_pass(images, labels, delta)
+
     contenders = {
         "alp": lambda: alp(images, labels),
         "alp_bound": alp_bound,
+        "llr": lambda: llr(images, labels),
+        "llr_bound": llr_bound,
         "clean": lambda: [clean(images, labels) for _ in range(n)][-1],
         "clean_bound": lambda: [training_pass(images, labels) for _ in range(n)][-1],
     }
@@ -94,12 +114,16 @@ def measure(dtype: str, images, labels) -> list[list[object]]:
     times = _timing.interleaved_seconds(contenders, FLAGS.repetitions)
     alp_s = float(np.median(times["alp"]))
     clean_s = float(np.median(times["clean"])) / n
+    llr_s = float(np.median(times["llr"]))
     return [
         ["ALP pgdll_16_2_10 lp 0.5", dtype, b / alp_s, alp_s,
-         _timing.median_ratio(times["alp"], times["alp_bound"]), ""],
+         _timing.median_ratio(times["alp"], times["alp_bound"]), "", ""],
+        ["LLR eps 16, 10 steps", dtype, b / llr_s, llr_s,
+         _timing.median_ratio(times["llr"], times["llr_bound"]), "",
+         _timing.median_ratio(times["llr"], times["alp"])],
         ["clean", dtype, b / clean_s, clean_s,
          _timing.median_ratio(times["clean"], times["clean_bound"]),
-         _timing.median_ratio(times["fit"], times["clean"]) if "fit" in times else "n/a"],
+         _timing.median_ratio(times["fit"], times["clean"]) if "fit" in times else "n/a", ""],
     ]
 
 
@@ -117,11 +141,13 @@ def main(argv: list[str]) -> None:
         f"{b} (ALP trains on 2x{b}), {FLAGS.num_classes} classes, {FLAGS.repetitions} rounds"))
     print()
     print(_timing.table(["step", "dtype", "images/s", "s/step", "step / bound",
-                         "speed vs Keras fit"], rows))
+                         "speed vs Keras fit", "LLR / ALP"], rows))
     print("\nALP bound = 10 input-gradient passes on B + one training forward/backward on 2B "
-          "(target <= 1.10); clean bound = one training forward/backward on B; speed vs Keras "
-          "fit = fit's time per step / ours (ours also applies weight decay and a moving "
-          "average)")
+          "(target <= 1.10); LLR bound = one training forward/backward on B + 10 input-gradient "
+          "passes on B + one forward on B with a second-order backward; clean bound = one "
+          "training forward/backward on B; speed vs Keras fit = fit's time per step / ours (ours "
+          "also applies weight decay and a moving average); LLR / ALP = LLR step time / ALP "
+          "step time")
 
 
 if __name__ == "__main__":

@@ -53,11 +53,11 @@ def test_attack_bench_prints_a_row_per_attack_and_dtype():
     assert all(value > 0 for row in rows for value in numbers(row))
 
 
-def test_train_step_bench_prints_alp_and_clean_rows():
+def test_train_step_bench_prints_alp_llr_and_clean_rows():
     output = run_bench("train_step.py", *TINY, "--repetitions=1", "--dtypes=float32",
                        "--fit_steps=1")
     rows = table_rows(output, "step")
-    assert [row[0] for row in rows] == ["ALP", "clean"]
+    assert [row[0] for row in rows] == ["ALP", "LLR", "clean"]
     assert all(numbers(row) and all(v > 0 for v in numbers(row)) for row in rows)
 
 

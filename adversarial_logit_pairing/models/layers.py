@@ -214,6 +214,20 @@ def batch_norm_hook(hook: Callable[[BatchNorm, tf.Tensor], tf.Tensor]):
         _hook.hook = None
 
 
+@contextlib.contextmanager
+def float32_compute():
+    """A block in which every model computes in float32, whatever its ``compute_dtype``.
+
+    Per thread, like ``batch_norm_hook``; the local linearity regulariser runs its passes in
+    it, because bfloat16 rounding is as large as the non-linearity it measures.
+    """
+    _hook.float32 = True
+    try:
+        yield
+    finally:
+        _hook.float32 = False
+
+
 def _hooked(layer: BatchNorm, x: tf.Tensor) -> Optional[tf.Tensor]:
     """``hook(layer, x)`` inside a ``batch_norm_hook`` block, else None."""
     hook = getattr(_hook, "hook", None)
@@ -504,7 +518,8 @@ class ImageClassifier(tf.Module):
         if self.config.input_normalization == "imagenet_mean_std":
             pixels = (tf.cast(images, tf.float32) + 1.0) * 127.5
             images = (pixels - IMAGENET_MEAN_RGB) / IMAGENET_STDDEV_RGB
-        return tf.cast(images, self.compute_dtype)
+        return tf.cast(images, tf.float32 if getattr(_hook, "float32", False)
+                       else self.compute_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,9 +108,14 @@ class BatchStatistics:
             yield
 
     @contextlib.contextmanager
-    def reuse(self):
-        """A block whose batch norms use the statistics ``record`` kept."""
-        with batch_norm_hook(self._reuse):
+    def reuse(self, differentiable: bool = True):
+        """A block whose batch norms use the statistics ``record`` kept.
+
+        ``differentiable=False`` normalises with TensorFlow's fused inference kernel, which
+        Grappler fuses into the convolutions but which gives the statistics no gradient: for
+        the search, which differentiates only with respect to the input.
+        """
+        with batch_norm_hook(self._reuse if differentiable else self._reuse_fused):
             yield
 
     def _record(self, layer: BatchNorm, x: tf.Tensor) -> tf.Tensor:
@@ -139,6 +144,17 @@ class BatchStatistics:
             raise RuntimeError(f"{layer.scope}: no statistics recorded for this batch norm")
         mean, variance = self.statistics[id(layer)]
         return _normalise(layer, x, mean, variance)
+
+    def _reuse_fused(self, layer: BatchNorm, x: tf.Tensor) -> tf.Tensor:
+        if id(layer) not in self.statistics:
+            raise RuntimeError(f"{layer.scope}: no statistics recorded for this batch norm")
+        mean, variance = self.statistics[id(layer)]
+        gamma = layer.gamma if layer.gamma is not None else tf.ones_like(mean)
+        beta = layer.beta if layer.beta is not None else tf.zeros_like(mean)
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, mean=tf.stop_gradient(mean), variance=tf.stop_gradient(variance),
+            epsilon=layer.epsilon, is_training=False)
+        return y
 
 
 def _normalise(layer: BatchNorm, x: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor) -> tf.Tensor:
@@ -263,11 +279,16 @@ def clean_pass(model, images: tf.Tensor, one_hot: tf.Tensor,
     return clean_loss, tape.gradient(clean_loss, images)
 
 
-def perturbed_loss_fn(model, one_hot: tf.Tensor, statistics: BatchStatistics) -> LossFn:
-    """Per-example losses of a perturbed batch normalised by the clean batch's statistics."""
+def perturbed_loss_fn(model, one_hot: tf.Tensor, statistics: BatchStatistics,
+                      differentiable: bool = True) -> LossFn:
+    """Per-example losses of a perturbed batch normalised by the clean batch's statistics.
+
+    ``differentiable=False``: faster, but no gradient reaches the weights through the
+    statistics (``BatchStatistics.reuse``); the search's passes.
+    """
 
     def loss_fn(perturbed: tf.Tensor) -> tf.Tensor:
-        with statistics.reuse():
+        with statistics.reuse(differentiable):
             return one_hot_losses(one_hot, model(perturbed, is_training=False))
 
     return loss_fn
@@ -295,8 +316,8 @@ def regularizer(model, images: tf.Tensor, one_hot: tf.Tensor, eps: tf.Tensor, st
         clean_loss, clean_grad = clean_pass(model, images, one_hot, statistics)
         loss_fn = perturbed_loss_fn(model, one_hot, statistics)
         start = uniform_start(images, eps, bounds, seed)
-        delta = search(loss_fn, images, clean_loss, clean_grad, start, eps, steps,
-                       learning_rate, bounds)
+        delta = search(perturbed_loss_fn(model, one_hot, statistics, differentiable=False),
+                       images, clean_loss, clean_grad, start, eps, steps, learning_rate, bounds)
         gamma, grad_term = nonlinearity(loss_fn, images, clean_loss, clean_grad, delta)
     return tf.reduce_mean(gamma), tf.reduce_mean(grad_term)
 

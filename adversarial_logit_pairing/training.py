@@ -62,6 +62,7 @@ from adversarial_logit_pairing import (
     checkpoints,
     distribution,
     ensemble,
+    llr_regularizer,
     mixed_batch,
     model_lib,
     moving_average,
@@ -236,7 +237,8 @@ def finetune_assignments(model, checkpoint_path: str, exclude_scopes, trainable_
     return assignments
 
 
-SCALAR_OUTPUTS = ("loss_xent", "loss_aux", "loss_lp", "loss_wd", "total_loss", "learning_rate")
+SCALAR_OUTPUTS = ("loss_xent", "loss_aux", "loss_lp", "loss_wd", "loss_llr_gamma",
+                  "loss_llr_grad", "total_loss", "learning_rate")
 SCALAR_OUTPUTS += (ensemble.SOURCE_OUTPUT,)  # ensemble adversarial training only
 
 # Errors by which a multi-worker job learns that a peer died or stopped answering.
@@ -375,6 +377,9 @@ def make_train_step(
                 logits = model(inputs, is_training=True)
             losses = alp_losses(logits, one_hot, trainable, hparams, aux_logits, aux_weight,
                                 example_weights)
+            losses = llr_regularizer.add_llr_losses(
+                losses, model, images, labels, num_classes, hparams, bounds, seed, global_step,
+                micro_batch)
             objective = losses["total_loss"]
             if loss_scale is not None:
                 objective = loss_scale.scale(objective)
@@ -918,6 +923,7 @@ def train(config: TrainConfig,
             step = int(state.global_step.numpy())
             # -- log (stops on a NaN or infinite loss)
             step_log.log(step, float(outputs["total_loss"]), time.time() - tick)
+            llr_regularizer.log_gamma(step, outputs, hparams)
             # -- summaries (host-side writes of values every worker already has)
             if summary_schedule.due(step) and chief:
                 write_summaries(writer, outputs, step, state.steps_per_epoch, num_images)

@@ -89,11 +89,13 @@ def attack_fn(model: ImageClassifier, description: str, cast_once: bool = True) 
 def make_train_step(model_name: str, attack: str = "pgdll_16_2_10", lp_weight: float = 0.5,
                     num_classes: int = TINY_IMAGENET.stored_classes,
                     compute_dtype: str = "float32",
-                    moving_average_decay: float = 0.9999) -> tuple[Callable, ImageClassifier]:
+                    moving_average_decay: float = 0.9999,
+                    extra_hparams: str = "") -> tuple[Callable, ImageClassifier]:
     """What ``train.py`` builds and runs each step, without data or checkpoints.
 
     ``training.build_train_state`` (model, TF1 RMSProp, schedule, moving average, loss scale)
-    and ``training.make_train_step``: ALP (or clean, ``attack='clean'``).
+    and ``training.make_train_step``: ALP (or clean, ``attack='clean'``), plus any
+    ``extra_hparams`` (e.g. the local linearity regulariser's ``llr_*``).
 
     Returns:
       ``step(images, labels) -> total_loss`` and the model it trains (for the bounds).
@@ -101,7 +103,8 @@ def make_train_step(model_name: str, attack: str = "pgdll_16_2_10", lp_weight: f
     from adversarial_logit_pairing import training
 
     hparams = model_lib.default_hparams().parse(
-        f"train_adv_method={attack},train_lp_weight={lp_weight}")
+        f"train_adv_method={attack},train_lp_weight={lp_weight}"
+        + (f",{extra_hparams}" if extra_hparams else ""))
     strategy = tf.distribute.get_strategy()
     state = training.build_train_state(
         strategy, model_name, num_classes, hparams,
@@ -126,6 +129,26 @@ def make_training_pass(model: ImageClassifier, num_classes: int) -> Callable:
         return tape.gradient(loss, trainable)
 
     return training_pass
+
+
+def make_second_order_pass(model: ImageClassifier, num_classes: int) -> Callable:
+    """The LLR bound's last part: a forward pass, its input gradient kept in the graph, and the
+    weights' gradient of ``loss + d^T grad_x loss`` (a second-order backward), no update."""
+    trainable = list(model.trainable_variables)
+
+    @tf.function
+    def second_order_pass(images, labels, delta):
+        one_hot = tf.one_hot(labels, num_classes)
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(images)
+                loss = tf.nn.softmax_cross_entropy_with_logits(
+                    labels=one_hot, logits=model(images, is_training=True))
+            grad = inner.gradient(loss, images)
+            total = tf.reduce_mean(loss) + tf.reduce_mean(tf.reduce_sum(grad * delta, [1, 2, 3]))
+        return outer.gradient(total, trainable)
+
+    return second_order_pass
 
 
 def alp_step_images_per_second(dataset_name: str, image_size: int, batch_size: int,

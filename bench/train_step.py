@@ -1,9 +1,9 @@
-"""Speed of the ALP and Step-LL training steps against their bounds, and of clean training
+"""Speed of the ALP, Step-LL and LLR training steps against their bounds, and of clean training
 against Keras fit.
 
   python bench/train_step.py [--model=resnet_v2_50] [--image_size=64] [--batch_size=32]
                              [--repetitions=5] [--dtypes=float32,bfloat16]
-                             [--rows=alp,stepll,clean]
+                             [--rows=alp,stepll,llr,clean]
 
 Rows, per compute dtype, timed in interleaved rounds (``bench/_timing.interleaved_seconds``):
 
@@ -17,6 +17,12 @@ Rows, per compute dtype, timed in interleaved rounds (``bench/_timing.interleave
   its least-likely class from the gradient pass itself, so it has no separate label pass). For
   a model with an auxiliary head (``inception_v3``) the step also runs that head in the attack
   and the training pass, which the bound leaves out.
+* LLR step (local linearity regulariser at the ALP attack's strength: ``llr_eps=16``,
+  ``llr_steps=10``, no eps warm-up, clean training) as ``training.train`` runs it, against its
+  bound: one training forward/backward on B, 10 input-gradient passes on B (the search), and
+  one forward on B with a second-order backward (``make_second_order_pass``). The step also
+  runs the regulariser's own clean pass (DeepMind's code has it too), which the bound leaves
+  out. ``LLR / ALP`` is the time of the LLR step over the ALP step's.
 * clean step (``train_adv_method=clean``) against its bound (one training pass on B), and
   against ``tf_keras.Model.fit`` of the same network (wrapped in a Keras model, RMSprop, no
   moving average, the same in-memory batch repeated), time per step.
@@ -38,6 +44,8 @@ from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET  # no
 from bench import _steps, _timing  # noqa: E402
 
 FLAGS = flags.FLAGS
+# The regulariser at the ALP attack's strength (eps 16, 10 steps), from the first step.
+LLR_HPARAMS = "llr_lambda=4,llr_eps=16,llr_steps=10,llr_eps_warmup_steps=0"
 flags.DEFINE_string("model", "resnet_v2_50", "Registered model name")
 flags.DEFINE_integer("image_size", 64, "Image side")
 flags.DEFINE_integer("batch_size", 32, "Clean images per step (the ALP step trains on 2x)")
@@ -45,7 +53,8 @@ flags.DEFINE_integer("num_classes", TINY_IMAGENET.stored_classes, "Logits width 
 flags.DEFINE_integer("repetitions", 5, "Timed rounds after one warm-up round")
 flags.DEFINE_integer("fit_steps", 3, "Steps per timed Keras fit call (and per clean round)")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure")
-flags.DEFINE_list("rows", ["alp", "stepll", "clean"], "Steps to measure: alp, stepll, clean")
+flags.DEFINE_list("rows", ["alp", "stepll", "llr", "clean"],
+                  "Steps to measure: alp, stepll, llr, clean")
 
 
 def keras_fit(model, images, labels, steps: int):
@@ -76,12 +85,14 @@ def keras_fit(model, images, labels, steps: int):
 
 
 def measure(dtype: str, images, labels) -> list[list[object]]:
-    """The table rows (ALP step, Step-LL step, clean step: those in --rows) of one dtype."""
+    """The table rows (ALP, Step-LL, LLR and clean steps: those in --rows) of one dtype."""
     b, n = FLAGS.batch_size, FLAGS.fit_steps
     double = (tf.concat([images, images], 0), tf.concat([labels, labels], 0))
     clean, model = _steps.make_train_step(FLAGS.model, "clean", 0.0, FLAGS.num_classes, dtype)
     gradient = _steps.input_gradient_fn(model)
     training_pass = _steps.make_training_pass(model, FLAGS.num_classes)
+    second_order_pass = _steps.make_second_order_pass(model, FLAGS.num_classes)
+    delta = tf.fill(images.shape, 16 * 2.0 / 255)
 
     def bound(gradient_passes):
         def run():
@@ -89,6 +100,12 @@ def measure(dtype: str, images, labels) -> list[list[object]]:
                 gradient(images, labels)
             return training_pass(*double)
         return run
+
+    def llr_bound():
+        training_pass(images, labels)
+        for _ in range(10):
+            gradient(images, labels)
+        return second_order_pass(images, labels, delta)
 
     contenders = {
         "clean": lambda: [clean(images, labels) for _ in range(n)][-1],
@@ -101,24 +118,32 @@ def measure(dtype: str, images, labels) -> list[list[object]]:
                                              dtype)
             contenders[row] = lambda step=step: step(images, labels)
             contenders[row + "_bound"] = bound(passes)
+    if "llr" in FLAGS.rows:
+        llr, _ = _steps.make_train_step(FLAGS.model, "clean", 0.0, FLAGS.num_classes, dtype,
+                                        extra_hparams=LLR_HPARAMS)
+        contenders["llr"] = lambda: llr(images, labels)
+        contenders["llr_bound"] = llr_bound
     fit = keras_fit(model, images, labels, n) if "clean" in FLAGS.rows else None
     if fit is not None:
         contenders["fit"] = fit
     times = _timing.interleaved_seconds(contenders, FLAGS.repetitions)
     clean_s = float(np.median(times["clean"])) / n
-    names = {"alp": "ALP pgdll_16_2_10 lp 0.5", "stepll": "Step-LL stepll_16"}
+    names = {"alp": "ALP pgdll_16_2_10 lp 0.5", "stepll": "Step-LL stepll_16",
+             "llr": "LLR eps 16, 10 steps"}
     rows = []
-    for row in ("alp", "stepll"):
+    for row in ("alp", "stepll", "llr"):
         if row in times:
             seconds = float(np.median(times[row]))
             rows.append([names[row], dtype, b / seconds, seconds,
                          _timing.median_ratio(times[row], times[row + "_bound"]), "",
-                         seconds / clean_s])
+                         seconds / clean_s if "clean" in times else "n/a",
+                         _timing.median_ratio(times[row], times["alp"])
+                         if row != "alp" and "alp" in times else ""])
     if "clean" in FLAGS.rows:
         rows.append(["clean", dtype, b / clean_s, clean_s,
                      _timing.median_ratio(times["clean"], times["clean_bound"]),
                      _timing.median_ratio(times["fit"], times["clean"]) if "fit" in times
-                     else "n/a", 1.0])
+                     else "n/a", 1.0, ""])
     return rows
 
 
@@ -136,12 +161,15 @@ def main(argv: list[str]) -> None:
         f"{b} (ALP trains on 2x{b}), {FLAGS.num_classes} classes, {FLAGS.repetitions} rounds"))
     print()
     print(_timing.table(["step", "dtype", "images/s", "s/step", "step / bound",
-                         "speed vs Keras fit", "time / clean step"], rows))
+                         "speed vs Keras fit", "time / clean step", "time / ALP step"],
+                        rows))
     print("\nALP bound = 10 input-gradient passes on B + one training forward/backward on 2B "
           "(target <= 1.10); Step-LL bound = one input-gradient pass on B + one training "
           "forward/backward on 2B; clean bound = one training forward/backward on B; speed vs "
           "Keras fit = fit's time per step / ours (ours also applies weight decay and a moving "
-          "average); time / clean step = s/step over the clean step's")
+          "average); LLR bound = one training forward/backward on B + 10 input-gradient passes "
+          "on B + one forward on B with a second-order backward; time / clean (ALP) step = "
+          "s/step over the clean (ALP) step's")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ SPEC_DEFAULTS = {
 }
 
 
+# This project's additions: the local linearity regulariser, off (llr_lambda=0) by default.
+LLR_DEFAULTS = {"llr_lambda": 0.0, "llr_mu": 1.2, "llr_eps": 8.0, "llr_steps": 10,
+                "llr_adam_lr": 0.1, "llr_eps_warmup_steps": 500, "llr_xent_weight": 2.0}
+
+
 def test_default_hparams_match_the_original_table():
     values = default_hparams().values()
     # Later additions (e.g. the mixed batch's) keep the original names and values.

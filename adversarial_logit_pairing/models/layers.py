@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import threading
 import zlib
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
@@ -259,6 +260,50 @@ class Conv2D(Layer):
         return y
 
 
+# Batch norm replaced by a hook, per thread (MirroredStrategy runs each replica's step in a
+# thread of its own): ``hook(layer, x) -> y`` or None. The local linearity regulariser
+# (``llr_regularizer.BatchStatistics``) sets it to normalise its passes with the statistics of
+# the clean batch: a pass with given batch statistics, without a copy of the model.
+_hook = threading.local()
+
+
+@contextlib.contextmanager
+def batch_norm_hook(hook: Callable[[BatchNorm, tf.Tensor], tf.Tensor]):
+    """A block in which every ``BatchNorm(x, is_training)`` call returns ``hook(layer, x)``.
+
+    The hook owns the normalisation and any moving-statistics update, whatever
+    ``is_training`` says (the model still applies it elsewhere, e.g. to dropout). Blocks do
+    not nest.
+    """
+    if getattr(_hook, "hook", None) is not None:
+        raise RuntimeError("batch_norm_hook blocks do not nest")
+    _hook.hook = hook
+    try:
+        yield
+    finally:
+        _hook.hook = None
+
+
+@contextlib.contextmanager
+def float32_compute():
+    """A block in which every model computes in float32, whatever its ``compute_dtype``.
+
+    Per thread, like ``batch_norm_hook``; the local linearity regulariser runs its passes in
+    it, because bfloat16 rounding is as large as the non-linearity it measures.
+    """
+    _hook.float32 = True
+    try:
+        yield
+    finally:
+        _hook.float32 = False
+
+
+def _hooked(layer: BatchNorm, x: tf.Tensor) -> Optional[tf.Tensor]:
+    """``hook(layer, x)`` inside a ``batch_norm_hook`` block, else None."""
+    hook = getattr(_hook, "hook", None)
+    return None if hook is None else hook(layer, x)
+
+
 class BatchNorm(Layer):
     """Slim ``batch_norm`` (fused) with in-place moving-statistics updates.
 
@@ -303,6 +348,9 @@ class BatchNorm(Layer):
         )
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        hooked = _hooked(self, x)  # see batch_norm_hook
+        if hooked is not None:
+            return hooked
         # The fused op normalises a float16/bfloat16 ``x`` with float32 scale, offset and
         # statistics (and returns float32 batch statistics), so those are never cast.
         gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], tf.float32)
@@ -451,7 +499,8 @@ class ImageClassifier(tf.Module):
         if self.config.input_normalization == "imagenet_mean_std":
             pixels = (tf.cast(images, tf.float32) + 1.0) * 127.5
             images = (pixels - IMAGENET_MEAN_RGB) / IMAGENET_STDDEV_RGB
-        return tf.cast(images, self.compute_dtype)
+        return tf.cast(images, tf.float32 if getattr(_hook, "float32", False)
+                       else self.compute_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,6 +584,9 @@ class UnfusedBatchNorm(BatchNorm):
     """
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        hooked = _hooked(self, x)  # see batch_norm_hook
+        if hooked is not None:
+            return hooked
         if not is_training:
             return super().__call__(x, is_training)
         gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], tf.float32)

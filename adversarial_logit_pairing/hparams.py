@@ -267,6 +267,9 @@ def default_hparams() -> HParams:
         # Adversarial training: the attack description and the logit pairing weight.
         train_adv_method="clean",
         train_lp_weight=0.0,
+        # AdvProp (not in the original): auxiliary batch norms for the adversarial half, the
+        # clean and adversarial losses summed (see adversarial_logit_pairing.advprop).
+        advprop=False,
         # Optimizer: 'rms', 'momentum' or 'adam' with TF1 semantics.
         optimizer="rms",
         momentum=0.9,

@@ -54,6 +54,7 @@ from absl import logging
 
 from adversarial_logit_pairing import (
     adversarial_attack,
+    advprop,
     checkpoints,
     distribution,
     model_lib,
@@ -142,6 +143,7 @@ def alp_losses(
     one_hot: tf.Tensor,
     trainable: list,
     hparams: model_lib.HParams,
+    sum_halves: bool = False,
 ) -> dict:
     """The loss terms of the original ``train.py`` and their sum, ``total_loss``.
 
@@ -151,6 +153,8 @@ def alp_losses(
       one_hot: [N, K] one-hot labels (duplicated for the adversarial half).
       trainable: variables subject to weight decay.
       hparams: reads label_smoothing, train_lp_weight, weight_decay.
+      sum_halves: AdvProp's loss: the cross-entropy is the SUM of the two halves' means
+        (clean through the main batch norms, adversarial through the auxiliary ones).
 
     Whenever ``train_lp_weight > 0`` the first half of ``logits`` is paired with the second,
     as the original did whatever the attack: with an attack that is adversarial logit
@@ -158,7 +162,13 @@ def alp_losses(
     halves of the clean batch; N must be even, see ``check_logit_pairing``).
     """
     logits = tf.cast(logits, tf.float32)
-    losses = {"loss_xent": smoothed_cross_entropy(one_hot, logits, hparams.label_smoothing)}
+    if sum_halves:
+        losses = {"loss_xent": tf.add_n([
+            smoothed_cross_entropy(labels, half, hparams.label_smoothing)
+            for labels, half in zip(tf.split(one_hot, 2), tf.split(logits, 2))])}
+    else:
+        losses = {"loss_xent": smoothed_cross_entropy(one_hot, logits,
+                                                      hparams.label_smoothing)}
     total = losses["loss_xent"]
     if hparams.train_lp_weight > 0:
         first, second = tf.split(logits, 2)
@@ -291,6 +301,7 @@ def make_train_step(
     attack = adversarial_attack.parse_attack_description(hparams.train_adv_method)
     learning_rate = optimizer.learning_rate
     names: list[str] = []  # the scalars step_fn stacks, known once it is traced
+    use_advprop = advprop.enabled(hparams)
 
     def forward_backward(images, labels, micro_batch=None):
         one_hot = tf.one_hot(labels, num_classes)
@@ -306,14 +317,18 @@ def make_train_step(
                 step_seed = tf.random.experimental.stateless_fold_in(step_seed, micro_batch)
             # model.inference: a bfloat16/float16 model casts its weights once for the attack
             # (the training pass below keeps its own casts, which the tape differentiates).
-            adv_images = adversarial_attack.generate_adversarial_examples(
-                images, bounds, model.inference, hparams.train_adv_method, seed=step_seed,
-            )
+            with advprop.attack_context(model, hparams):  # AdvProp: the auxiliary BNs
+                adv_images = adversarial_attack.generate_adversarial_examples(
+                    images, bounds, model.inference, hparams.train_adv_method, seed=step_seed,
+                )
             inputs = tf.concat([images, adv_images], axis=0)
             one_hot = tf.concat([one_hot, one_hot], axis=0)
         with tf.GradientTape() as tape:
-            logits = model(inputs, is_training=True)
-            losses = alp_losses(logits, one_hot, trainable, hparams)
+            if use_advprop:  # two passes: clean via the main BNs, adversarial via the twins
+                logits = advprop.training_logits(model, images, adv_images)
+            else:
+                logits = model(inputs, is_training=True)
+            losses = alp_losses(logits, one_hot, trainable, hparams, sum_halves=use_advprop)
             objective = losses["total_loss"]
             if loss_scale is not None:
                 objective = loss_scale.scale(objective)
@@ -477,6 +492,7 @@ def validate(config: TrainConfig,
         raise ConfigError("--output_dir has to be provided")
     hparams = model_lib.default_hparams().parse(config.hparams)
     check_logit_pairing(hparams)  # parses train_adv_method too
+    advprop.check_hparams(hparams)
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     if (config.jit_compile and config.sync_batch_norm and replicas > 1
@@ -576,6 +592,8 @@ def build_train_state(
                                     compute_dtype=compute_dtype)
         if sync_batch_norm:
             distribution.use_cross_replica_batch_norm(model)
+        if advprop.enabled(hparams):
+            advprop.add_auxiliary_batch_norms(model)
         trainable = model_lib.filter_trainable_variables(trainable_scopes,
                                                          model.trainable_variables)
         if not trainable:
@@ -621,9 +639,14 @@ def restore_or_finetune(state: TrainState, config: TrainConfig, plan: TrainPlan)
     assignments = finetune_assignments(
         state.model, source, config.finetune_exclude_pretrained_scopes,
         {model_lib.variable_name(v) for v in state.trainable}, state.ema is not None)
+    # AdvProp from a checkpoint without auxiliary BNs (the released ones): copy the main ones.
+    assignments, twins_to_copy = advprop.finetune_without_missing_twins(
+        state.model, assignments, set(checkpoints.variable_shapes(source)))
     checkpoints.restore(checkpoints.plain_names_without_shadows(assignments, source), source,
                         what=f"{config.model_name} ({plan.num_classes} classes) for fine-tuning",
                         classifier_scopes=plan.model_config.classifier_scopes)
+    with state.strategy.scope():
+        advprop.copy_main_into_auxiliary(twins_to_copy)
     if state.ema is not None:
         with state.strategy.scope():
             for name, variable in state.model.variables_by_name.items():

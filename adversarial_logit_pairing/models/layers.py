@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import tensorflow as tf
 
-from adversarial_logit_pairing import precision
+from adversarial_logit_pairing import advprop, precision
 from adversarial_logit_pairing.checkpoints import variable_name
 
 if TYPE_CHECKING:
@@ -233,6 +233,9 @@ class BatchNorm(Layer):
         )
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        twin = advprop.twin_in_use(self)
+        if twin is not None:  # AdvProp: this pass runs through the auxiliary batch norms
+            return twin(x, is_training)
         # The fused op normalises a float16/bfloat16 ``x`` with float32 scale, offset and
         # statistics (and returns float32 batch statistics), so those are never cast.
         gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], tf.float32)
@@ -621,6 +624,9 @@ class UnfusedBatchNorm(BatchNorm):
     """
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        twin = advprop.twin_in_use(self)
+        if twin is not None:  # AdvProp: this pass runs through the auxiliary batch norms
+            return twin(x, is_training)
         if not is_training:
             return super().__call__(x, is_training)
         gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], tf.float32)

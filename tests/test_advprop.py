@@ -26,6 +26,7 @@ from adversarial_logit_pairing import (
 )
 from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.models import efficientnet, get_model_config, register_model
+from tests.data_builders import write_tiny_imagenet_tfrecords
 
 NUM_CLASSES = 200  # tiny_imagenet, so that training.validate gives the plan of these runs
 SIZE, BATCH = 16, 4
@@ -227,8 +228,9 @@ def _save_training_checkpoint(directory, state):
 
 
 def test_evaluation_and_export_never_read_the_auxiliary_batch_norms(tmp_path):
-    """A training checkpoint holds the twins (and their shadows), a restart resumes them, and
-    eval/export read only the main variables: twins set to NaN change nothing there."""
+    """A training checkpoint holds the twins (and their shadows) and a restart resumes them;
+    eval.py's Evaluator and export read only the main variables: with the twins set to NaN
+    they give the same logits as from a checkpoint without any twin."""
     state = _state("resnet_v2_tiny")
     _make_twins_differ(state.model)
     for name, variable in state.model.variables_by_name.items():
@@ -237,36 +239,49 @@ def test_evaluation_and_export_never_read_the_auxiliary_batch_norms(tmp_path):
         if f"/{advprop.AUX_SCOPE}/" in name:
             variable.assign(tf.fill(variable.shape, np.nan))
             state.ema.shadow(name).assign(tf.fill(variable.shape, np.nan))
-    prefix = _save_training_checkpoint(tmp_path / "train", state)
-    stored = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    with_twins = _save_training_checkpoint(tmp_path / "train", state)
+    stored = tf.train.load_checkpoint(with_twins).get_variable_to_shape_map()
     twins = _aux_names(state.model.variables_by_name)
     assert len(twins) == 4 * 10  # 10 batch norms x (gamma, beta, moving mean and variance)
     assert set(twins) | {name + EMA for name in twins} <= set(stored)
+    # The same checkpoint without the twins, written by TF1.
+    reader = tf.train.load_checkpoint(with_twins)
+    without_twins = _write_tf1_checkpoint(
+        str(tmp_path / "plain/model.ckpt"),
+        {name: reader.get_tensor(name) for name in stored if "/aux/" not in name})
+    # Evaluation (clean, with the shadows as eval.py's default) and export.
+    data_dir = str(tmp_path / "data")
+    write_tiny_imagenet_tfrecords(data_dir, num_train=0, num_val=8, image_size=SIZE)
+    config = evaluation.EvalConfig(
+        model_name="resnet_v2_tiny", dataset="tiny_imagenet", dataset_image_size=SIZE,
+        tiny_imagenet_data_dir=data_dir, hparams="eval_batch_size=4", moving_average_decay=0.99,
+        num_examples=8)
+    evaluator = evaluation.Evaluator(config)
+    logits = []
+    for prefix in (with_twins, without_twins):
+        config.predictions_file = str(tmp_path / f"predictions{len(logits)}.npz")
+        evaluator.evaluate(prefix)
+        logits.append(np.load(config.predictions_file)["logits"])
+    assert not _aux_names(evaluator.model.variables_by_name)
+    assert np.isfinite(logits[0]).all()
+    np.testing.assert_array_equal(logits[0], logits[1])
+    images = tf.random.stateless_uniform([BATCH, SIZE, SIZE, 3], [1, 2], -1, 1)
+    for decay in (0.99, -1):
+        exported = [export.restore_model(prefix, "resnet_v2_tiny", NUM_CLASSES, decay)(
+            images, is_training=False).numpy() for prefix in (with_twins, without_twins)]
+        assert np.isfinite(exported[0]).all()
+        np.testing.assert_array_equal(exported[0], exported[1])
     # A restart resumes the twins with the rest of the training state.
     resumed = _state("resnet_v2_tiny", seed=3)
-    config = training.TrainConfig(output_dir=str(tmp_path / "train"), model_name="resnet_v2_tiny",
-                                  dataset="tiny_imagenet", hparams=HPARAMS,
-                                  moving_average_decay=0.99)
-    assert training.restore_or_finetune(resumed, config, training.validate(config)) == prefix
+    config = training.TrainConfig(output_dir=str(tmp_path / "train"),
+                                  model_name="resnet_v2_tiny", dataset="tiny_imagenet",
+                                  hparams=HPARAMS, moving_average_decay=0.99)
+    assert training.restore_or_finetune(resumed, config, training.validate(config)) == with_twins
     for name, variable in resumed.model.variables_by_name.items():
         np.testing.assert_array_equal(variable.numpy(),
                                       state.model.variables_by_name[name].numpy())
-    # Evaluation and export: the model eval.py builds, restored as it restores.
-    images = tf.random.stateless_uniform([BATCH, SIZE, SIZE, 3], [1, 2], -1, 1)
-    reader = tf.train.load_checkpoint(prefix)
-    for decay in (0.99, -1):
-        suffix = EMA if decay > 0 else ""
-        reference = model_lib.get_model("resnet_v2_tiny", NUM_CLASSES)
-        for name, variable in reference.variables_by_name.items():
-            variable.assign(reader.get_tensor(name + suffix))
-        expected = reference(images, is_training=False).numpy()
-        assert np.isfinite(expected).all()
-        evaluated = model_lib.get_model("resnet_v2_tiny", NUM_CLASSES)
-        checkpoints.restore(evaluation.restore_assignments(evaluated, decay), prefix)
-        exported = export.restore_model(prefix, "resnet_v2_tiny", NUM_CLASSES, decay)
-        for model in (evaluated, exported):
-            assert not _aux_names(model.variables_by_name)
-            np.testing.assert_array_equal(model(images, is_training=False).numpy(), expected)
+        np.testing.assert_array_equal(resumed.ema.shadow(name).numpy(),
+                                      state.ema.shadow(name).numpy())
 
 
 def _write_tf1_checkpoint(prefix, values):

@@ -89,11 +89,13 @@ def attack_fn(model: ImageClassifier, description: str, cast_once: bool = True) 
 def make_train_step(model_name: str, attack: str = "pgdll_16_2_10", lp_weight: float = 0.5,
                     num_classes: int = TINY_IMAGENET.stored_classes,
                     compute_dtype: str = "float32",
-                    moving_average_decay: float = 0.9999) -> tuple[Callable, ImageClassifier]:
+                    moving_average_decay: float = 0.9999,
+                    advprop: bool = False) -> tuple[Callable, ImageClassifier]:
     """What ``train.py`` builds and runs each step, without data or checkpoints.
 
     ``training.build_train_state`` (model, TF1 RMSProp, schedule, moving average, loss scale)
-    and ``training.make_train_step``: ALP (or clean, ``attack='clean'``).
+    and ``training.make_train_step``: ALP (or clean, ``attack='clean'``); with ``advprop``
+    the AdvProp step (attack through the auxiliary batch norms, two training passes on B).
 
     Returns:
       ``step(images, labels) -> total_loss`` and the model it trains (for the bounds).
@@ -101,7 +103,7 @@ def make_train_step(model_name: str, attack: str = "pgdll_16_2_10", lp_weight: f
     from adversarial_logit_pairing import training
 
     hparams = model_lib.default_hparams().parse(
-        f"train_adv_method={attack},train_lp_weight={lp_weight}")
+        f"train_adv_method={attack},train_lp_weight={lp_weight},advprop={advprop}")
     strategy = tf.distribute.get_strategy()
     state = training.build_train_state(
         strategy, model_name, num_classes, hparams,

@@ -1,4 +1,5 @@
-"""Speed of the ALP training step against its bound, and of clean training against Keras fit.
+"""Speed of the ALP and AdvProp training steps against their bounds, and of clean training
+against Keras fit.
 
   python bench/train_step.py [--model=resnet_v2_50] [--image_size=64] [--batch_size=32]
                              [--repetitions=5] [--dtypes=float32,bfloat16]
@@ -10,6 +11,10 @@ Rows, per compute dtype, timed in interleaved rounds (``bench/_timing.interleave
   TF1 RMSProp, moving average) against its bound: 10 input-gradient passes on B images plus one
   training forward/backward on 2B (``make_training_pass``). The step also runs the attack's
   label pass and the optimizer/EMA updates, which the bound leaves out.
+* AdvProp step (the same attack and pairing, ``advprop=true``): the attack through the
+  auxiliary batch norms, then two training passes on B (clean through the main batch norms,
+  adversarial through the auxiliary ones), against its bound (10 input-gradient passes on B
+  plus two training forward/backward passes on B) and against the ALP step.
 * clean step (``train_adv_method=clean``) against its bound (one training pass on B), and
   against ``tf_keras.Model.fit`` of the same network (wrapped in a Keras model, RMSprop, no
   moving average, the same in-memory batch repeated), time per step.
@@ -67,12 +72,19 @@ def keras_fit(model, images, labels, steps: int):
     return run
 
 
+# Compute dtype -> median over rounds of AdvProp step time / ALP step time (``measure``).
+ADVPROP_VS_ALP: dict[str, float] = {}
+
+
 def measure(dtype: str, images, labels) -> list[list[object]]:
-    """The two table rows (ALP step, clean step) of one compute dtype."""
+    """The three table rows (ALP step, AdvProp step, clean step) of one compute dtype."""
     b, n = FLAGS.batch_size, FLAGS.fit_steps
     double = (tf.concat([images, images], 0), tf.concat([labels, labels], 0))
     alp, model = _steps.make_train_step(FLAGS.model, "pgdll_16_2_10", 0.5, FLAGS.num_classes,
                                         dtype)
+    advprop, advprop_model = _steps.make_train_step(FLAGS.model, "pgdll_16_2_10", 0.5,
+                                                    FLAGS.num_classes, dtype, advprop=True)
+    advprop_pass = _steps.make_training_pass(advprop_model, FLAGS.num_classes)
     clean, _ = _steps.make_train_step(FLAGS.model, "clean", 0.0, FLAGS.num_classes, dtype)
     gradient = _steps.input_gradient_fn(model)
     training_pass = _steps.make_training_pass(model, FLAGS.num_classes)
@@ -83,9 +95,17 @@ def measure(dtype: str, images, labels) -> list[list[object]]:
             gradient(images, labels)
         return training_pass(*double)
 
+    def advprop_bound():
+        for _ in range(10):
+            gradient(images, labels)
+        advprop_pass(images, labels)
+        return advprop_pass(images, labels)
+
     contenders = {
         "alp": lambda: alp(images, labels),
         "alp_bound": alp_bound,
+        "advprop": lambda: advprop(images, labels),
+        "advprop_bound": advprop_bound,
         "clean": lambda: [clean(images, labels) for _ in range(n)][-1],
         "clean_bound": lambda: [training_pass(images, labels) for _ in range(n)][-1],
     }
@@ -93,10 +113,14 @@ def measure(dtype: str, images, labels) -> list[list[object]]:
         contenders["fit"] = fit
     times = _timing.interleaved_seconds(contenders, FLAGS.repetitions)
     alp_s = float(np.median(times["alp"]))
+    advprop_s = float(np.median(times["advprop"]))
+    ADVPROP_VS_ALP[dtype] = _timing.median_ratio(times["advprop"], times["alp"])
     clean_s = float(np.median(times["clean"])) / n
     return [
         ["ALP pgdll_16_2_10 lp 0.5", dtype, b / alp_s, alp_s,
          _timing.median_ratio(times["alp"], times["alp_bound"]), ""],
+        ["AdvProp pgdll_16_2_10 lp 0.5", dtype, b / advprop_s, advprop_s,
+         _timing.median_ratio(times["advprop"], times["advprop_bound"]), ""],
         ["clean", dtype, b / clean_s, clean_s,
          _timing.median_ratio(times["clean"], times["clean_bound"]),
          _timing.median_ratio(times["fit"], times["clean"]) if "fit" in times else "n/a"],
@@ -119,9 +143,12 @@ def main(argv: list[str]) -> None:
     print(_timing.table(["step", "dtype", "images/s", "s/step", "step / bound",
                          "speed vs Keras fit"], rows))
     print("\nALP bound = 10 input-gradient passes on B + one training forward/backward on 2B "
-          "(target <= 1.10); clean bound = one training forward/backward on B; speed vs Keras "
-          "fit = fit's time per step / ours (ours also applies weight decay and a moving "
-          "average)")
+          "(target <= 1.10); AdvProp bound = 10 input-gradient passes on B + two training "
+          "forward/backward passes on B; clean bound = one training forward/backward on B; "
+          "speed vs Keras fit = fit's time per step / ours (ours also applies weight decay "
+          "and a moving average)")
+    for dtype, ratio in ADVPROP_VS_ALP.items():
+        print(f"AdvProp step / ALP step ({dtype}): {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -53,11 +53,12 @@ def test_attack_bench_prints_a_row_per_attack_and_dtype():
     assert all(value > 0 for row in rows for value in numbers(row))
 
 
-def test_train_step_bench_prints_alp_and_clean_rows():
+def test_train_step_bench_prints_alp_advprop_and_clean_rows():
     output = run_bench("train_step.py", *TINY, "--repetitions=1", "--dtypes=float32",
                        "--fit_steps=1")
     rows = table_rows(output, "step")
-    assert [row[0] for row in rows] == ["ALP", "clean"]
+    assert [row[0] for row in rows] == ["ALP", "AdvProp", "clean"]
+    assert re.search(r"AdvProp step / ALP step \(float32\): \d+\.\d\d", output)
     assert all(numbers(row) and all(v > 0 for v in numbers(row)) for row in rows)
 
 

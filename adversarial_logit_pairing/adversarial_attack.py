@@ -95,6 +95,11 @@ def _split_seed(seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return pair[0], pair[1]
 
 
+def _as_seed(seed: Seed) -> Optional[tf.Tensor]:
+    """None, or the stateless seed as an int64 tensor."""
+    return None if seed is None else tf.cast(tf.convert_to_tensor(seed), tf.int64)
+
+
 def _uniform(shape, minval, maxval, dtype, seed: Optional[tf.Tensor]) -> tf.Tensor:
     if seed is None:
         return tf.random.uniform(shape, minval, maxval, dtype=dtype)
@@ -112,7 +117,7 @@ def _weights_cast_once(model_fn: ModelFn) -> contextlib.AbstractContextManager:
     return cast_weights() if callable(cast_weights) else contextlib.nullcontext()
 
 
-# PGD steps per tf.while_loop iteration (see _pgd_graph).
+# PGD steps per tf.while_loop iteration (see pgd).
 STEPS_PER_ITERATION = 5
 
 
@@ -129,7 +134,7 @@ def _repeat(step: Callable[[tf.Tensor], tf.Tensor], steps: int, count: int,
     return x
 
 
-def _pgd_graph(
+def pgd(
     x: tf.Tensor,
     bounds: tuple[float, float],
     model_fn: ModelFn,
@@ -137,12 +142,44 @@ def _pgd_graph(
     step_size: float,
     num_iter: int,
     labels: tf.Tensor,
-    targeted: bool,
-    seed: Optional[tf.Tensor],
+    targeted: bool = False,
+    seed: Seed = None,
 ) -> tf.Tensor:
-    """The PGD computation; traced inside the caller's graph or a cached tf.function."""
+    """L-infinity projected gradient descent (Madry et al.) as the original ALP code runs it.
+
+    Starts at ``x + uniform(-eps, eps)`` clipped to the box ``[max(x-eps, lo), min(x+eps, hi)]``;
+    each of ``num_iter`` steps moves by ``step_size * sign(grad)`` of the summed softmax
+    cross-entropy of ``labels`` (up when untargeted, down when targeted) and clips to the box.
+
+    Args:
+      x: images [N, H, W, C] within ``bounds``.
+      bounds: (lo, hi) range of valid inputs.
+      model_fn: maps images to logits [N, K]; call it in inference mode (BN moving statistics).
+      eps: radius of the L-infinity box, in model units.
+      step_size: size of one step, in model units.
+      num_iter: number of gradient steps (a Python int).
+      labels: int class indices [N]: the label to move away from, or the target.
+      targeted: whether to descend (target) instead of ascend the loss.
+      seed: None to use the global RNG, or a shape-[2] integer seed for stateless random
+        numbers (the same seed gives the same output).
+
+    Returns:
+      Adversarial images, same shape and dtype as ``x``; no gradient flows through them.
+    """
+    if tf.executing_eagerly():
+        settings = ((float(bounds[0]), float(bounds[1])), float(eps), float(step_size),
+                    int(num_iter), bool(targeted))
+        compiled = compiled_for(
+            model_fn, ("pgd", settings),
+            lambda model_fn, x, labels, seed: pgd(x, settings[0], model_fn, *settings[1:4],
+                                                  labels, settings[4], seed),
+        )
+        return compiled(x, labels, _as_seed(seed))
+    # In a graph (the caller's, or the cached function above).
+    seed = _as_seed(seed)
+    lo, hi = float(bounds[0]), float(bounds[1])
+    eps, step_size, num_iter = float(eps), float(step_size), int(num_iter)
     x = tf.convert_to_tensor(x)
-    lo, hi = bounds
     box_lo = tf.maximum(x - eps, lo)
     box_hi = tf.minimum(x + eps, hi)
     noise = _uniform(tf.shape(x), -eps, eps, x.dtype, seed)
@@ -279,55 +316,6 @@ def compiled_for(model_fn: Callable, key: tuple, graph_fn: Callable) -> Callable
     return functools.partial(step, model_fn)
 
 
-def pgd(
-    x: tf.Tensor,
-    bounds: tuple[float, float],
-    model_fn: ModelFn,
-    eps: float,
-    step_size: float,
-    num_iter: int,
-    labels: tf.Tensor,
-    targeted: bool = False,
-    seed: Seed = None,
-) -> tf.Tensor:
-    """L-infinity projected gradient descent (Madry et al.) as the original ALP code runs it.
-
-    Starts at ``x + uniform(-eps, eps)`` clipped to the box ``[max(x-eps, lo), min(x+eps, hi)]``;
-    each of ``num_iter`` steps moves by ``step_size * sign(grad)`` of the summed softmax
-    cross-entropy of ``labels`` (up when untargeted, down when targeted) and clips to the box.
-
-    Args:
-      x: images [N, H, W, C] within ``bounds``.
-      bounds: (lo, hi) range of valid inputs.
-      model_fn: maps images to logits [N, K]; call it in inference mode (BN moving statistics).
-      eps: radius of the L-infinity box, in model units.
-      step_size: size of one step, in model units.
-      num_iter: number of gradient steps (a Python int).
-      labels: int class indices [N]: the label to move away from, or the target.
-      targeted: whether to descend (target) instead of ascend the loss.
-      seed: None to use the global RNG, or a shape-[2] integer seed for stateless random
-        numbers (the same seed gives the same output).
-
-    Returns:
-      Adversarial images, same shape and dtype as ``x``; no gradient flows through them.
-    """
-    lo, hi = float(bounds[0]), float(bounds[1])
-    settings = ((lo, hi), float(eps), float(step_size), int(num_iter), bool(targeted))
-    if seed is not None:
-        seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
-    if not tf.executing_eagerly():
-        return _pgd_graph(
-            x, (lo, hi), model_fn, float(eps), float(step_size), int(num_iter), labels,
-            bool(targeted), seed,
-        )
-    compiled = compiled_for(
-        model_fn, ("pgd", settings),
-        lambda model_fn, x, labels, seed: _pgd_graph(x, (lo, hi), model_fn, *settings[1:4],
-                                                     labels, settings[4], seed),
-    )
-    return compiled(x, labels, seed)
-
-
 def _attack_graph(
     x: tf.Tensor,
     bounds: tuple[float, float],
@@ -356,7 +344,7 @@ def _attack_graph(
                 labels = tf.random.stateless_uniform(
                     batch, seed=target_seed, minval=0, maxval=num_classes, dtype=tf.int64
                 )
-        return _pgd_graph(
+        return pgd(
             x, (lo, hi), model_fn, spec.eps * scale, spec.step * scale, spec.num_iter,
             tf.stop_gradient(labels), spec.method != "pgd", start_seed,
         )
@@ -395,8 +383,7 @@ def generate_adversarial_examples(
     if spec.is_clean:
         return x
     bounds = (float(bounds[0]), float(bounds[1]))
-    if seed is not None:
-        seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+    seed = _as_seed(seed)
     if not tf.executing_eagerly():
         return _attack_graph(x, bounds, model_fn, spec, seed)
     # Compiling the label pass with the loop matters: run eagerly, a ResNet forward is
@@ -432,8 +419,7 @@ class Attack:
         """The adversarial examples of ``x`` (``x`` itself for 'clean'); see ``seed`` above."""
         if self.spec.is_clean:
             return x
-        if seed is not None:
-            seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+        seed = _as_seed(seed)
         if not tf.executing_eagerly():
             return _attack_graph(x, self.bounds, self.model_fn, self.spec, seed)
         return self._compiled(x, seed)

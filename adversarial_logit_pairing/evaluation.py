@@ -33,7 +33,6 @@ import dataclasses
 import io
 import os
 import time
-from collections.abc import Iterator
 from typing import Callable, Optional
 
 import numpy as np
@@ -51,11 +50,10 @@ from adversarial_logit_pairing import (
     tf_error_text,
 )
 from adversarial_logit_pairing.checkpoints import EMA_SUFFIX
-from adversarial_logit_pairing.datasets import dataset_factory
+from adversarial_logit_pairing.datasets import dataset_factory, dataset_facts
 from adversarial_logit_pairing.errors import CheckpointError, ConfigError, DataError
 from adversarial_logit_pairing.models import ModelConfig, get_model_config
 from adversarial_logit_pairing.progress import ProgressLog
-from adversarial_logit_pairing.training import data_dir_for
 
 
 @dataclasses.dataclass
@@ -131,6 +129,14 @@ class EvalPlan:
     data_dir: Optional[str]
 
 
+def refuse_multi_worker(multi_worker: bool) -> None:
+    """Evaluation runs as one process; eval.py checks its flag before a cluster would start."""
+    if multi_worker:
+        raise ConfigError("--strategy=multi_worker is for training; run eval.py as one process "
+                          "(--strategy=default or mirrored) beside the cluster, on the chief's "
+                          "--output_dir")
+
+
 def validate(config: EvalConfig,
              strategy: Optional[tf.distribute.Strategy] = None) -> EvalPlan:
     """Checks every flag and its fit with the strategy; opens no file.
@@ -144,9 +150,7 @@ def validate(config: EvalConfig,
     if config.split_name not in ("train", "validation"):
         raise ConfigError(f"--split_name={config.split_name}: expected 'train' or 'validation'")
     strategy = strategy or tf.distribute.get_strategy()
-    if distribution.num_workers(strategy) > 1:
-        raise ConfigError("--strategy=multi_worker is for training; run eval.py as one "
-                          "process (--strategy=default or mirrored) beside the cluster")
+    refuse_multi_worker(distribution.num_workers(strategy) > 1)
     batch_size, replicas = hparams.eval_batch_size, strategy.num_replicas_in_sync
     if batch_size % replicas:
         raise ConfigError(f"eval_batch_size={batch_size} must be a multiple of the "
@@ -161,8 +165,7 @@ def validate(config: EvalConfig,
         raise ConfigError(f"--num_examples={num_examples} is smaller than one batch "
                           f"(eval_batch_size={batch_size}); nothing to evaluate")
     return EvalPlan(batch_size, num_examples, num_batches, model_config, num_classes,
-                    data_dir_for(config.dataset, config.imagenet_data_dir,
-                                 config.tiny_imagenet_data_dir))
+                    dataset_facts.data_dir(config.dataset, config))
 
 
 def make_eval_step(strategy: tf.distribute.Strategy, model, adv_method: str,
@@ -244,10 +247,11 @@ class Evaluator:
         batches = iter(self.strategy.experimental_distribute_dataset(
             self.dataset.take(self.num_batches)))
         for batch_index in range(self.num_batches):
-            batch = self._next_batch(batches)
-            if batch is None:
+            try:
+                images, labels = dataset_factory.next_batch(
+                    batches, config.dataset, config.split_name, self.data_dir, self.model_config)
+            except StopIteration:
                 break
-            images, labels = batch
             c, t, logits = self._eval_step(images, labels, tf.constant(batch_index, tf.int64))
             correct, top5, seen = correct + int(c), top5 + int(t), seen + self.batch_size
             if config.predictions_file:
@@ -267,20 +271,6 @@ class Evaluator:
             config.adv_method or "clean", seen, config.dataset, config.split_name, step,
             accuracy, top5_rate)
         return EvalResult(checkpoint_path, step, accuracy, top5_rate, seen)
-
-    def _next_batch(self, batches: Iterator) -> Optional[tuple]:
-        """The next batch, None when the split ended; a bad record is named in a DataError."""
-        try:
-            return next(batches)
-        except StopIteration:
-            return None
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-            where = dataset_factory.locate_bad_record(
-                self.config.dataset, self.config.split_name, self.data_dir, self.model_config)
-            raise DataError(
-                f"bad {self.config.split_name} record: {where or 'unknown record'} "
-                f"({tf_error_text.reason(exc)})"
-            ) from None
 
     def _check_seen(self, seen: int) -> None:
         """Refuses a split without one full batch; warns when it ended before the count."""

@@ -19,6 +19,7 @@ from adversarial_logit_pairing.errors import ConfigError
 CHOICES = {
     "optimizer": ("rms", "momentum", "adam"),
     "lr_schedule": ("exp_decay", "step", "fixed"),
+    "augment": ("none", "autoaugment", "randaugment"),
 }
 
 _TRUE = ("true", "1")
@@ -239,8 +240,10 @@ def validate(values: dict[str, Any]) -> None:
     Raises:
       ConfigError: for ``lr_schedule=step``, ``lr_list`` must have one more entry than
         ``lr_decay_epochs`` (a value before each boundary and one after the last), and the
-        boundaries must not decrease.
+        boundaries must not decrease; a negative warm-up, RandAugment setting, or a
+        ``drop_connect_rate`` outside [0, 1) other than -1.
     """
+    _validate_efficientnet_recipe(values)
     if values.get("lr_schedule") != "step":
         return
     lr_list = values.get("lr_list", [])
@@ -253,6 +256,16 @@ def validate(values: dict[str, Any]) -> None:
         )
     if any(b < a for a, b in zip(epochs, epochs[1:])):
         raise ConfigError(f"hparam 'lr_decay_epochs': must not decrease, got {epochs}")
+
+
+def _validate_efficientnet_recipe(values: dict[str, Any]) -> None:
+    for name in ("lr_warmup_epochs", "randaugment_num_layers", "randaugment_magnitude"):
+        if values.get(name, 0) < 0:
+            raise ConfigError(f"hparam '{name}': must be >= 0, got {values[name]}")
+    rate = values.get("drop_connect_rate", -1.0)
+    if rate != -1.0 and not 0.0 <= rate < 1.0:
+        raise ConfigError(f"hparam 'drop_connect_rate': expected -1 (the model's own) or a "
+                          f"rate in [0, 1), got {rate}")
 
 
 def default_hparams() -> HParams:
@@ -282,4 +295,16 @@ def default_hparams() -> HParams:
         lr_num_epochs_per_decay=2.0,
         lr_list=[1.0 / 6, 2.0 / 6, 3.0 / 6, 4.0 / 6, 5.0 / 6, 1.0, 0.1, 0.01, 0.001, 0.0001],
         lr_decay_epochs=[1, 2, 3, 4, 5, 30, 60, 80, 90],
+        # Not in the original; the tensorflow/tpu EfficientNet recipe (defaults: off).
+        # Linear warm-up of the learning rate from 0 over this many epochs (EfficientNet: 5).
+        lr_warmup_epochs=0.0,
+        # Training-image augmentation after crop, resize and flip: 'none', 'autoaugment'
+        # (policy v0) or 'randaugment' (N layers at magnitude M; tensorflow/tpu's 2 and 10).
+        augment="none",
+        randaugment_num_layers=2,
+        randaugment_magnitude=10.0,
+        # Drop-connect: the last residual block's drop probability, earlier blocks' scaled
+        # down linearly; -1: the model's own (EfficientNet 0.2), 0: off. Only models with
+        # drop-connect (EfficientNet) accept a positive rate.
+        drop_connect_rate=-1.0,
     )

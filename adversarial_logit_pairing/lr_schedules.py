@@ -1,4 +1,5 @@
-"""Learning-rate schedules of the original: staircase exponential decay, steps, constant.
+"""Learning-rate schedules of the original: staircase exponential decay, steps, constant;
+optionally after a linear warm-up (tensorflow/tpu EfficientNet's ``build_learning_rate``).
 
 A schedule is a callable ``schedule(global_step) -> float32 scalar tensor`` that works eagerly,
 inside ``tf.function`` and under XLA, for a Python int or an int64 tensor/variable step. The
@@ -125,13 +126,67 @@ class ConstantLearningRate(LearningRateSchedule):
         return f"ConstantLearningRate({self.learning_rate}, scale={self.scale})"
 
 
+class LinearWarmup(LearningRateSchedule):
+    """``learning_rate * step / warmup_steps`` before ``warmup_steps``, then ``schedule(step)``.
+
+    As tensorflow/tpu's EfficientNet: the warm-up rises from 0 towards ``learning_rate`` and
+    then hands over to the decaying schedule at its value for that step (already decayed by
+    the decays the warm-up spanned: 0.97^2 after 5 epochs of 2.4-epoch decays), without
+    restarting it. ``scale`` (``replicas_to_aggregate``) multiplies both parts.
+    """
+
+    def __init__(self, schedule: LearningRateSchedule, learning_rate: float,
+                 warmup_steps: int) -> None:
+        super().__init__(schedule.scale)
+        if warmup_steps < 1:
+            raise ConfigError(f"warmup_steps must be >= 1, got {warmup_steps}")
+        self.schedule = schedule
+        self.learning_rate = learning_rate
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step: Step) -> tf.Tensor:
+        step = tf.cast(step, tf.int64)
+        warm = self._warm(step)
+        if self.scale != 1:
+            warm = warm * tf.constant(self.scale, tf.float32)
+        return tf.where(step < self.warmup_steps, warm, self.schedule(step))
+
+    def unscaled(self, step: Step) -> tf.Tensor:
+        step = tf.cast(step, tf.int64)
+        return tf.where(step < self.warmup_steps, self._warm(step), self.schedule.unscaled(step))
+
+    def _warm(self, step: tf.Tensor) -> tf.Tensor:
+        # The original's float32 arithmetic: lr * float(step) / float(warmup_steps).
+        return (tf.constant(self.learning_rate, tf.float32) * tf.cast(step, tf.float32)
+                / tf.cast(self.warmup_steps, tf.float32))
+
+    def __repr__(self) -> str:
+        return (f"LinearWarmup({self.schedule!r}, learning_rate={self.learning_rate}, "
+                f"warmup_steps={self.warmup_steps})")
+
+
+def _with_warmup(schedule: LearningRateSchedule, hparams: Any,
+                 steps_per_epoch: float) -> LearningRateSchedule:
+    """Wraps ``schedule`` in the ``lr_warmup_epochs`` warm-up, if any."""
+    epochs = getattr(hparams, "lr_warmup_epochs", 0.0)
+    if epochs <= 0:
+        return schedule
+    warmup_steps = int(epochs * steps_per_epoch)
+    if warmup_steps < 1:
+        raise ConfigError(f"hparam 'lr_warmup_epochs': {epochs} epochs of {steps_per_epoch:g} "
+                          "steps is less than one step; use more epochs or a smaller batch")
+    return LinearWarmup(schedule, hparams.learning_rate, warmup_steps)
+
+
 def get_lr_schedule(hparams: Any, examples_per_epoch: int,
                     replicas_to_aggregate: int = 1) -> tuple[LearningRateSchedule, float]:
     """Builds the learning-rate schedule the hparams ask for.
 
     Args:
       hparams: hyper-parameters (``batch_size``, ``lr_schedule``, ``learning_rate``,
-        ``lr_decay_factor``, ``lr_num_epochs_per_decay``, ``lr_list``, ``lr_decay_epochs``).
+        ``lr_decay_factor``, ``lr_num_epochs_per_decay``, ``lr_list``, ``lr_decay_epochs``,
+        ``lr_warmup_epochs``: > 0 puts ``LinearWarmup`` of ``int(epochs * steps_per_epoch)``
+        steps towards ``learning_rate`` in front of any schedule).
       examples_per_epoch: number of training examples per epoch.
       replicas_to_aggregate: number of replicas whose gradients make one update; when > 0 it
         divides the steps per epoch and multiplies the rate, as in the original.
@@ -141,8 +196,8 @@ def get_lr_schedule(hparams: Any, examples_per_epoch: int,
       number of optimizer steps per epoch.
 
     Raises:
-      ConfigError: unknown ``lr_schedule``; a decay interval shorter than one step; for
-        'step', lists of the wrong lengths or decreasing boundaries.
+      ConfigError: unknown ``lr_schedule``; a decay interval or a warm-up shorter than one
+        step; for 'step', lists of the wrong lengths or decreasing boundaries.
     """
     steps_per_epoch = float(examples_per_epoch) / float(hparams.batch_size)
     scale = 1
@@ -160,16 +215,19 @@ def get_lr_schedule(hparams: Any, examples_per_epoch: int,
                 f"{hparams.batch_size} / {max(replicas_to_aggregate, 1)} replicas) is less than "
                 "one step between decays; use more epochs per decay or a smaller batch"
             )
-        return (StaircaseExponentialDecay(hparams.learning_rate, decay_steps,
-                                          hparams.lr_decay_factor, scale), steps_per_epoch)
+        schedule = StaircaseExponentialDecay(hparams.learning_rate, decay_steps,
+                                             hparams.lr_decay_factor, scale)
+        return _with_warmup(schedule, hparams, steps_per_epoch), steps_per_epoch
     if hparams.lr_schedule == "step":
         validate(hparams.values())
         boundaries = [int(epoch * steps_per_epoch) for epoch in hparams.lr_decay_epochs]
         # lr_list holds the rates themselves: the original did not multiply them by
         # learning_rate.
-        return PiecewiseConstant(boundaries, hparams.lr_list, scale), steps_per_epoch
+        schedule = PiecewiseConstant(boundaries, hparams.lr_list, scale)
+        return _with_warmup(schedule, hparams, steps_per_epoch), steps_per_epoch
     if hparams.lr_schedule == "fixed":
-        return ConstantLearningRate(hparams.learning_rate, scale), steps_per_epoch
+        schedule = ConstantLearningRate(hparams.learning_rate, scale)
+        return _with_warmup(schedule, hparams, steps_per_epoch), steps_per_epoch
     raise ConfigError(
         f"hparam 'lr_schedule': expected one of exp_decay, step, fixed, got "
         f"'{hparams.lr_schedule}'"

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import tensorflow as tf
 
 from adversarial_logit_pairing.checkpoints import variable_name
+from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.hparams import HParams, default_hparams
 from adversarial_logit_pairing.lr_schedules import get_lr_schedule
 from adversarial_logit_pairing.models import ImageClassifier, create_model
@@ -26,6 +27,7 @@ __all__ = [
     "get_model",
     "parse_scopes",
     "filter_trainable_variables",
+    "set_drop_connect_rate",
     "variable_name",
 ]
 
@@ -44,6 +46,25 @@ def get_model(model_name: str, num_classes: int, seed: Optional[int] = None,
       ConfigError: (a ValueError) for an unknown model name.
     """
     return create_model(model_name, num_classes, seed=seed, compute_dtype=compute_dtype)
+
+
+def set_drop_connect_rate(model: ImageClassifier, rate: float) -> None:
+    """Applies the hparam ``drop_connect_rate`` to a model.
+
+    -1 keeps the model's own rate; a model without drop-connect (no
+    ``set_drop_connect_rate`` method) accepts only -1 and 0.
+
+    Raises:
+      ConfigError: naming the hparam, for a positive rate on a model without drop-connect.
+    """
+    if rate == -1:
+        return
+    setter = getattr(model, "set_drop_connect_rate", None)
+    if setter is not None:
+        setter(rate)
+    elif rate > 0:
+        raise ConfigError(f"hparam 'drop_connect_rate={rate}': {model.scope} has no "
+                          "drop-connect (EfficientNet models have); use -1 or 0")
 
 
 def parse_scopes(scopes: Union[None, str, Iterable[str]]) -> list[str]:

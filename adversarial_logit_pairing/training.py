@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Callable, Optional, Union
 
 import tensorflow as tf
@@ -57,6 +57,7 @@ from adversarial_logit_pairing import (
     advprop,
     checkpoints,
     distribution,
+    ensemble,
     model_lib,
     moving_average,
     optimizers,
@@ -64,7 +65,8 @@ from adversarial_logit_pairing import (
     summaries,
     tf_error_text,
 )
-from adversarial_logit_pairing.datasets import dataset_factory
+from adversarial_logit_pairing.datasets import dataset_factory, dataset_facts
+from adversarial_logit_pairing.datasets.autoaugment import Augmentation
 from adversarial_logit_pairing.errors import ConfigError, DataError, TrainingDivergedError
 from adversarial_logit_pairing.models import ImageClassifier, ModelConfig, get_model_config
 from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
@@ -97,6 +99,7 @@ class TrainConfig:
     sync_batch_norm: bool = False
     jit_compile: bool = False
     compute_dtype: str = "float32"
+    ensemble_sources: str = ""
 
 
 @dataclasses.dataclass
@@ -106,12 +109,6 @@ class TrainResult:
     global_step: int
     checkpoint_path: Optional[str]
     last_losses: dict
-
-
-def data_dir_for(dataset: str, imagenet_data_dir: Optional[str],
-                 tiny_imagenet_data_dir: Optional[str]) -> Optional[str]:
-    """The data directory flag that belongs to ``dataset``."""
-    return tiny_imagenet_data_dir if dataset == "tiny_imagenet" else imagenet_data_dir
 
 
 def smoothed_cross_entropy(one_hot: tf.Tensor, logits: tf.Tensor,
@@ -204,6 +201,7 @@ def finetune_assignments(model, checkpoint_path: str, exclude_scopes, trainable_
 
 
 SCALAR_OUTPUTS = ("loss_xent", "loss_lp", "loss_wd", "total_loss", "learning_rate")
+SCALAR_OUTPUTS += (ensemble.SOURCE_OUTPUT,)  # ensemble adversarial training only
 
 # Errors by which a multi-worker job learns that a peer died or stopped answering.
 _CLUSTER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
@@ -273,6 +271,7 @@ def make_train_step(
     jit_compile: bool = False,
     loss_scale: Optional[precision.LossScale] = None,
     num_micro_batches: int = 1,
+    static_sources: Sequence[ImageClassifier] = (),
 ) -> Callable:
     """The compiled training step: ``train_step(images, labels) -> outputs``.
 
@@ -288,6 +287,10 @@ def make_train_step(
     of all k x replicas gradients ONCE (one ``global_step``), and the moving average follows
     that update, as the original's SyncReplicasOptimizer did. The reported losses are means
     over the micro-batches too.
+
+    With ``static_sources`` (ensemble adversarial training, see ``ensemble``), each batch's
+    adversarial examples come from a source drawn among the model and them, reported as
+    ``adv_source``.
 
     Returns:
       A ``tf.function``; its outputs hold the loss terms and ``learning_rate`` averaged over
@@ -318,9 +321,15 @@ def make_train_step(
             # model.inference: a bfloat16/float16 model casts its weights once for the attack
             # (the training pass below keeps its own casts, which the tape differentiates).
             with advprop.attack_context(model, hparams):  # AdvProp: the auxiliary BNs
-                adv_images = adversarial_attack.generate_adversarial_examples(
-                    images, bounds, model.inference, hparams.train_adv_method, seed=step_seed,
-                )
+                if static_sources:
+                    adv_images, source = ensemble.adversarial_examples(
+                        images, bounds,
+                        [model.inference] + [s.inference for s in static_sources],
+                        hparams.train_adv_method, step_seed)
+                else:
+                    adv_images = adversarial_attack.generate_adversarial_examples(
+                        images, bounds, model.inference, hparams.train_adv_method,
+                        seed=step_seed)
             inputs = tf.concat([images, adv_images], axis=0)
             one_hot = tf.concat([one_hot, one_hot], axis=0)
         with tf.GradientTape() as tape:
@@ -335,6 +344,8 @@ def make_train_step(
         grads = tape.gradient(objective, trainable)
         if loss_scale is not None:
             grads = loss_scale.unscale(grads)
+        if static_sources and not attack.is_clean:
+            losses[ensemble.SOURCE_OUTPUT] = tf.cast(source, tf.float32)
         return grads, losses, adv_images
 
     # The loss terms step_fn reports (those alp_losses may return).
@@ -464,6 +475,8 @@ class TrainPlan:
         steps-per-epoch divisor (``learning_rate_replicas``).
       num_micro_batches: successive batches each replica accumulates per update.
       data_dir: the directory flag that belongs to ``--dataset``.
+      ensemble_sources: the static sources of ensemble adversarial training, checkpoints
+        resolved (``ensemble.check_sources``).
     """
 
     hparams: model_lib.HParams
@@ -473,11 +486,15 @@ class TrainPlan:
     lr_replicas: int
     num_micro_batches: int
     data_dir: Optional[str]
+    ensemble_sources: tuple[ensemble.StaticSource, ...] = ()
 
 
 def validate(config: TrainConfig,
              strategy: Optional[tf.distribute.Strategy] = None) -> TrainPlan:
-    """Checks every flag, hparam and their combinations with the strategy; opens no file.
+    """Checks every flag, hparam and their combinations with the strategy; opens no data file.
+
+    (The one file read is the index of each ``--ensemble_sources`` checkpoint: its names and
+    shapes.)
 
     A mistake in the command line should cost seconds, not the minutes of building a model
     and reading data (or, on a cluster, the wait for every worker).
@@ -486,7 +503,9 @@ def validate(config: TrainConfig,
       ConfigError: no ``output_dir``; bad hparams (attack, learning-rate schedule, optimizer);
         clean logit pairing with an odd batch; ``--jit_compile --sync_batch_norm`` off TPU on
         several replicas; a bad ``--replicas_to_aggregate``; float16 on several replicas; an
-        unknown model, data set or compute dtype.
+        unknown model, data set or compute dtype; ``--ensemble_sources`` that do not fit.
+      MissingCheckpointError, CheckpointError: an ``--ensemble_sources`` checkpoint missing or
+        unreadable.
     """
     if not config.output_dir:
         raise ConfigError("--output_dir has to be provided")
@@ -509,10 +528,12 @@ def validate(config: TrainConfig,
     # Schedule and optimizer hold no variables: making them checks their hparams, for nothing.
     model_lib.get_optimizer(hparams, model_lib.get_lr_schedule(
         hparams, examples_per_epoch, lr_replicas)[0])
+    num_classes = dataset_factory.num_classes(config.dataset, model_config)
+    sources = ensemble.check_sources(config.ensemble_sources, hparams.train_adv_method,
+                                     config.dataset, num_classes, config.dataset_image_size)
     return TrainPlan(
-        hparams, model_config, dataset_factory.num_classes(config.dataset, model_config),
-        examples_per_epoch, lr_replicas, lr_replicas // replicas,
-        data_dir_for(config.dataset, config.imagenet_data_dir, config.tiny_imagenet_data_dir))
+        hparams, model_config, num_classes, examples_per_epoch, lr_replicas,
+        lr_replicas // replicas, dataset_facts.data_dir(config.dataset, config), sources)
 
 
 def log_plan(config: TrainConfig, plan: TrainPlan, strategy: tf.distribute.Strategy) -> None:
@@ -545,6 +566,8 @@ class TrainState:
     optimizer: optimizers.TF1Optimizer
     ema: Optional[ExponentialMovingAverage]
     loss_scale: Optional[precision.LossScale]
+    # Frozen models the attack may use (ensemble adversarial training); not in checkpoints.
+    static_sources: tuple[ImageClassifier, ...] = ()
 
     def checkpoint_variables(self) -> dict[str, tf.Variable]:
         """Every variable a training checkpoint holds, by TF1 name."""
@@ -571,6 +594,7 @@ def build_train_state(
     sync_batch_norm: bool = False,
     compute_dtype: str = "float32",
     seed: int = 0,
+    ensemble_sources: Sequence[ensemble.StaticSource] = (),
 ) -> TrainState:
     """Builds the training state under ``strategy``'s scope, freshly initialised.
 
@@ -583,13 +607,16 @@ def build_train_state(
       moving_average_decay: ``moving_average.enabled`` decides whether there are shadows.
       trainable_scopes: ``--finetune_trainable_scopes``; None: every trainable variable.
       sync_batch_norm: normalise with the statistics of the global batch.
+      ensemble_sources: static sources, built frozen and restored from their checkpoints.
 
     Raises:
       ConfigError: ``trainable_scopes`` matches no variable of the model.
+      CheckpointError: an ``ensemble_sources`` checkpoint does not fit its model.
     """
     with strategy.scope():
         model = model_lib.get_model(model_name, num_classes, seed=seed,
                                     compute_dtype=compute_dtype)
+        model_lib.set_drop_connect_rate(model, hparams.drop_connect_rate)
         if sync_batch_norm:
             distribution.use_cross_replica_batch_norm(model)
         if advprop.enabled(hparams):
@@ -608,8 +635,10 @@ def build_train_state(
         ema = (ExponentialMovingAverage(moving_average_decay, model.variables_by_name)
                if moving_average.enabled(moving_average_decay) else None)
         loss_scale = precision.LossScale() if precision.needs_loss_scaling(compute_dtype) else None
+        static_sources = ensemble.build_static_sources(ensemble_sources, num_classes,
+                                                       compute_dtype)
     return TrainState(strategy, model, trainable, global_step, learning_rate, steps_per_epoch,
-                      optimizer, ema, loss_scale)
+                      optimizer, ema, loss_scale, static_sources)
 
 
 def restore_or_finetune(state: TrainState, config: TrainConfig, plan: TrainPlan) -> Optional[str]:
@@ -666,7 +695,8 @@ def training_input(config: TrainConfig, plan: TrainPlan,
     replicas = strategy.num_replicas_in_sync
     dataset, _, _, _ = dataset_factory.get_dataset(
         config.dataset, "train", plan.hparams.batch_size * replicas, config.dataset_image_size,
-        is_training=True, data_dir=plan.data_dir, model_config=plan.model_config)
+        is_training=True, data_dir=plan.data_dir, model_config=plan.model_config,
+        augmentation=Augmentation.from_hparams(plan.hparams))
     dataset_factory.log_image_size(plan.model_config, config.dataset_image_size)
     dataset = group_micro_batches(dataset, plan.num_micro_batches, replicas)
     workers = distribution.num_workers(strategy)
@@ -700,20 +730,6 @@ def prepare_output_dir(output_dir: str, strategy: tf.distribute.Strategy) -> str
     elif tf.io.gfile.exists(save_dir):
         tf.io.gfile.rmtree(save_dir)
     return save_dir
-
-
-def next_batch(batches: Iterator, config: TrainConfig, plan: TrainPlan) -> tuple:
-    """The next training batch; a corrupt image or truncated file is named in a DataError.
-
-    Finding the record takes a slow scan of the split, run only after the pipeline failed.
-    """
-    try:
-        return next(batches)
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-        where = dataset_factory.locate_bad_record(config.dataset, "train", plan.data_dir,
-                                                  plan.model_config)
-        raise DataError(f"bad training record: {where or 'unknown record'} "
-                        f"({tf_error_text.reason(exc)})") from None
 
 
 class StepLog:
@@ -833,7 +849,7 @@ def train(config: TrainConfig,
         lr_replicas=plan.lr_replicas, moving_average_decay=config.moving_average_decay,
         trainable_scopes=config.finetune_trainable_scopes,
         sync_batch_norm=config.sync_batch_norm, compute_dtype=config.compute_dtype,
-        seed=config.seed)
+        seed=config.seed, ensemble_sources=plan.ensemble_sources)
 
     # ---- Data, output directory, restore (resume, or fine-tune from another run) -------------
     dataset = training_input(config, plan, strategy)
@@ -848,7 +864,8 @@ def train(config: TrainConfig,
         strategy, state.model, state.trainable, state.optimizer, state.ema, state.global_step,
         hparams, plan.num_classes, dataset_factory.BOUNDS, seed=config.seed,
         num_summary_images=num_images, jit_compile=config.jit_compile,
-        loss_scale=state.loss_scale, num_micro_batches=plan.num_micro_batches)
+        loss_scale=state.loss_scale, num_micro_batches=plan.num_micro_batches,
+        static_sources=state.static_sources)
 
     # ---- The loop ----------------------------------------------------------------------------
     writer = (tf.summary.create_file_writer(config.output_dir) if chief
@@ -862,7 +879,8 @@ def train(config: TrainConfig,
     try:
         while config.max_steps < 0 or step < config.max_steps:
             # -- step
-            images, labels = next_batch(batches, config, plan)
+            images, labels = dataset_factory.next_batch(
+                batches, config.dataset, "train", plan.data_dir, plan.model_config)
             tick = time.time()
             outputs = train_step(images, labels)
             step = int(state.global_step.numpy())

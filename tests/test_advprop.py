@@ -43,7 +43,7 @@ def _register_tiny_efficientnet():
     (so that a training pass is deterministic)."""
     config = dataclasses.replace(get_model_config("efficientnet_b0_ap"), name=TINY_EFFICIENTNET,
                                  default_image_size=SIZE)
-    spec = efficientnet.EfficientNetSpec(0.25, 0.1, SIZE, 0.0, 0.5)
+    spec = efficientnet.EfficientNetSpec(0.25, 0.1, 0.0)
 
     def build(config, num_classes, seed=None, compute_dtype=tf.float32):
         return efficientnet.EfficientNet(spec, config.scope, num_classes, config, seed,

@@ -23,6 +23,12 @@ SPEC_DEFAULTS = {
     "lr_num_epochs_per_decay": 2.0,
     "lr_list": [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 0.1, 0.01, 0.001, 0.0001],
     "lr_decay_epochs": [1, 2, 3, 4, 5, 30, 60, 80, 90],
+    # Not in the original: the EfficientNet recipe's additions, all off by default.
+    "lr_warmup_epochs": 0.0,
+    "augment": "none",
+    "randaugment_num_layers": 2,
+    "randaugment_magnitude": 10.0,
+    "drop_connect_rate": -1.0,
     "advprop": False,  # not in the original: AdvProp's auxiliary batch norms (off)
 }
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import numpy as np
 import tensorflow as tf
 
 from adversarial_logit_pairing.adversarial_attack import ModelFn, compiled_for
@@ -271,14 +270,9 @@ def run_apgd(
         return batching.result(x, robust)
     loss_function(loss, logits.shape[1])
     compiled = _chunk_fn(model_fn, eps, bounds, loss, n_iter, float(rho))
-    seed = batching.as_seed(seed)
-    x_adv = x.copy()
-    for restart in range(n_restarts):
-        x_adv, robust = batching.run_on_robust(
-            lambda x, labels, seed: compiled(x, labels, labels, seed),
-            x, labels, x_adv, robust, batch_size, batching.fold_seed(seed, restart),
-        )
-    return batching.result(x_adv, robust)
+    return batching.run_restarts(
+        lambda _: lambda x, labels, seed: compiled(x, labels, labels, seed),
+        x, labels, robust, batch_size, seed, n_restarts)
 
 
 def run_apgd_targeted(
@@ -325,13 +319,5 @@ def run_apgd_targeted(
     count = min(n_target_classes, num_classes - 1)
     targets = top_targets(tf.constant(logits), tf.constant(labels), count).numpy()
     compiled = _chunk_fn(model_fn, eps, bounds, loss, n_iter, float(rho))
-    seed = batching.as_seed(seed)
-    x_adv = x.copy()
-    for target in range(count):
-        for restart in range(n_restarts):
-            x_adv, robust = batching.run_on_robust(
-                compiled, x, labels, x_adv, robust, batch_size,
-                batching.fold_seed(seed, target, restart), extra=np.ascontiguousarray(
-                    targets[:, target]),
-            )
-    return batching.result(x_adv, robust)
+    return batching.run_restarts(lambda _: compiled, x, labels, robust, batch_size, seed,
+                                 n_restarts, targets)

@@ -129,6 +129,29 @@ def run_on_robust(
     return x_adv, robust
 
 
+def run_restarts(
+    chunk_for: Callable[[int], ChunkFn],
+    x: np.ndarray,
+    labels: np.ndarray,
+    robust: np.ndarray,
+    batch_size: int,
+    seed: Seed,
+    n_restarts: int,
+    targets: Optional[np.ndarray] = None,
+) -> AttackResult:
+    """``n_restarts`` runs of ``chunk_for(restart)`` on the points still robust, for each
+    target column of ``targets`` (int [N, T]) in turn when given; a run is seeded by
+    ``fold_seed(seed, restart)``, or ``fold_seed(seed, target, restart)`` with targets."""
+    seed, x_adv = as_seed(seed), x.copy()
+    for target in range(targets.shape[1]) if targets is not None else (None,):
+        for restart in range(n_restarts):
+            path = (restart,) if target is None else (target, restart)
+            extra = None if target is None else np.ascontiguousarray(targets[:, target])
+            x_adv, robust = run_on_robust(chunk_for(restart), x, labels, x_adv, robust,
+                                          batch_size, fold_seed(seed, *path), extra=extra)
+    return result(x_adv, robust)
+
+
 def fooled_flags(model_fn: ModelFn, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """In-graph final check: the model's prediction on ``images`` differs from ``labels``."""
     predicted = tf.argmax(model_fn(images), axis=1, output_type=tf.int32)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import numpy as np
 import tensorflow as tf
 
 from adversarial_logit_pairing.adversarial_attack import ModelFn, compiled_for
@@ -207,13 +206,5 @@ def run_fab_targeted(
 
         return compiled_for(model_fn, ("fab-t", random_start) + settings, graph)
 
-    seed = batching.as_seed(seed)
-    x_adv = x.copy()
-    for target in range(count):
-        for restart in range(n_restarts):
-            x_adv, robust = batching.run_on_robust(
-                compiled(restart > 0), x, labels, x_adv, robust, batch_size,
-                batching.fold_seed(seed, target, restart),
-                extra=np.ascontiguousarray(targets[:, target]),
-            )
-    return batching.result(x_adv, robust)
+    return batching.run_restarts(lambda restart: compiled(restart > 0), x, labels, robust,
+                                 batch_size, seed, n_restarts, targets)

@@ -60,9 +60,5 @@ def run_pgd_true_labels(
         predicted = batching.logits_in_chunks(model_fn, images.numpy(), len(images)).argmax(1)
         return images, tf.constant(predicted != labels.numpy())
 
-    seed = batching.as_seed(seed)
-    x_adv = x.copy()
-    for restart in range(n_restarts):
-        x_adv, robust = batching.run_on_robust(
-            chunk, x, labels, x_adv, robust, batch_size, batching.fold_seed(seed, restart))
-    return batching.result(x_adv, robust)
+    return batching.run_restarts(lambda _: chunk, x, labels, robust, batch_size, seed,
+                                 n_restarts)

@@ -13,7 +13,6 @@ from adversarial_logit_pairing.cli import (
     run_program,
     strategy_from_flags,
 )
-from adversarial_logit_pairing.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -54,18 +53,12 @@ distribution.define_flags()
 define_model_and_data_flags()
 
 
-def _refuse_multi_worker(config: distribution.DistributionConfig) -> None:
-    if config.strategy == "multi_worker":
-        raise ConfigError("--strategy=multi_worker is for training; run eval.py as one process "
-                          "(--strategy=default or mirrored) beside the cluster, on the chief's "
-                          "--output_dir")
-
-
 def main(argv: Sequence[str]) -> None:
     del argv
     from adversarial_logit_pairing import evaluation
 
-    strategy = strategy_from_flags(_refuse_multi_worker)
+    strategy = strategy_from_flags(
+        lambda dist: evaluation.refuse_multi_worker(dist.strategy == "multi_worker"))
     evaluation.run(config_from_flags(evaluation.EvalConfig), strategy)
 
 

@@ -55,6 +55,13 @@ flags.DEFINE_string("finetune_exclude_pretrained_scopes", "",
                     "for fine tuning.")
 flags.DEFINE_string("finetune_trainable_scopes", None,
                     "If set, comma-separated variable scopes of the trainable variables.")
+flags.DEFINE_string("ensemble_sources", "",
+                    "Ensemble adversarial training (Tramer et al.): comma-separated "
+                    "MODEL:CHECKPOINT static source models (registered names, TF1 checkpoint "
+                    "prefixes or directories; one scope may repeat, e.g. two inception_v3 "
+                    "checkpoints). Each batch's adversarial examples come from a source drawn "
+                    "uniformly among the model being trained and these, which stay frozen, run "
+                    "in inference mode and are not saved.")
 flags.DEFINE_integer("seed", 0, "Seed of model initialisation and attack randomness.")
 distribution.define_flags()
 define_model_and_data_flags()

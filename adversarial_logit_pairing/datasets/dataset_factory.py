@@ -12,6 +12,7 @@ background class from it, so a model name is enough to feed a model. See docs/DA
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Optional
 
@@ -20,8 +21,9 @@ from absl import logging
 
 from adversarial_logit_pairing import tf_error_text
 from adversarial_logit_pairing.datasets import imagenet_input, tfrecord_files, tiny_imagenet_input
+from adversarial_logit_pairing.datasets.autoaugment import Augmentation
 from adversarial_logit_pairing.datasets.dataset_facts import FACTS, DataSetFacts
-from adversarial_logit_pairing.errors import ConfigError, MissingDataError
+from adversarial_logit_pairing.errors import ConfigError, DataError, MissingDataError
 from adversarial_logit_pairing.models import ModelConfig, get_model_config
 
 DATASETS = ("imagenet", "tiny_imagenet")
@@ -117,6 +119,7 @@ def examples_per_epoch(dataset_name: str, split: str) -> int:
 def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
                 is_training: bool, data_dir: str | None = None,
                 model_config: Optional[ModelConfig] = None,
+                augmentation: Optional[Augmentation] = None,
                 ) -> tuple[tf.data.Dataset, int, int, tuple[float, float]]:
     """Returns the input pipeline of a split, preprocessed for a model, and facts about it.
 
@@ -133,6 +136,9 @@ def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
       model_config: the model to feed (``models.get_model_config(name)``): its evaluation
         crop and resize kernels, and on ImageNet its labels. None: ``DEFAULT_MODEL``'s
         (ALP's ResNet v2 preprocessing).
+      augmentation: AutoAugment / RandAugment applied to training images
+        (``Augmentation.from_hparams``); None or 'none': no augmentation. Ignored in
+        evaluation.
 
     Returns:
       dataset: yields (images float32 [batch_size, image_size, image_size, 3] in [-1, 1],
@@ -161,10 +167,11 @@ def get_dataset(dataset_name: str, split: str, batch_size: int, image_size: int,
     files = data_files(dataset_name, split, data_dir)
     if dataset_name == "imagenet":
         dataset = imagenet_input.imagenet_input(files, batch_size, image_size, is_training,
-                                                model_config)
+                                                model_config, augmentation)
     else:
         dataset = tiny_imagenet_input.tiny_imagenet_input(files, batch_size, image_size,
-                                                          is_training, model_config)
+                                                          is_training, model_config,
+                                                          augmentation)
     return dataset, examples_per_epoch(dataset_name, split), classes, BOUNDS
 
 
@@ -190,6 +197,21 @@ def count_records(dataset_name: str, split: str, data_dir: str) -> int:
     """
     return sum(tfrecord_files.count_records_in_file(path)
                for path in data_files(dataset_name, split, data_dir))
+
+
+def next_batch(batches: Iterator, dataset_name: str, split: str, data_dir: Optional[str],
+               model_config: Optional[ModelConfig] = None) -> tuple:
+    """``next(batches)``; a corrupt image or truncated file is named in a DataError.
+
+    Finding the record takes a slow scan of the split (``locate_bad_record``), run only after
+    the pipeline failed. StopIteration passes through.
+    """
+    try:
+        return next(batches)
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
+        where = locate_bad_record(dataset_name, split, data_dir, model_config)
+        raise DataError(f"bad {split} record: {where or 'unknown record'} "
+                        f"({tf_error_text.reason(exc)})") from None
 
 
 def locate_bad_record(dataset_name: str, split: str, data_dir: str,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,3 +41,9 @@ TINY_IMAGENET = DataSetFacts(
     {"train": "train.tfrecord", "validation": "validation.tfrecord"},
     {"train": 100000, "validation": 10000}, stored_classes=200)
 FACTS = {"imagenet": IMAGENET, "tiny_imagenet": TINY_IMAGENET}
+
+
+def data_dir(dataset: str, config: object) -> Optional[str]:
+    """The directory ``config`` names for ``dataset``: its field of the data set's flag
+    (``TrainConfig`` and ``EvalConfig`` have one field per flag)."""
+    return getattr(config, FACTS[dataset].data_dir_flag.removeprefix("--"))

@@ -11,9 +11,12 @@ class count never matters here: 200 classes, labels as stored.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import tensorflow as tf
 
 from adversarial_logit_pairing.datasets import image_decoding, input_pipeline
+from adversarial_logit_pairing.datasets.autoaugment import Augmentation
 from adversarial_logit_pairing.datasets.dataset_facts import TINY_IMAGENET
 from adversarial_logit_pairing.models import ModelConfig
 
@@ -32,12 +35,13 @@ def _parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def preprocess_image(image_buffer: tf.Tensor, image_size: int, is_training: bool,
-                     model_config: ModelConfig) -> tf.Tensor:
+                     model_config: ModelConfig,
+                     augmentation: Optional[Augmentation] = None) -> tf.Tensor:
     """Decodes and preprocesses one image into float32 [image_size, image_size, 3] in [-1, 1].
 
     Training takes a random crop of at least half the image (no flip, as in the original)
-    and resizes with the model's ``train_resize``; evaluation resizes the whole image with
-    its ``eval_resize`` (bicubic for ALP's ResNets).
+    and resizes with the model's ``train_resize``, then applies ``augmentation`` (if any);
+    evaluation resizes the whole image with its ``eval_resize`` (bicubic for ALP's ResNets).
     """
     image = image_decoding.decode_rgb(image_buffer)
     if is_training:
@@ -53,14 +57,19 @@ def preprocess_image(image_buffer: tf.Tensor, image_size: int, is_training: bool
         image = tf.slice(image, begin, size)
     kernel = model_config.train_resize if is_training else model_config.eval_resize
     image = tf.image.convert_image_dtype(image, tf.float32)
-    return image_decoding.to_model_range(image_decoding.resize_tf1(image, image_size, kernel))
+    image = image_decoding.resize_tf1(image, image_size, kernel)
+    if is_training and augmentation is not None:
+        image = augmentation.apply_to_unit_range(image)
+    return image_decoding.to_model_range(image)
 
 
 def parse_record(serialized: tf.Tensor, image_size: int, is_training: bool,
-                 model_config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
+                 model_config: ModelConfig, augmentation: Optional[Augmentation] = None,
+                 ) -> tuple[tf.Tensor, tf.Tensor]:
     """One serialized record -> (image float32 [s, s, 3] in [-1, 1], label int64 in 0..199)."""
     parsed = _parse(serialized)
-    image = preprocess_image(parsed["image/encoded"], image_size, is_training, model_config)
+    image = preprocess_image(parsed["image/encoded"], image_size, is_training, model_config,
+                             augmentation)
     label = input_pipeline.checked_label(parsed["label/tiny_imagenet"], NUM_CLASSES,
                                          "label/tiny_imagenet")
     return image, label
@@ -81,14 +90,16 @@ def check_record(serialized: tf.Tensor, model_config: ModelConfig) -> tf.Tensor:
 
 
 def tiny_imagenet_input(filenames: list[str], batch_size: int, image_size: int,
-                        is_training: bool, model_config: ModelConfig) -> tf.data.Dataset:
+                        is_training: bool, model_config: ModelConfig,
+                        augmentation: Optional[Augmentation] = None) -> tf.data.Dataset:
     """Batched (images, labels) of the given record file; see dataset_factory.get_dataset."""
     records = tf.data.TFRecordDataset(filenames, buffer_size=input_pipeline.READ_BUFFER_BYTES)
     if is_training:
         # Shuffle before repeat: every epoch is a full, freshly shuffled pass.
         records = records.shuffle(SHUFFLE_BUFFER).repeat()
     return input_pipeline.parse_batch_prefetch(
-        records, lambda value: parse_record(value, image_size, is_training, model_config),
+        records, lambda value: parse_record(value, image_size, is_training, model_config,
+                                            augmentation),
         batch_size, is_training)
 
 

@@ -9,12 +9,14 @@ carry the TF1 names of the original checkpoints.
 Families: TF-Slim ResNet v2 (``resnet_v2_*``), tensorflow/tpu EfficientNet (``efficientnet_bN``
 and the AdvProp ``efficientnet_bN_ap``), TF-Slim Inception v3 (``inception_v3``). To add one,
 write its module with a ``build(config, num_classes, seed, compute_dtype) -> ImageClassifier``
-function and add rows to ``_REGISTRY`` (or call ``register_model``).
+function and add rows to ``_REGISTRY`` (or call ``register_model``). A family's module is
+imported when its first model is created, not with this registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import numbers
 from typing import Callable, Optional
 
@@ -22,7 +24,6 @@ import tensorflow as tf
 
 from adversarial_logit_pairing import precision
 from adversarial_logit_pairing.errors import ConfigError
-from adversarial_logit_pairing.models import efficientnet, inception_v3, resnet_v2
 from adversarial_logit_pairing.models.layers import ImageClassifier
 
 __all__ = [
@@ -43,6 +44,14 @@ __all__ = [
 #   'central_fraction': ``tf.image.central_crop(image, crop_fraction)``, i.e. that fraction
 #                    of EACH side (TF-Slim / adv_imagenet_models Inception preprocessing).
 EVAL_CROPS = ("short_side", "padded_size", "central_fraction")
+# How the training crop is sampled (``ModelConfig.train_crop``), both with
+# ``tf.image.sample_distorted_bounding_box`` (min object covered 0.1, area 0.08..1, 10 attempts):
+#   'object_boxes':    around the record's object boxes, aspect 0.75..1.33, the whole image
+#                      when no window fits (ALP / TF-Slim ImageNet input).
+#   'whole_image_box': around a box covering the whole image, aspect 3/4..4/3; when the
+#                      sampler returns the whole image, the model's evaluation centre crop
+#                      instead (tensorflow/tpu EfficientNet's ``_decode_and_random_crop``).
+TRAIN_CROPS = ("object_boxes", "whole_image_box")
 # Resize kernels, both the TF1 ops (``align_corners=False``, no half-pixel centres).
 RESIZE_KERNELS = ("bicubic", "bilinear")
 # Normalisation the network applies INSIDE its call to inputs in the dataset range [-1, 1]
@@ -73,6 +82,7 @@ class ModelConfig:
       input_normalization: one of ``INPUT_NORMALIZATIONS``, applied inside the model.
       classifier_scopes: variable-scope prefixes of the classification head(s), whose shapes
         depend on the class count (what fine-tuning across data sets excludes).
+      train_crop: one of ``TRAIN_CROPS``, the ImageNet training crop.
     """
 
     name: str
@@ -86,9 +96,11 @@ class ModelConfig:
     train_resize: str
     input_normalization: str
     classifier_scopes: tuple[str, ...]
+    train_crop: str = "object_boxes"
 
     def __post_init__(self):
-        checks = (("eval_crop", EVAL_CROPS), ("eval_resize", RESIZE_KERNELS),
+        checks = (("eval_crop", EVAL_CROPS), ("train_crop", TRAIN_CROPS),
+                  ("eval_resize", RESIZE_KERNELS),
                   ("train_resize", RESIZE_KERNELS), ("input_normalization", INPUT_NORMALIZATIONS))
         for field, allowed in checks:
             if getattr(self, field) not in allowed:
@@ -99,8 +111,19 @@ class ModelConfig:
 Builder = Callable[[ModelConfig, int, Optional[int], tf.DType], ImageClassifier]
 
 
+def _family(module: str) -> Builder:
+    """``models.<module>.build``, importing the module at the first model it builds."""
+
+    def build(config: ModelConfig, num_classes: int, seed: Optional[int],
+              compute_dtype: tf.DType) -> ImageClassifier:
+        family = importlib.import_module(f"{__name__}.{module}")
+        return family.build(config, num_classes, seed, compute_dtype)
+
+    return build
+
+
 def _slim_resnet(name: str, image_size: int = 224) -> tuple[Builder, ModelConfig]:
-    return resnet_v2.build, ModelConfig(
+    return _family("resnet_v2"), ModelConfig(
         name=name,
         scope=name,
         default_image_size=image_size,
@@ -115,26 +138,37 @@ def _slim_resnet(name: str, image_size: int = 224) -> tuple[Builder, ModelConfig
     )
 
 
+# EfficientNet-bN's native input side (tensorflow/tpu's efficientnet_builder.py) and timm's
+# crop pct, equal to side / (side + 32) rounded.
+_EFFICIENTNET_INPUTS = {
+    "b0": (224, 0.875), "b1": (240, 0.882), "b2": (260, 0.890), "b3": (300, 0.904),
+    "b4": (380, 0.922), "b5": (456, 0.934), "b6": (528, 0.942), "b7": (600, 0.949),
+    "b8": (672, 0.954),
+}
+
+
 def _efficientnet(variant: str, advprop: bool) -> tuple[Builder, ModelConfig]:
     """tensorflow/tpu's EfficientNet-``variant``: the standard checkpoints take ImageNet
     mean/std-normalised inputs, the AdvProp ones ('_ap') [-1, 1]. Evaluation crops
     ``size / (size + 32)`` of the short side ('padded_size'); ``crop_fraction`` (timm's crop
-    pct, that ratio rounded) is informative only."""
+    pct, that ratio rounded) is informative only. Training samples its crop around the
+    whole image ('whole_image_box')."""
     scope = f"efficientnet-{variant}"
-    spec = efficientnet.SPECS[scope]
+    image_size, crop_fraction = _EFFICIENTNET_INPUTS[variant]
     name = f"efficientnet_{variant}" + ("_ap" if advprop else "")
-    return efficientnet.build, ModelConfig(
+    return _family("efficientnet"), ModelConfig(
         name=name,
         scope=scope,
-        default_image_size=spec.resolution,
+        default_image_size=image_size,
         num_classes=1000,
         background_class=False,
         eval_crop="padded_size",
-        crop_fraction=spec.crop_fraction,
+        crop_fraction=crop_fraction,
         eval_resize="bicubic",
         train_resize="bicubic",
         input_normalization="none" if advprop else "imagenet_mean_std",
         classifier_scopes=(f"{scope}/head/dense",),
+        train_crop="whole_image_box",
     )
 
 
@@ -151,7 +185,7 @@ _REGISTRY: dict[str, tuple[Builder, ModelConfig]] = {
         for suffix in ("", "_ap")
     },
     # TF-Slim / adv_imagenet_models: central_crop(0.875) of each side, TF1 bilinear to 299.
-    "inception_v3": (inception_v3.build, ModelConfig(
+    "inception_v3": (_family("inception_v3"), ModelConfig(
         name="inception_v3",
         scope="InceptionV3",
         default_image_size=299,

@@ -6,7 +6,7 @@ the original's creation order. All nine variants come from one table:
 
   ``BLOCK_STRINGS``: the seven MBConv stages of B0 (repeats, kernel, stride, expansion, filters,
   squeeze-excite ratio), decoded by ``decode_block_string``;
-  ``SPECS``: per variant (width, depth, resolution, dropout), scaling filters by
+  ``SPECS``: per variant (width, depth, dropout), scaling filters by
   ``round_filters`` and repeats by ``round_repeats``.
 
 Layers: stem 3x3/2 conv -> BN -> swish; MBConv blocks (``MBConvBlock``); head 1x1 conv -> BN ->
@@ -19,6 +19,7 @@ with survival probability ``1 - drop_connect_rate * i / n`` for block ``i`` of `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import TYPE_CHECKING, Optional
@@ -26,11 +27,12 @@ from typing import TYPE_CHECKING, Optional
 import tensorflow as tf
 
 from adversarial_logit_pairing.models.layers import (
+    KERAS_NAMING,
+    Conv2D,
     Dense,
     DepthwiseConv2D,
     ImageClassifier,
     Layer,
-    SameConv2D,
     SqueezeExcite,
     UnfusedBatchNorm,
     VariableFactory,
@@ -39,6 +41,9 @@ from adversarial_logit_pairing.models.layers import (
 
 if TYPE_CHECKING:
     from adversarial_logit_pairing.models import ModelConfig
+
+# TF1 ``tf.layers.Conv2D(padding='same')``: TF SAME padding, ``kernel``/``bias`` names.
+_conv = functools.partial(Conv2D, padding="SAME", naming=KERAS_NAMING)
 
 BATCH_NORM_DECAY = 0.99
 BATCH_NORM_EPSILON = 1e-3
@@ -75,26 +80,25 @@ class StageArgs:
 
 @dataclasses.dataclass(frozen=True)
 class EfficientNetSpec:
-    """A variant's compound scaling (width, depth, resolution) and its head dropout rate."""
+    """A variant's compound scaling (width, depth) and its head dropout rate; its resolution
+    is the registry's (``ModelConfig.default_image_size``)."""
 
     width: float
     depth: float
-    resolution: int
     dropout: float
-    crop_fraction: float  # timm's crop pct, equal to resolution / (resolution + 32) rounded
 
 
-# Keyed by the TF1 scope; from tensorflow/tpu's efficientnet_builder.py (and timm's crop pct).
+# Keyed by the TF1 scope; from tensorflow/tpu's efficientnet_builder.py.
 SPECS: dict[str, EfficientNetSpec] = {
-    "efficientnet-b0": EfficientNetSpec(1.0, 1.0, 224, 0.2, 0.875),
-    "efficientnet-b1": EfficientNetSpec(1.0, 1.1, 240, 0.2, 0.882),
-    "efficientnet-b2": EfficientNetSpec(1.1, 1.2, 260, 0.3, 0.890),
-    "efficientnet-b3": EfficientNetSpec(1.2, 1.4, 300, 0.3, 0.904),
-    "efficientnet-b4": EfficientNetSpec(1.4, 1.8, 380, 0.4, 0.922),
-    "efficientnet-b5": EfficientNetSpec(1.6, 2.2, 456, 0.4, 0.934),
-    "efficientnet-b6": EfficientNetSpec(1.8, 2.6, 528, 0.5, 0.942),
-    "efficientnet-b7": EfficientNetSpec(2.0, 3.1, 600, 0.5, 0.949),
-    "efficientnet-b8": EfficientNetSpec(2.2, 3.6, 672, 0.5, 0.954),
+    "efficientnet-b0": EfficientNetSpec(1.0, 1.0, 0.2),
+    "efficientnet-b1": EfficientNetSpec(1.0, 1.1, 0.2),
+    "efficientnet-b2": EfficientNetSpec(1.1, 1.2, 0.3),
+    "efficientnet-b3": EfficientNetSpec(1.2, 1.4, 0.3),
+    "efficientnet-b4": EfficientNetSpec(1.4, 1.8, 0.4),
+    "efficientnet-b5": EfficientNetSpec(1.6, 2.2, 0.4),
+    "efficientnet-b6": EfficientNetSpec(1.8, 2.6, 0.5),
+    "efficientnet-b7": EfficientNetSpec(2.0, 3.1, 0.5),
+    "efficientnet-b8": EfficientNetSpec(2.2, 3.6, 0.5),
 }
 
 _BLOCK_STRING = re.compile(
@@ -183,7 +187,7 @@ class MBConvBlock(Layer):
         parts: list[Layer] = []
         self.expand = self.expand_bn = None
         if args.expand_ratio != 1:
-            self.expand = SameConv2D(names("conv2d"), args.input_filters, filters, 1, factory)
+            self.expand = _conv(names("conv2d"), args.input_filters, filters, 1, factory)
             self.expand_bn = _batch_norm(names("tpu_batch_normalization"), filters, factory)
             parts += [self.expand, self.expand_bn]
         self.depthwise = DepthwiseConv2D(names("depthwise_conv2d"), filters, args.kernel_size,
@@ -191,12 +195,11 @@ class MBConvBlock(Layer):
         self.depthwise_bn = _batch_norm(names("tpu_batch_normalization"), filters, factory)
         reduced = max(1, int(args.input_filters * args.se_ratio))
         self.se = SqueezeExcite(f"{scope}/se", filters, reduced, factory)
-        self.project = SameConv2D(names("conv2d"), filters, args.output_filters, 1, factory)
+        self.project = _conv(names("conv2d"), filters, args.output_filters, 1, factory)
         self.project_bn = _batch_norm(names("tpu_batch_normalization"), args.output_filters,
                                       factory)
         parts += [self.depthwise, self.depthwise_bn, self.se, self.project, self.project_bn]
-        for part in parts:
-            self._ordered.extend(part.variables_by_name.values())
+        self._adopt(*parts)
         self.has_skip = args.stride == 1 and args.input_filters == args.output_filters
 
     def __call__(self, inputs: tf.Tensor, is_training: bool) -> tf.Tensor:
@@ -249,7 +252,7 @@ class EfficientNet(ImageClassifier):
         self.dropout_rate = spec.dropout if dropout_rate is None else dropout_rate
         stem_filters = round_filters(32, spec.width)
         self.stem = self._track(
-            SameConv2D(f"{scope}/stem/conv2d", 3, stem_filters, 3, factory, stride=2)
+            _conv(f"{scope}/stem/conv2d", 3, stem_filters, 3, factory, stride=2)
         )
         self.stem_bn = self._track(
             _batch_norm(f"{scope}/stem/tpu_batch_normalization", stem_filters, factory)
@@ -271,7 +274,7 @@ class EfficientNet(ImageClassifier):
             block = MBConvBlock(f"{scope}/blocks_{index}", args, factory, survival_prob)
             self.blocks.append(self._track(block))
         head_filters = round_filters(1280, spec.width)
-        self.head = self._track(SameConv2D(f"{scope}/head/conv2d", block_args[-1].output_filters,
+        self.head = self._track(_conv(f"{scope}/head/conv2d", block_args[-1].output_filters,
                                            head_filters, 1, factory))
         self.head_bn = self._track(
             _batch_norm(f"{scope}/head/tpu_batch_normalization", head_filters, factory)
@@ -289,6 +292,15 @@ class EfficientNet(ImageClassifier):
         if is_training and self.dropout_rate > 0:
             net = tf.nn.dropout(net, rate=self.dropout_rate)
         return self.dense(net)
+
+    def set_drop_connect_rate(self, rate: float) -> None:
+        """Block ``i`` of ``n`` keeps its branch with probability ``1 - rate * i / n``.
+
+        ``train.py``'s hparam ``drop_connect_rate`` (tensorflow/tpu's flag of that name);
+        0 turns drop-connect off. Set it before the model is traced.
+        """
+        for index, block in enumerate(self.blocks):
+            block.survival_prob = 1.0 - rate * index / len(self.blocks)
 
 
 def _batch_norm(scope: str, channels: int, factory: VariableFactory) -> UnfusedBatchNorm:

@@ -33,12 +33,12 @@ import tensorflow as tf
 
 from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.models.layers import (
+    Conv2D,
     ConvBatchNormReLU,
     ImageClassifier,
     Initializer,
     Kernel,
     Layer,
-    PaddedConv2D,
     VariableFactory,
     average_pool,
     truncated_normal,
@@ -298,8 +298,7 @@ class MixedBlock(Layer):
                 convs = op.convs if isinstance(op, Fork) else (op,)
                 units = [_conv_unit(f"{scope}/Branch_{index}/{conv.name}", conv, channels,
                                     factory) for conv in convs]
-                for unit in units:
-                    self._ordered.extend(unit.variables_by_name.values())
+                self._adopt(*units)
                 ops.append(_ForkOp(*units) if isinstance(op, Fork) else units[0])
                 channels = sum(unit.out_channels for unit in units)
             self.branches.append(ops)
@@ -317,11 +316,10 @@ class MixedBlock(Layer):
 
 def _conv_unit(scope: str, spec: Conv, in_channels: int, factory: VariableFactory,
                initializer: Optional[Initializer] = None) -> ConvBatchNormReLU:
-    return ConvBatchNormReLU(
-        scope, in_channels, spec.depth, spec.kernel, factory, stride=spec.stride,
-        padding=spec.padding, decay=BATCH_NORM_DECAY, epsilon=BATCH_NORM_EPSILON,
-        scale=False, initializer=initializer,
-    )
+    conv = Conv2D(scope, in_channels, spec.depth, spec.kernel, factory, stride=spec.stride,
+                  padding=spec.padding, initializer=initializer)
+    return ConvBatchNormReLU(conv, factory, decay=BATCH_NORM_DECAY, epsilon=BATCH_NORM_EPSILON,
+                             scale=False)
 
 
 class InceptionV3(ImageClassifier):
@@ -380,10 +378,10 @@ class InceptionV3(ImageClassifier):
         self.aux_reduce = self._track(_conv_unit(
             f"{aux}/Conv2d_2a_{k}x{k}", Conv(f"Conv2d_2a_{k}x{k}", 768, k, padding="VALID"),
             128, factory, initializer=truncated_normal(factory, 0.01)))
-        self.aux_logits = self._track(PaddedConv2D(
+        self.aux_logits = self._track(Conv2D(
             f"{aux}/Conv2d_2b_1x1", 768, num_classes, 1, factory, use_bias=True,
             initializer=truncated_normal(factory, 0.001)))
-        self.logits = self._track(PaddedConv2D(
+        self.logits = self._track(Conv2D(
             f"{scope}/Logits/Conv2d_1c_1x1", channels, num_classes, 1, factory,
             use_bias=True))
 

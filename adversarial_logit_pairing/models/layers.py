@@ -13,6 +13,7 @@ lets a model be built under a ``tf.distribute`` strategy scope and called later 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import zlib
@@ -98,16 +99,20 @@ class VariableFactory:
         Slim (unlike Keras) uses stddev ``sqrt(1.3 * factor / fan_in)`` for the truncated normal.
         """
         fan_in = math.prod(shape[:-1]) if len(shape) > 1 else shape[-1]
-        stddev = math.sqrt(1.3 * 2.0 / float(fan_in))
-        if self.seed is None:
-            return tf.random.truncated_normal(shape, stddev=stddev, dtype=tf.float32)
-        return tf.random.stateless_truncated_normal(
-            shape, seed=self._stateless_seed(name), stddev=stddev, dtype=tf.float32
-        )
+        return self.draw(name, shape, "truncated_normal", stddev=math.sqrt(1.3 * 2.0 / fan_in))
 
-    def _stateless_seed(self, name: str) -> tf.Tensor:
-        # crc32 is stable across processes, unlike Python's salted hash().
-        return tf.constant([self.seed, zlib.crc32(name.encode("utf-8"))], dtype=tf.int64)
+    def draw(self, name: str, shape: tuple[int, ...], distribution: str,
+             **kwargs: float) -> tf.Tensor:
+        """A float32 draw from ``tf.random.<distribution>`` (normal, truncated_normal, uniform).
+
+        Seeded, the stateless twin is used with a seed made of (seed, crc32 of ``name``), as the
+        class docstring says; crc32 is stable across processes, unlike Python's salted hash().
+        """
+        if self.seed is None:
+            return getattr(tf.random, distribution)(shape, dtype=tf.float32, **kwargs)
+        seed = tf.constant([self.seed, zlib.crc32(name.encode("utf-8"))], dtype=tf.int64)
+        return getattr(tf.random, "stateless_" + distribution)(
+            shape, seed=seed, dtype=tf.float32, **kwargs)
 
     @staticmethod
     def zeros(shape: tuple[int, ...], name: str) -> tf.Tensor:
@@ -132,20 +137,84 @@ class Layer(tf.Module):
         self._ordered.append(variable)
         return variable
 
+    def _adopt(self, *parts: Optional[Layer]) -> None:
+        """Lists the variables of sub-blocks (None skipped) after this block's own, in order."""
+        for part in parts:
+            if part is not None:
+                self._ordered.extend(part.variables_by_name.values())
+
     @property
     def variables_by_name(self) -> dict[str, tf.Variable]:
         """TF1 name (without ':0') -> variable, in the order Slim created them."""
         return {variable_name(variable): variable for variable in self._ordered}
 
 
-class Conv2D(Layer):
-    """Slim ``conv2d`` as used through ``resnet_utils.conv2d_same``.
+# A kernel side, or (height, width) for Inception's factorised 1x7 / 7x1 convolutions.
+Kernel = int | tuple[int, int]
+# ``(shape, name) -> initial value`` of a variable (see ``VariableFactory.variable``).
+Initializer = Callable[[tuple[int, ...], str], tf.Tensor]
 
-    Variables ``<scope>/weights`` [k, k, in, out] and, with ``use_bias``, ``<scope>/biases``.
-    Stride 1 uses SAME padding; a stride > 1 pads ``(k-1)//2`` before and the rest after, then
-    uses VALID, so the result does not depend on whether the input size is even (Slim's
-    ``conv2d_same``). For 1x1 kernels this equals plain SAME padding, so the bottleneck's
-    strided 1x1 shortcut conv is covered too.
+
+def _pair(kernel: Kernel) -> tuple[int, int]:
+    return (kernel, kernel) if isinstance(kernel, int) else (int(kernel[0]), int(kernel[1]))
+
+
+def truncated_normal(factory: VariableFactory, stddev: float) -> Initializer:
+    """Slim's ``trunc_normal(stddev)``: a normal cut at two sigmas, seeded as ``factory`` is.
+
+    Inception's auxiliary head uses it (stddev 0.01 and 0.001) instead of variance scaling.
+    """
+    return lambda shape, name: factory.draw(name, shape, "truncated_normal", stddev=stddev)
+
+
+def fan_out_normal(factory: VariableFactory) -> Initializer:
+    """tensorflow/tpu's conv initialiser: untruncated normal, stddev ``sqrt(2 / fan_out)``.
+
+    ``fan_out = kh * kw * shape[-1]``, so a depthwise kernel [k, k, C, 1] has fan-out k * k.
+    """
+    return lambda shape, name: factory.draw(
+        name, shape, "normal", stddev=math.sqrt(2.0 / (shape[0] * shape[1] * shape[-1])))
+
+
+def fan_out_uniform(factory: VariableFactory) -> Initializer:
+    """tensorflow/tpu's dense initialiser: uniform in ``+-1 / sqrt(units)``."""
+
+    def initializer(shape: tuple[int, ...], name: str) -> tf.Tensor:
+        limit = 1.0 / math.sqrt(shape[-1])
+        return factory.draw(name, shape, "uniform", minval=-limit, maxval=limit)
+
+    return initializer
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNaming:
+    """A family's row for its convolutions' variables: leaf names and initialiser."""
+
+    weights: str
+    biases: str
+    initializer: Callable[[VariableFactory], Initializer]
+
+
+# TF-Slim (ResNet v2, Inception v3): ``weights``/``biases``, Slim's variance scaling.
+SLIM_NAMING = ConvNaming("weights", "biases", lambda factory: factory.variance_scaling)
+# TF1 Keras layers (tensorflow/tpu EfficientNet): ``kernel``/``bias``, normal on fan-out.
+KERAS_NAMING = ConvNaming("kernel", "bias", fan_out_normal)
+# Padding rules of ``Conv2D``: TensorFlow's 'SAME' and 'VALID', and Slim's
+# ``resnet_utils.conv2d_same`` ('SLIM_SAME'), see ``Conv2D``.
+PADDINGS = ("SAME", "VALID", "SLIM_SAME")
+
+
+class Conv2D(Layer):
+    """A 2-D convolution of any family: padding rule and variable naming are arguments.
+
+    Variables ``<scope>/<naming.weights>`` [kh, kw, in, out] and, with ``use_bias``,
+    ``<scope>/<naming.biases>``; the weights start from ``initializer`` (default: the naming's).
+    Padding:
+      'SAME' / 'VALID': TensorFlow's own. SAME depends on the input size: at stride 2 the odd
+        padded cell goes to the bottom/right (Slim's plain ``conv2d``, TF1 ``tf.layers``).
+      'SLIM_SAME': Slim's ``conv2d_same`` (ResNets): SAME at stride 1; a stride > 1 pads
+        ``(k-1)//2`` before and the rest after, then uses VALID, so the result does not depend
+        on whether the input size is even. For 1x1 kernels this equals plain SAME padding.
     """
 
     def __init__(
@@ -153,33 +222,34 @@ class Conv2D(Layer):
         scope: str,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
+        kernel_size: Kernel,
         factory: VariableFactory,
         stride: int = 1,
+        padding: str = "SAME",
         use_bias: bool = False,
+        naming: ConvNaming = SLIM_NAMING,
+        initializer: Optional[Initializer] = None,
     ):
         super().__init__(scope)
-        self.kernel_size = kernel_size
+        if padding not in PADDINGS:
+            raise ValueError(f"{scope}: padding must be one of {PADDINGS}, got {padding!r}")
+        self.kernel_size = _pair(kernel_size)
         self.stride = stride
-        shape = (kernel_size, kernel_size, in_channels, out_channels)
-        self.weights = self._add(
-            factory.variable(f"{scope}/weights", shape, factory.variance_scaling)
-        )
+        self.padding = padding
+        shape = (*self.kernel_size, in_channels, out_channels)
+        self.weights = self._add(factory.variable(
+            f"{scope}/{naming.weights}", shape, initializer or naming.initializer(factory)))
         self.biases = None
         if use_bias:
             self.biases = self._add(
-                factory.variable(f"{scope}/biases", (out_channels,), factory.zeros)
-            )
+                factory.variable(f"{scope}/{naming.biases}", (out_channels,), factory.zeros))
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        if self.stride == 1:
-            padding = "SAME"
-        else:
-            pad_total = self.kernel_size - 1
-            pad_begin = pad_total // 2
-            pad_end = pad_total - pad_begin
-            if pad_total:
-                x = tf.pad(x, [[0, 0], [pad_begin, pad_end], [pad_begin, pad_end], [0, 0]])
+        padding = "SAME" if self.padding == "SLIM_SAME" else self.padding
+        if self.padding == "SLIM_SAME" and self.stride > 1:
+            pads = [[(k - 1) // 2, k - 1 - (k - 1) // 2] for k in self.kernel_size]
+            if any(map(any, pads)):
+                x = tf.pad(x, [[0, 0], *pads, [0, 0]])
             padding = "VALID"
         # Weights are float32 variables; a reduced-precision model casts them at use, so the
         # convolution runs in the input's dtype (see adversarial_logit_pairing.precision).
@@ -251,87 +321,15 @@ class BatchNorm(Layer):
         y, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
             x, gamma, beta, epsilon=self.epsilon, is_training=True
         )
+        self._update_moving(batch_mean, batch_variance)
+        return y
+
+    def _update_moving(self, batch_mean: tf.Tensor, batch_variance: tf.Tensor) -> None:
+        """Slim's UPDATE_OPS, made in place: ``moving -= (1 - decay) * (moving - batch)``."""
         rate = 1.0 - self.decay
         for moving, batch in ((self.moving_mean, batch_mean),
                               (self.moving_variance, batch_variance)):
             moving.assign_sub((moving - tf.stop_gradient(batch)) * rate)
-        return y
-
-
-# ---------------------------------------------------------------------------------------------
-# Inception v3 (TF-Slim) layers: Slim's plain ``conv2d`` with explicit VALID/SAME padding and
-# non-square kernels, conv + batch norm + ReLU units, and the padding-excluding average pool.
-# ---------------------------------------------------------------------------------------------
-
-# A kernel side, or (height, width) for Inception's factorised 1x7 / 7x1 convolutions.
-Kernel = int | tuple[int, int]
-# ``(shape, name) -> initial value`` of a variable (see ``VariableFactory.variable``).
-Initializer = Callable[[tuple[int, ...], str], tf.Tensor]
-
-
-def _pair(kernel: Kernel) -> tuple[int, int]:
-    return (kernel, kernel) if isinstance(kernel, int) else (int(kernel[0]), int(kernel[1]))
-
-
-def truncated_normal(factory: VariableFactory, stddev: float) -> Initializer:
-    """Slim's ``trunc_normal(stddev)``: a normal cut at two sigmas, seeded as ``factory`` is.
-
-    Inception's auxiliary head uses it (stddev 0.01 and 0.001) instead of variance scaling.
-    """
-
-    def initializer(shape: tuple[int, ...], name: str) -> tf.Tensor:
-        if factory.seed is None:
-            return tf.random.truncated_normal(shape, stddev=stddev, dtype=tf.float32)
-        return tf.random.stateless_truncated_normal(
-            shape, seed=factory._stateless_seed(name), stddev=stddev, dtype=tf.float32
-        )
-
-    return initializer
-
-
-class PaddedConv2D(Layer):
-    """Slim's plain ``conv2d``: TF padding 'SAME' or 'VALID' as given, any (kh, kw) kernel.
-
-    Unlike ``Conv2D`` (Slim's ``conv2d_same`` for ResNets, which pads explicitly before a
-    strided conv), the padding is TensorFlow's own: SAME puts the odd padded cell at the
-    bottom/right. Variables ``<scope>/weights`` [kh, kw, in, out] and, with ``use_bias``,
-    ``<scope>/biases``; the weights start from ``initializer`` (Slim's variance scaling by
-    default).
-    """
-
-    def __init__(
-        self,
-        scope: str,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Kernel,
-        factory: VariableFactory,
-        stride: int = 1,
-        padding: str = "SAME",
-        use_bias: bool = False,
-        initializer: Optional[Initializer] = None,
-    ):
-        super().__init__(scope)
-        if padding not in ("SAME", "VALID"):
-            raise ValueError(f"{scope}: padding must be 'SAME' or 'VALID', got {padding!r}")
-        self.kernel_size = _pair(kernel_size)
-        self.stride = stride
-        self.padding = padding
-        shape = (*self.kernel_size, in_channels, out_channels)
-        self.weights = self._add(factory.variable(
-            f"{scope}/weights", shape, initializer or factory.variance_scaling))
-        self.biases = None
-        if use_bias:
-            self.biases = self._add(
-                factory.variable(f"{scope}/biases", (out_channels,), factory.zeros)
-            )
-
-    def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        y = tf.nn.conv2d(x, _as(self.weights, x.dtype), strides=self.stride,
-                         padding=self.padding)
-        if self.biases is not None:
-            y = tf.nn.bias_add(y, _as(self.biases, x.dtype))
-        return y
 
 
 class ConvBatchNormReLU(Layer):
@@ -343,28 +341,14 @@ class ConvBatchNormReLU(Layer):
     follows, so a per-channel scale would only rescale the next layer's weights).
     """
 
-    def __init__(
-        self,
-        scope: str,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Kernel,
-        factory: VariableFactory,
-        stride: int = 1,
-        padding: str = "SAME",
-        decay: float = BATCH_NORM_DECAY,
-        epsilon: float = BATCH_NORM_EPSILON,
-        scale: bool = True,
-        initializer: Optional[Initializer] = None,
-    ):
-        super().__init__(scope)
-        self.out_channels = out_channels
-        self.conv = PaddedConv2D(scope, in_channels, out_channels, kernel_size, factory,
-                                 stride=stride, padding=padding, initializer=initializer)
-        self.bn = BatchNorm(f"{scope}/BatchNorm", out_channels, factory, decay=decay,
+    def __init__(self, conv: Conv2D, factory: VariableFactory, decay: float = BATCH_NORM_DECAY,
+                 epsilon: float = BATCH_NORM_EPSILON, scale: bool = True):
+        super().__init__(conv.scope)
+        self.conv = conv
+        self.out_channels = int(conv.weights.shape[-1])
+        self.bn = BatchNorm(f"{conv.scope}/BatchNorm", self.out_channels, factory, decay=decay,
                             epsilon=epsilon, scale=scale)
-        for part in (self.conv, self.bn):
-            self._ordered.extend(part.variables_by_name.values())
+        self._adopt(self.conv, self.bn)
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
         return tf.nn.relu(self.bn(self.conv(x), is_training))
@@ -379,9 +363,6 @@ def average_pool(x: tf.Tensor, kernel_size: Kernel, stride: int, padding: str) -
     divide by the full window and shrink the borders. Inception's Branch_3 pools rely on it.
     """
     return tf.nn.avg_pool2d(x, _pair(kernel_size), stride, padding)
-
-
-# ------------------------------- end of the Inception v3 layers ------------------------------
 
 
 class ImageClassifier(tf.Module):
@@ -478,80 +459,14 @@ class ImageClassifier(tf.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Layers of tensorflow/tpu's EfficientNet (TF1 Keras layers: ``kernel``/``bias`` names, TF
-# 'SAME' padding, non-fused batch norm). Kept together in one block for the EfficientNet family.
+# 'SAME' padding, non-fused batch norm); its plain convolutions are ``Conv2D`` with
+# ``KERAS_NAMING``.
 # ---------------------------------------------------------------------------------------------
 
 
 def swish(x: tf.Tensor) -> tf.Tensor:
     """``x * sigmoid(x)`` (TF1's ``tf.nn.swish``, EfficientNet's activation)."""
     return tf.nn.silu(x)
-
-
-def fan_out_normal(factory: VariableFactory) -> Callable[[tuple[int, ...], str], tf.Tensor]:
-    """tensorflow/tpu's conv initialiser: untruncated normal, stddev ``sqrt(2 / fan_out)``.
-
-    ``fan_out = kh * kw * shape[-1]``, so a depthwise kernel [k, k, C, 1] has fan-out k * k.
-    """
-
-    def initializer(shape: tuple[int, ...], name: str) -> tf.Tensor:
-        stddev = math.sqrt(2.0 / (shape[0] * shape[1] * shape[-1]))
-        if factory.seed is None:
-            return tf.random.normal(shape, stddev=stddev, dtype=tf.float32)
-        return tf.random.stateless_normal(
-            shape, seed=factory._stateless_seed(name), stddev=stddev, dtype=tf.float32
-        )
-
-    return initializer
-
-
-def fan_out_uniform(factory: VariableFactory) -> Callable[[tuple[int, ...], str], tf.Tensor]:
-    """tensorflow/tpu's dense initialiser: uniform in ``+-1 / sqrt(units)``."""
-
-    def initializer(shape: tuple[int, ...], name: str) -> tf.Tensor:
-        limit = 1.0 / math.sqrt(shape[-1])
-        if factory.seed is None:
-            return tf.random.uniform(shape, -limit, limit, dtype=tf.float32)
-        return tf.random.stateless_uniform(
-            shape, seed=factory._stateless_seed(name), minval=-limit, maxval=limit,
-            dtype=tf.float32,
-        )
-
-    return initializer
-
-
-class SameConv2D(Layer):
-    """TF1 ``tf.layers.Conv2D(padding='same')``: ``<scope>/kernel`` [k, k, in, out], ``bias``.
-
-    TF 'SAME' padding depends on the input size: at stride 2 the extra row/column goes to the
-    bottom/right, and an odd input pads one more than an even one. This is NOT Slim's
-    ``conv2d_same`` (``Conv2D`` above), which pads independently of the size.
-    """
-
-    def __init__(
-        self,
-        scope: str,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        factory: VariableFactory,
-        stride: int = 1,
-        use_bias: bool = False,
-    ):
-        super().__init__(scope)
-        self.stride = stride
-        shape = (kernel_size, kernel_size, in_channels, out_channels)
-        self.kernel = self._add(factory.variable(f"{scope}/kernel", shape,
-                                                 fan_out_normal(factory)))
-        self.bias = None
-        if use_bias:
-            self.bias = self._add(factory.variable(f"{scope}/bias", (out_channels,),
-                                                   factory.zeros))
-
-    def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        y = tf.nn.conv2d(x, _as(self.kernel, x.dtype), strides=self.stride, padding="SAME")
-        if self.bias is not None:
-            y = tf.nn.bias_add(y, _as(self.bias, x.dtype))
-        return y
 
 
 class DepthwiseConv2D(Layer):
@@ -586,12 +501,11 @@ class SqueezeExcite(Layer):
     def __init__(self, scope: str, channels: int, reduced_channels: int,
                  factory: VariableFactory):
         super().__init__(scope)
-        self.reduce = SameConv2D(f"{scope}/conv2d", channels, reduced_channels, 1, factory,
-                                 use_bias=True)
-        self.expand = SameConv2D(f"{scope}/conv2d_1", reduced_channels, channels, 1, factory,
-                                 use_bias=True)
-        for part in (self.reduce, self.expand):
-            self._ordered.extend(part.variables_by_name.values())
+        self.reduce = Conv2D(f"{scope}/conv2d", channels, reduced_channels, 1, factory,
+                             use_bias=True, naming=KERAS_NAMING)
+        self.expand = Conv2D(f"{scope}/conv2d_1", reduced_channels, channels, 1, factory,
+                             use_bias=True, naming=KERAS_NAMING)
+        self._adopt(self.reduce, self.expand)
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         # The spatial mean in float32: a bfloat16 sum over thousands of positions loses digits.
@@ -636,11 +550,7 @@ class UnfusedBatchNorm(BatchNorm):
         )
         # The fused op normalised with the biased variance but returns the corrected one.
         count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-        batch_variance = batch_variance * (count - 1.0) / tf.maximum(count, 1.0)
-        rate = 1.0 - self.decay
-        for moving, batch in ((self.moving_mean, batch_mean),
-                              (self.moving_variance, batch_variance)):
-            moving.assign_sub((moving - tf.stop_gradient(batch)) * rate)
+        self._update_moving(batch_mean, batch_variance * (count - 1.0) / tf.maximum(count, 1.0))
         return y
 
 

@@ -12,6 +12,7 @@ the same variable names. The variants differ only by their row in ``SPECS``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Optional
 
 import tensorflow as tf
@@ -26,6 +27,9 @@ from adversarial_logit_pairing.models.layers import (
 
 if TYPE_CHECKING:
     from adversarial_logit_pairing.models import ModelConfig
+
+# Slim's ``resnet_utils.conv2d_same`` padding, ``weights``/``biases`` names.
+_conv = functools.partial(Conv2D, padding="SLIM_SAME")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,19 +88,16 @@ class Bottleneck(Layer):
         self.preact = BatchNorm(f"{scope}/preact", in_depth, factory)
         self.shortcut = None
         if depth != in_depth:
-            self.shortcut = Conv2D(
+            self.shortcut = _conv(
                 f"{scope}/shortcut", in_depth, depth, 1, factory, stride=stride, use_bias=True
             )
-        self.conv1 = Conv2D(f"{scope}/conv1", in_depth, base_depth, 1, factory)
+        self.conv1 = _conv(f"{scope}/conv1", in_depth, base_depth, 1, factory)
         self.bn1 = BatchNorm(f"{scope}/conv1/BatchNorm", base_depth, factory)
-        self.conv2 = Conv2D(f"{scope}/conv2", base_depth, base_depth, 3, factory, stride=stride)
+        self.conv2 = _conv(f"{scope}/conv2", base_depth, base_depth, 3, factory, stride=stride)
         self.bn2 = BatchNorm(f"{scope}/conv2/BatchNorm", base_depth, factory)
-        self.conv3 = Conv2D(f"{scope}/conv3", base_depth, depth, 1, factory, use_bias=True)
-        parts = [self.preact, self.shortcut, self.conv1, self.bn1, self.conv2, self.bn2,
-                 self.conv3]
-        for part in parts:
-            if part is not None:
-                self._ordered.extend(part.variables_by_name.values())
+        self.conv3 = _conv(f"{scope}/conv3", base_depth, depth, 1, factory, use_bias=True)
+        self._adopt(self.preact, self.shortcut, self.conv1, self.bn1, self.conv2, self.bn2,
+                    self.conv3)
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
         preact = tf.nn.relu(self.preact(x, is_training))
@@ -127,7 +128,7 @@ class ResNetV2(ImageClassifier):
         super().__init__(scope, num_classes, config, compute_dtype)
         factory = VariableFactory(seed)
         self.root = self._track(
-            Conv2D(f"{scope}/conv1", 3, spec.root_depth, 7, factory, stride=2, use_bias=True)
+            _conv(f"{scope}/conv1", 3, spec.root_depth, 7, factory, stride=2, use_bias=True)
         )
         depth = spec.root_depth
         self.units = []
@@ -145,7 +146,7 @@ class ResNetV2(ImageClassifier):
                 depth = 4 * block.base_depth
         self.postnorm = self._track(BatchNorm(f"{scope}/postnorm", depth, factory))
         self.logits = self._track(
-            Conv2D(f"{scope}/logits", depth, num_classes, 1, factory, use_bias=True)
+            _conv(f"{scope}/logits", depth, num_classes, 1, factory, use_bias=True)
         )
 
     def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:

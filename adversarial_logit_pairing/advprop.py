@@ -18,7 +18,8 @@ The model constructors know nothing of it: ``add_auxiliary_batch_norms`` adds a 
 ``<batch norm scope>/aux/{gamma,beta,moving_mean,moving_variance}`` and appended to
 ``model.variables_by_name`` (so the optimizer, weight decay, the moving average and training
 checkpoints hold them), and ``auxiliary_batch_norms(model)`` is the block inside which every
-batch norm runs as its twin (a check at the top of ``BatchNorm.__call__``). A model built by
+batch norm runs as its twin (a check at the top of ``BatchNorm.__call__``, and in
+``distribution.CrossReplicaBatchNorm`` for ``--sync_batch_norm``). A model built by
 ``eval.py`` or export has no twins, and the auxiliary entries of a training checkpoint are
 ignored there like optimizer slots.
 
@@ -44,11 +45,11 @@ from typing import Any, Optional
 import tensorflow as tf
 
 from adversarial_logit_pairing import adversarial_attack
+from adversarial_logit_pairing.checkpoints import EMA_SUFFIX
 from adversarial_logit_pairing.errors import ConfigError
 
 # The twin's variables live under ``<batch norm scope>/AUX_SCOPE/``.
 AUX_SCOPE = "aux"
-_EMA_SUFFIX = "/ExponentialMovingAverage"
 
 _routing = threading.local()
 
@@ -68,7 +69,7 @@ def check_hparams(hparams: Any) -> None:
             hparams.train_adv_method).is_clean:
         raise ConfigError("--hparams: advprop=true trains the auxiliary batch norms on "
                           "adversarial examples and needs an attack, got train_adv_method="
-                          f"{hparams.train_adv_method} (e.g. train_adv_method=pgd_1_1_2)")
+                          f"{hparams.train_adv_method} (e.g. train_adv_method=pgd_1_1_1)")
 
 
 def twin_of(batch_norm: tf.Module) -> Optional[tf.Module]:
@@ -220,7 +221,7 @@ def finetune_without_missing_twins(
     for main, twin in batch_norm_pairs(model):
         names = [name for name, variable in assignments.items()
                  if any(variable is v for v in twin.variables_by_name.values())]
-        if not names or all(name.removesuffix(_EMA_SUFFIX) in checkpoint_names
+        if not names or all(name.removesuffix(EMA_SUFFIX) in checkpoint_names
                             for name in names):
             continue
         for name in names:

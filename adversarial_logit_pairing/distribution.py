@@ -36,7 +36,7 @@ from typing import Any, Optional
 import tensorflow as tf
 from absl import flags, logging
 
-from adversarial_logit_pairing import tf_error_text
+from adversarial_logit_pairing import advprop, tf_error_text
 from adversarial_logit_pairing.errors import ConfigError, UserError
 from adversarial_logit_pairing.models.layers import BatchNorm
 
@@ -388,7 +388,7 @@ class CrossReplicaBatchNorm(tf.Module):
         ctx = tf.distribute.get_replica_context()
         if not is_training or ctx is None or ctx.num_replicas_in_sync == 1:
             return self.layer(x, is_training)
-        layer = self.layer
+        layer = advprop.twin_in_use(self.layer) or self.layer  # AdvProp's auxiliary pass
         axes = [0, 1, 2]
         x32 = tf.cast(x, tf.float32)
         local_count = tf.cast(tf.reduce_prod(tf.shape(x32)[:-1]), tf.float32)

@@ -320,6 +320,9 @@ def default_hparams(model_config: Optional[ModelConfig] = None) -> HParams:
         # (sum_clean + lambda * sum_adv) / (clean count + lambda * adversarial count).
         train_adv_fraction=0.0,
         train_adv_loss_weight=1.0,
+        # AdvProp (not in the original): auxiliary batch norms for the adversarial half, the
+        # clean and adversarial losses summed (see adversarial_logit_pairing.advprop).
+        advprop=False,
         # Optimizer: 'rms', 'momentum' or 'adam' with TF1 semantics.
         optimizer="rms",
         momentum=0.9,

@@ -59,6 +59,7 @@ from absl import logging
 
 from adversarial_logit_pairing import (
     adversarial_attack,
+    advprop,
     checkpoints,
     distribution,
     ensemble,
@@ -176,6 +177,7 @@ def alp_losses(
     aux_logits: Optional[tf.Tensor] = None,
     aux_weight: float = 0.0,
     example_weights: Optional[tf.Tensor] = None,
+    sum_halves: bool = False,
 ) -> dict:
     """The loss terms of the original ``train.py`` and their sum, ``total_loss``.
 
@@ -190,6 +192,8 @@ def alp_losses(
         (same labels and label smoothing), as Slim's Inception training does.
       example_weights: [N] weights of Kurakin's mixed batch for both cross-entropies
         (``mixed_batch``), or None for the batch mean.
+      sum_halves: AdvProp's loss: the cross-entropy is the SUM of the two halves' means
+        (clean through the main batch norms, adversarial through the auxiliary ones).
 
     Whenever ``train_lp_weight > 0`` the first half of ``logits`` is paired with the second,
     as the original did whatever the attack: with an attack that is adversarial logit
@@ -197,8 +201,13 @@ def alp_losses(
     halves of the clean batch; N must be even, see ``check_logit_pairing``).
     """
     logits = tf.cast(logits, tf.float32)
-    losses = {"loss_xent": smoothed_cross_entropy(one_hot, logits, hparams.label_smoothing,
-                                                  example_weights)}
+    if sum_halves:
+        losses = {"loss_xent": tf.add_n([
+            smoothed_cross_entropy(labels, half, hparams.label_smoothing)
+            for labels, half in zip(tf.split(one_hot, 2), tf.split(logits, 2))])}
+    else:
+        losses = {"loss_xent": smoothed_cross_entropy(one_hot, logits, hparams.label_smoothing,
+                                                      example_weights)}
     total = losses["loss_xent"]
     if aux_logits is not None and aux_weight > 0:
         losses["loss_aux"] = aux_weight * smoothed_cross_entropy(
@@ -344,6 +353,7 @@ def make_train_step(
     aux_weight = aux_loss_weight(hparams, getattr(model, "config", None))
     learning_rate = optimizer.learning_rate
     names: list[str] = []  # the scalars step_fn stacks, known once it is traced
+    use_advprop = advprop.enabled(hparams)
 
     def forward_backward(images, labels, micro_batch=None):
         one_hot = tf.one_hot(labels, num_classes)
@@ -360,23 +370,27 @@ def make_train_step(
             # model.inference: a bfloat16/float16 model casts its weights once for the attack
             # (the training pass below keeps its own casts, which the tape differentiates).
             to_attack = mixing.to_attack(images)
-            if static_sources:
-                adv_images, source = ensemble.adversarial_examples(
-                    to_attack, bounds, [model.inference] + [s.inference for s in static_sources],
-                    hparams.train_adv_method, step_seed)
-            else:
-                adv_images = adversarial_attack.generate_adversarial_examples(
-                    to_attack, bounds, model.inference, hparams.train_adv_method, seed=step_seed,
-                )
+            with advprop.attack_context(model, hparams):  # AdvProp: the auxiliary BNs
+                if static_sources:
+                    adv_images, source = ensemble.adversarial_examples(
+                        to_attack, bounds,
+                        [model.inference] + [s.inference for s in static_sources],
+                        hparams.train_adv_method, step_seed)
+                else:
+                    adv_images = adversarial_attack.generate_adversarial_examples(
+                        to_attack, bounds, model.inference, hparams.train_adv_method,
+                        seed=step_seed)
             inputs, one_hot, example_weights = mixing.training_batch(images, adv_images, one_hot)
         with tf.GradientTape() as tape:
             aux_logits = None
-            if aux_weight > 0:
+            if use_advprop:  # two passes: clean via the main BNs, adversarial via the twins
+                logits = advprop.training_logits(model, images, adv_images)
+            elif aux_weight > 0:
                 logits, aux_logits = model.logits_and_aux(inputs, is_training=True)
             else:
                 logits = model(inputs, is_training=True)
             losses = alp_losses(logits, one_hot, trainable, hparams, aux_logits, aux_weight,
-                                example_weights)
+                                example_weights, sum_halves=use_advprop)
             losses = llr_regularizer.add_llr_losses(
                 losses, model, images, labels, num_classes, hparams, bounds, seed, global_step,
                 micro_batch)
@@ -557,6 +571,12 @@ def validate(config: TrainConfig,
     check_logit_pairing(hparams)  # parses train_adv_method too
     mixed_batch.from_hparams(hparams)
     aux_loss_weight(hparams, model_config)
+    advprop.check_hparams(hparams)
+    if hparams.advprop and (hparams.train_adv_fraction > 0
+                            or aux_loss_weight(hparams, model_config) > 0):
+        raise ConfigError("hparam 'advprop': not combined with a mixed batch "
+                          "(train_adv_fraction > 0) or an auxiliary-head loss (set "
+                          "aux_loss_weight=0): each BN set must see only its own half")
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     if (config.jit_compile and config.sync_batch_norm and replicas > 1
@@ -663,6 +683,8 @@ def build_train_state(
         model_lib.set_drop_connect_rate(model, hparams.drop_connect_rate)
         if sync_batch_norm:
             distribution.use_cross_replica_batch_norm(model)
+        if advprop.enabled(hparams):
+            advprop.add_auxiliary_batch_norms(model)
         trainable = model_lib.filter_trainable_variables(trainable_scopes,
                                                          model.trainable_variables)
         if not trainable:
@@ -710,9 +732,14 @@ def restore_or_finetune(state: TrainState, config: TrainConfig, plan: TrainPlan)
     assignments = finetune_assignments(
         state.model, source, config.finetune_exclude_pretrained_scopes,
         {model_lib.variable_name(v) for v in state.trainable}, state.ema is not None)
+    # AdvProp from a checkpoint without auxiliary BNs (the released ones): copy the main ones.
+    assignments, twins_to_copy = advprop.finetune_without_missing_twins(
+        state.model, assignments, set(checkpoints.variable_shapes(source)))
     checkpoints.restore(checkpoints.plain_names_without_shadows(assignments, source), source,
                         what=f"{config.model_name} ({plan.num_classes} classes) for fine-tuning",
                         classifier_scopes=plan.model_config.classifier_scopes)
+    with state.strategy.scope():
+        advprop.copy_main_into_auxiliary(twins_to_copy)
     if state.ema is not None:
         with state.strategy.scope():
             for name, variable in state.model.variables_by_name.items():

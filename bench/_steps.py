@@ -90,12 +90,14 @@ def make_train_step(model_name: str, attack: str = "pgdll_16_2_10", lp_weight: f
                     num_classes: int = TINY_IMAGENET.stored_classes,
                     compute_dtype: str = "float32",
                     moving_average_decay: float = 0.9999,
-                    extra_hparams: str = "") -> tuple[Callable, ImageClassifier]:
+                    extra_hparams: str = "",
+                    advprop: bool = False) -> tuple[Callable, ImageClassifier]:
     """What ``train.py`` builds and runs each step, without data or checkpoints.
 
     ``training.build_train_state`` (model, TF1 RMSProp, schedule, moving average, loss scale)
     and ``training.make_train_step``: ALP (or clean, ``attack='clean'``), plus any
-    ``extra_hparams`` (e.g. the local linearity regulariser's ``llr_*``).
+    ``extra_hparams`` (e.g. the local linearity regulariser's ``llr_*``); with ``advprop`` the
+    AdvProp step (attack through the auxiliary batch norms, two training passes on B).
 
     Returns:
       ``step(images, labels) -> total_loss`` and the model it trains (for the bounds).
@@ -103,7 +105,7 @@ def make_train_step(model_name: str, attack: str = "pgdll_16_2_10", lp_weight: f
     from adversarial_logit_pairing import training
 
     hparams = model_lib.default_hparams().parse(
-        f"train_adv_method={attack},train_lp_weight={lp_weight}"
+        f"train_adv_method={attack},train_lp_weight={lp_weight},advprop={advprop}"
         + (f",{extra_hparams}" if extra_hparams else ""))
     strategy = tf.distribute.get_strategy()
     state = training.build_train_state(

@@ -1,9 +1,9 @@
-"""Speed of the ALP, Step-LL and LLR training steps against their bounds, and of clean training
-against Keras fit.
+"""Speed of the ALP, Step-LL, LLR and AdvProp training steps against their bounds, and of
+clean training against Keras fit.
 
   python bench/train_step.py [--model=resnet_v2_50] [--image_size=64] [--batch_size=32]
                              [--repetitions=5] [--dtypes=float32,bfloat16]
-                             [--rows=alp,stepll,llr,clean]
+                             [--rows=alp,stepll,llr,advprop,clean]
 
 Rows, per compute dtype, timed in interleaved rounds (``bench/_timing.interleaved_seconds``):
 
@@ -23,6 +23,10 @@ Rows, per compute dtype, timed in interleaved rounds (``bench/_timing.interleave
   one forward on B with a second-order backward (``make_second_order_pass``). The step also
   runs the regulariser's own clean pass (DeepMind's code has it too), which the bound leaves
   out. ``LLR / ALP`` is the time of the LLR step over the ALP step's.
+* AdvProp step (the same attack and pairing, ``advprop=true``): the attack through the
+  auxiliary batch norms, then two training passes on B (clean through the main batch norms,
+  adversarial through the auxiliary ones), against its bound (10 input-gradient passes on B
+  plus two training forward/backward passes on B) and against the ALP step.
 * clean step (``train_adv_method=clean``) against its bound (one training pass on B), and
   against ``tf_keras.Model.fit`` of the same network (wrapped in a Keras model, RMSprop, no
   moving average, the same in-memory batch repeated), time per step.
@@ -53,8 +57,8 @@ flags.DEFINE_integer("num_classes", TINY_IMAGENET.stored_classes, "Logits width 
 flags.DEFINE_integer("repetitions", 5, "Timed rounds after one warm-up round")
 flags.DEFINE_integer("fit_steps", 3, "Steps per timed Keras fit call (and per clean round)")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure")
-flags.DEFINE_list("rows", ["alp", "stepll", "llr", "clean"],
-                  "Steps to measure: alp, stepll, llr, clean")
+flags.DEFINE_list("rows", ["alp", "stepll", "llr", "advprop", "clean"],
+                  "Steps to measure: alp, stepll, llr, advprop, clean")
 
 
 def keras_fit(model, images, labels, steps: int):
@@ -85,7 +89,8 @@ def keras_fit(model, images, labels, steps: int):
 
 
 def measure(dtype: str, images, labels) -> list[list[object]]:
-    """The table rows (ALP, Step-LL, LLR and clean steps: those in --rows) of one dtype."""
+    """The table rows (ALP, Step-LL, LLR, AdvProp and clean steps: those in --rows) of one
+    dtype."""
     b, n = FLAGS.batch_size, FLAGS.fit_steps
     double = (tf.concat([images, images], 0), tf.concat([labels, labels], 0))
     clean, model = _steps.make_train_step(FLAGS.model, "clean", 0.0, FLAGS.num_classes, dtype)
@@ -107,6 +112,12 @@ def measure(dtype: str, images, labels) -> list[list[object]]:
             gradient(images, labels)
         return second_order_pass(images, labels, delta)
 
+    def advprop_bound(advprop_pass):
+        for _ in range(10):
+            gradient(images, labels)
+        advprop_pass(images, labels)
+        return advprop_pass(images, labels)
+
     contenders = {
         "clean": lambda: [clean(images, labels) for _ in range(n)][-1],
         "clean_bound": lambda: [training_pass(images, labels) for _ in range(n)][-1],
@@ -123,15 +134,21 @@ def measure(dtype: str, images, labels) -> list[list[object]]:
                                         extra_hparams=LLR_HPARAMS)
         contenders["llr"] = lambda: llr(images, labels)
         contenders["llr_bound"] = llr_bound
+    if "advprop" in FLAGS.rows:
+        advprop, advprop_model = _steps.make_train_step(
+            FLAGS.model, "pgdll_16_2_10", 0.5, FLAGS.num_classes, dtype, advprop=True)
+        advprop_pass = _steps.make_training_pass(advprop_model, FLAGS.num_classes)
+        contenders["advprop"] = lambda: advprop(images, labels)
+        contenders["advprop_bound"] = lambda: advprop_bound(advprop_pass)
     fit = keras_fit(model, images, labels, n) if "clean" in FLAGS.rows else None
     if fit is not None:
         contenders["fit"] = fit
     times = _timing.interleaved_seconds(contenders, FLAGS.repetitions)
     clean_s = float(np.median(times["clean"])) / n
     names = {"alp": "ALP pgdll_16_2_10 lp 0.5", "stepll": "Step-LL stepll_16",
-             "llr": "LLR eps 16, 10 steps"}
+             "llr": "LLR eps 16, 10 steps", "advprop": "AdvProp pgdll_16_2_10 lp 0.5"}
     rows = []
-    for row in ("alp", "stepll", "llr"):
+    for row in ("alp", "stepll", "llr", "advprop"):
         if row in times:
             seconds = float(np.median(times[row]))
             rows.append([names[row], dtype, b / seconds, seconds,
@@ -169,7 +186,8 @@ def main(argv: list[str]) -> None:
           "Keras fit = fit's time per step / ours (ours also applies weight decay and a moving "
           "average); LLR bound = one training forward/backward on B + 10 input-gradient passes "
           "on B + one forward on B with a second-order backward; time / clean (ALP) step = "
-          "s/step over the clean (ALP) step's")
+          "s/step over the clean (ALP) step's; AdvProp bound = 10 input-gradient passes on B "
+          "+ two training forward/backward passes on B")
 
 
 if __name__ == "__main__":

@@ -56,11 +56,11 @@ def test_attack_bench_prints_a_row_per_attack_and_dtype():
     assert [row[:2] for row in strong] == [["apgdce_16_3", "4"], ["autoattack_16_3_20", "4"]]
 
 
-def test_train_step_bench_prints_alp_step_ll_llr_and_clean_rows():
+def test_train_step_bench_prints_alp_step_ll_llr_advprop_and_clean_rows():
     output = run_bench("train_step.py", *TINY, "--repetitions=1", "--dtypes=float32",
                        "--fit_steps=1")
     rows = table_rows(output, "step")
-    assert [row[0] for row in rows] == ["ALP", "Step-LL", "LLR", "clean"]
+    assert [row[0] for row in rows] == ["ALP", "Step-LL", "LLR", "AdvProp", "clean"]
     assert all(numbers(row) and all(v > 0 for v in numbers(row)) for row in rows)
 
 

@@ -29,6 +29,7 @@ SPEC_DEFAULTS = {
     "randaugment_num_layers": 2,
     "randaugment_magnitude": 10.0,
     "drop_connect_rate": -1.0,
+    "advprop": False,  # not in the original: AdvProp's auxiliary batch norms (off)
 }
 
 

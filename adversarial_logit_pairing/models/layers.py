@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import tensorflow as tf
 
-from adversarial_logit_pairing import precision
+from adversarial_logit_pairing import advprop, precision
 from adversarial_logit_pairing.checkpoints import variable_name
 
 if TYPE_CHECKING:
@@ -348,6 +348,9 @@ class BatchNorm(Layer):
         )
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        twin = advprop.twin_in_use(self)
+        if twin is not None:  # AdvProp: this pass runs through the auxiliary batch norms
+            return twin(x, is_training)
         hooked = _hooked(self, x)  # see batch_norm_hook
         if hooked is not None:
             return hooked
@@ -584,6 +587,9 @@ class UnfusedBatchNorm(BatchNorm):
     """
 
     def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
+        twin = advprop.twin_in_use(self)
+        if twin is not None:  # AdvProp: this pass runs through the auxiliary batch norms
+            return twin(x, is_training)
         hooked = _hooked(self, x)  # see batch_norm_hook
         if hooked is not None:
             return hooked

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from adversarial_logit_pairing import checkpoints, evaluation
 from tests.data_builders import write_tiny_imagenet_tfrecords
-from tests.test_fault_tolerance import (
+from tests.program_runs import (
     ALP,
     MODEL_FLAGS,
     finish,
@@ -19,6 +19,7 @@ from tests.test_fault_tolerance import (
     program,
     read_log,
     start,
+    summary_values,
     wait_for,
 )
 
@@ -32,12 +33,7 @@ def data_dir(tmp_path_factory):
 
 def _evaluated_steps(directory) -> list[int]:
     """Global steps of the ``Eval/Accuracy`` summaries under ``directory``, in writing order."""
-    steps = []
-    for path in sorted(tf.io.gfile.glob(os.path.join(str(directory), "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            steps.extend(event.step for value in event.summary.value
-                         if value.tag == "Eval/Accuracy")
-    return steps
+    return [step for step, tag, _, _ in summary_values(directory) if tag == "Eval/Accuracy"]
 
 
 @pytest.mark.slow

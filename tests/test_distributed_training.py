@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -30,10 +29,9 @@ import pytest
 import tensorflow as tf
 
 from tests.data_builders import write_tiny_imagenet_tfrecords
-from tests.test_fault_tolerance import (
+from tests.program_runs import (
     ALP,
     MODEL_FLAGS,
-    REPO,
     checkpoint_values,
     finish,
     kill_all,
@@ -41,6 +39,9 @@ from tests.test_fault_tolerance import (
     logged_steps,
     program,
     read_log,
+    run_experiment,
+    save_experiment,
+    scalar_events,
     start,
     wait_for,
 )
@@ -185,34 +186,21 @@ def mirrored_experiment(out_path: str, data_dir: str) -> None:
         "mirrored_alp": _train(mirrored, images, labels, ALP_METHOD, False),
     }
     reference_state, reference_losses = _per_replica_reference(images, labels, ALP_METHOD)
-    arrays, summary = {}, {"reference_alp": {"losses": reference_losses}}
+    states, summary = {"reference_alp": reference_state}, {
+        "reference_alp": {"losses": reference_losses}}
     summary["eval"] = _evaluate({"single": (tf.distribute.get_strategy(), "clean"),
                                  "mirrored": (mirrored, "clean"),
                                  "mirrored_pgd": (mirrored, "pgd_16_2_1")}, data_dir, out_path)
-    arrays.update({f"reference_alp|{k}": v for k, v in reference_state.items()})
     for run, (state, losses, rates, spread) in runs.items():
-        arrays.update({f"{run}|{k}": v for k, v in state.items()})
+        states[run] = state
         summary[run] = {"losses": losses, "learning_rates": rates, "replica_spread": spread}
-    np.savez(out_path + ".npz", **arrays)
-    with open(out_path + ".json", "w") as f:
-        json.dump(summary, f)
+    save_experiment(out_path, summary, states)
 
 
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory, data_dir):
     out = str(tmp_path_factory.mktemp("mirrored") / "runs")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-m", "tests.test_distributed_training", "mirrored",
-                           out, data_dir], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out + ".json") as f:
-        summary = json.load(f)
-    arrays = np.load(out + ".npz")
-    states: dict = {}
-    for key in arrays.files:
-        run, name = key.split("|", 1)
-        states.setdefault(run, {})[name] = arrays[key]
+    summary, states = run_experiment("tests.test_distributed_training", out, data_dir)
     return summary, states, out
 
 
@@ -520,16 +508,6 @@ def _start_workers(tmp_path, name: str, flags: list[str]) -> list:
     return workers
 
 
-def _scalar_events(directory, tag: str) -> dict:
-    values = {}
-    for path in tf.io.gfile.glob(os.path.join(str(directory), "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = value.simple_value
-    return values
-
-
 @pytest.mark.slow
 def test_two_workers_train_alp_and_only_the_chief_writes(tmp_path, data_dir):
     out = tmp_path / "train"
@@ -560,7 +538,7 @@ def test_two_workers_train_alp_and_only_the_chief_writes(tmp_path, data_dir):
     assert len(tf.io.gfile.glob(str(out / "events.out.tfevents.*"))) == 1
     assert not [p for p in os.listdir(out) if p.startswith(("workertemp", ".tmp-"))]
     # Two replicas in sync double the learning rate (0.045 -> 0.09), as replicas_to_aggregate.
-    rates = _scalar_events(out, "learning_rate")
+    rates = scalar_events(out, "learning_rate")
     assert sorted(rates) == [1, 2, 3]
     np.testing.assert_allclose(list(rates.values()), 0.09, rtol=1e-6)
 

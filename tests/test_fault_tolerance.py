@@ -1,114 +1,35 @@
 """train.py survives SIGKILL: a restart with the same command resumes from the last complete
 checkpoint, also when the kill lands in the middle of a checkpoint write.
 
-The process helpers at the top (start, wait, kill, read checkpoints) are shared with the
-multi-worker and continuous-evaluation tests.
+The process helpers (start, wait, kill, read checkpoints) are in ``tests/program_runs.py``,
+shared with the multi-worker and continuous-evaluation tests.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tests.data_builders import write_tiny_imagenet_tfrecords
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_FLAGS = ["--dataset=tiny_imagenet", "--model_name=resnet_v2_tiny", "--dataset_image_size=32"]
-ALP = "--hparams=batch_size=4,train_adv_method=pgdll_16_2_1,train_lp_weight=0.5"
+from tests.program_runs import (
+    ALP,
+    MODEL_FLAGS,
+    checkpoint_values,
+    finish,
+    kill_all,
+    latest_step,
+    logged_steps,
+    program,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
-
-
-# ---- Process helpers --------------------------------------------------------------------------
-
-def program(script: str, *flags: str) -> list[str]:
-    """The command line running ``script`` (train.py or eval.py) of the repository."""
-    return [sys.executable, os.path.join(REPO, script), *flags]
-
-
-def start(command: Sequence[str], log_path, env: dict | None = None) -> subprocess.Popen:
-    """Starts ``command`` with stdout and stderr going to ``log_path``."""
-    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    with open(log_path, "w") as log:
-        return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
-                                env=full_env, cwd=REPO)
-
-
-def read_log(log_path) -> str:
-    with open(log_path, errors="replace") as f:
-        return f.read()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str,
-             watched: Sequence[tuple[subprocess.Popen, object]] = ()) -> None:
-    """Polls ``condition`` until true; fails after ``timeout`` s or if a watched process ends.
-
-    Args:
-      watched: (process, log path) pairs that must keep running meanwhile; the failure
-        message carries the end of their logs.
-    """
-    deadline = time.time() + timeout
-    while True:
-        if condition():
-            return
-        ended = [(p, log) for p, log in watched if p.poll() is not None]
-        if ended or time.time() > deadline:
-            tails = "\n".join(f"--- {log} (exit {p.poll()}):\n{read_log(log)[-3000:]}"
-                              for p, log in watched)
-            reason = "a process ended" if ended else f"timed out after {timeout:.0f}s"
-            raise AssertionError(f"waiting for {what}: {reason}\n{tails}")
-        time.sleep(0.05)
-
-
-def finish(process: subprocess.Popen, log_path, timeout: float) -> str:
-    """Waits for ``process`` to exit (killing it after ``timeout`` s); returns its log."""
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError(f"{log_path}: still running after {timeout:.0f}s; killed:\n"
-                             f"{read_log(log_path)[-3000:]}") from None
-    return read_log(log_path)
-
-
-def kill_all(processes: Sequence[subprocess.Popen]) -> None:
-    """SIGKILLs the processes still running and reaps them all."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-    for process in processes:
-        process.wait()
-
-
-def latest_step(output_dir) -> int | None:
-    """The step of the checkpoint the ``checkpoint`` pointer names, or None."""
-    state_file = os.path.join(output_dir, "checkpoint")
-    if not os.path.exists(state_file):
-        return None
-    state = tf.train.get_checkpoint_state(str(output_dir))
-    if state is None:
-        return None
-    return int(state.model_checkpoint_path.rsplit("-", 1)[-1])
-
-
-def checkpoint_values(prefix: str) -> dict[str, np.ndarray]:
-    reader = tf.train.load_checkpoint(prefix)
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
-
-
-def logged_steps(log: str) -> list[int]:
-    """The global steps train.py logged, in order."""
-    return [int(s) for s in re.findall(r"global_step (\d+): total_loss", log)]
 
 
 # ---- Tests ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_SECS = 900
@@ -38,6 +38,7 @@ ALP = "--hparams=batch_size=4,train_adv_method=pgdll_16_2_1,train_lp_weight=0.5"
 class ProgramRun:
     returncode: int
     stderr: str
+    stdout: str = ""
 
     @property
     def last_line(self) -> str:
@@ -67,56 +68,60 @@ def run_program(script: str, *flags: str, check: bool = True,
     """
     proc = subprocess.run([*_command(script), *flags], cwd=REPO, capture_output=True,
                           text=True, env=_environment(env), timeout=TIMEOUT_SECS)
-    run = ProgramRun(proc.returncode, proc.stderr)
+    run = ProgramRun(proc.returncode, proc.stderr, proc.stdout)
     if check and run.returncode != 0:
         raise _failure(script, run)
     return run
 
 
 def run_concurrently(runs: Mapping[object, tuple[str, Sequence[str]]], log_dir: str,
-                     check: bool = True, in_one_process: bool = False,
-                     env: Mapping[str, str] | None = None) -> dict:
+                     check: bool = True, in_one_process: bool | Collection[str] = False,
+                     env: Mapping[str, str] | None = None, max_at_once: int = 0) -> dict:
     """Runs ``{key: (script, flags)}`` at the same time; returns ``{key: ProgramRun}``.
 
-    stderr goes to files under ``log_dir`` rather than pipes, so a chatty program can never
-    block on a full pipe while another one is awaited. With ``in_one_process`` the runs of
-    each program are made one after the other in one process of their own (see the module
-    docstring); different programs still run at the same time. ``env``: variables set for
-    every run on top of the test's environment.
+    stdout and stderr go to files under ``log_dir`` rather than pipes, so a chatty program
+    can never block on a full pipe while another one is awaited. With ``in_one_process`` (True,
+    or the programs it names) the runs of each program are made one after the other in one
+    process of their own (see the module docstring); different programs and the runs of the
+    other programs still run at the same time. ``env``: variables set
+    for every run on top of the test's environment. ``max_at_once``: processes running at
+    the same time at the most (0: all), to bound the memory in use.
     """
     os.makedirs(log_dir, exist_ok=True)
-    groups: dict = {}  # one per process: script -> [(key, stderr path, flags)]
+    groups: dict = {}  # one per process: script -> [(key, path stem of the run, flags)]
     for index, (key, (script, flags)) in enumerate(runs.items()):
-        log_path = os.path.join(log_dir, f"{index}-{os.path.basename(script)}.stderr")
-        group = groups.setdefault(script if in_one_process else index, (script, []))
-        group[1].append((key, log_path, list(flags)))
-    started = []
+        stem = os.path.join(log_dir, f"{index}-{os.path.basename(script)}")
+        shared = in_one_process is True or (in_one_process and script in in_one_process)
+        group = groups.setdefault((script, True) if shared else index, (script, []))
+        group[1].append((key, stem, list(flags)))
+    waiting = list(enumerate(groups.items()))
+    running, results = [], {}
     try:
-        for index, (script, members) in enumerate(groups.values()):
-            if in_one_process:
-                command = [sys.executable, "-m", "tests.program_runs", script,
-                           json.dumps([[path, flags] for _, path, flags in members])]
-                log_path = os.path.join(log_dir, f"process-{index}.stderr")
-            else:
-                (_, log_path, flags), = members
-                command = [*_command(script), *flags]
-            log = open(log_path, "w")  # closed once the process ended
-            started.append((subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                                             stderr=log, text=True, env=_environment(env)),
-                            log, log_path, members))
-        results = {}
-        for proc, _, log_path, members in started:
-            proc.wait(timeout=TIMEOUT_SECS)
-            for key, member_log, _ in members:
-                results[key] = (_in_process_result(proc.returncode, log_path, member_log)
-                                if in_one_process else
-                                ProgramRun(proc.returncode, _read(log_path)))
+        while waiting or running:
+            while waiting and (not max_at_once or len(running) < max_at_once):
+                running.append(_start_group(*waiting.pop(0), log_dir, env))
+            while not any(proc.poll() is not None for proc, *_ in running):
+                late = [proc for proc, *_, started in running
+                        if time.time() - started > TIMEOUT_SECS]
+                if late:
+                    raise subprocess.TimeoutExpired(late[0].args, TIMEOUT_SECS)
+                time.sleep(0.05)
+            for item in [item for item in running if item[0].poll() is not None]:
+                running.remove(item)
+                proc, files, process_log, members, shared, _ = item
+                for log in files:
+                    log.close()
+                for key, stem, _ in members:
+                    results[key] = (_in_process_result(proc.returncode, process_log, stem)
+                                    if shared else
+                                    ProgramRun(proc.returncode, read_log(stem + ".stderr"),
+                                               read_log(stem + ".stdout")))
     finally:
-        for proc, log, _, _ in started:
-            if proc.poll() is None:  # only after a timeout or an interrupt
-                proc.kill()
-                proc.wait()
-            log.close()
+        for proc, files, *_ in running:  # only after a timeout or an interrupt
+            proc.kill()
+            proc.wait()
+            for log in files:
+                log.close()
     if check:
         for key, run in results.items():
             if run.returncode != 0:
@@ -124,21 +129,36 @@ def run_concurrently(runs: Mapping[object, tuple[str, Sequence[str]]], log_dir: 
     return results
 
 
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+def _start_group(index: int, key_and_group: tuple, log_dir: str,
+                 env: Mapping[str, str] | None) -> tuple:
+    """Starts the process of one group of :func:`run_concurrently`; returns its handles."""
+    key, (script, members) = key_and_group
+    shared = isinstance(key, tuple)
+    if shared:
+        command = [sys.executable, "-m", "tests.program_runs", script,
+                   json.dumps([[stem, flags] for _, stem, flags in members])]
+        stem = os.path.join(log_dir, f"process-{index}")
+        stdout = subprocess.DEVNULL  # each run's own goes to its files
+    else:
+        (_, stem, flags), = members
+        command = [*_command(script), *flags]
+        stdout = open(stem + ".stdout", "w")
+    stderr = open(stem + ".stderr", "w")
+    files = [stderr] if stdout is subprocess.DEVNULL else [stderr, stdout]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr, text=True,
+                            env=_environment(env))
+    return proc, files, stem + ".stderr", members, shared, time.time()
 
 
-def _in_process_result(process_status: int, process_log: str, log_path: str) -> ProgramRun:
+def _in_process_result(process_status: int, process_log: str, stem: str) -> ProgramRun:
     """One run of an ``in_one_process`` group; a run the process never finished fails."""
-    if os.path.exists(log_path + ".status"):
-        return ProgramRun(int(_read(log_path + ".status")), _read(log_path))
-    stderr = _read(log_path) if os.path.exists(log_path) else ""
+    if os.path.exists(stem + ".status"):
+        return ProgramRun(int(read_log(stem + ".status")), read_log(stem + ".stderr"),
+                          read_log(stem + ".stdout"))
+    stderr = read_log(stem + ".stderr") if os.path.exists(stem + ".stderr") else ""
     return ProgramRun(process_status or 1,
                       f"{stderr}\n[the shared process ended ({process_status}) before this "
-                      f"run did; its own stderr:]\n{_read(process_log)}")
-
-
+                      f"run did; its own stderr:]\n{read_log(process_log)}")
 
 
 def run_child(code: str) -> object:
@@ -154,6 +174,7 @@ def run_child(code: str) -> object:
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULTS"))
     return json.loads(line[len("RESULTS"):])
+
 
 # ---- Programs left running: start, wait, kill, read what they wrote ------------------------------
 
@@ -205,6 +226,21 @@ def finish(process: subprocess.Popen, log_path, timeout: float) -> str:
         raise AssertionError(f"{log_path}: still running after {timeout:.0f}s; killed:\n"
                              f"{read_log(log_path)[-3000:]}") from None
     return read_log(log_path)
+
+
+def finish_all(started: Sequence[tuple[subprocess.Popen, object]], timeout: float) -> list[str]:
+    """Waits for every (process, log path) to end with status 0; returns their logs.
+
+    Whatever still runs after a failure or a timeout is killed, so that no program outlives
+    its test.
+    """
+    try:
+        logs = [finish(process, log, timeout) for process, log in started]
+    finally:
+        kill_all([process for process, _ in started])
+    for (process, _), log in zip(started, logs):
+        assert process.returncode == 0, log[-4000:]
+    return logs
 
 
 def kill_all(processes: Sequence[subprocess.Popen]) -> None:
@@ -279,29 +315,54 @@ def save_experiment(out_path: str, summary: dict, states: Mapping[str, Mapping])
         json.dump(summary, f)
 
 
-def run_experiment(module: str, out_path: str, *args: str) -> tuple[dict, dict]:
-    """Runs ``python -m <module> mirrored <out_path> <args>``; returns (summary, states).
+class Experiment:
+    """``python -m <module> mirrored <out_path> <args>``, started now, its results read later.
 
     For experiments that need a fresh TensorFlow (logical CPU devices exist only if made
-    before TensorFlow starts); the module's ``__main__`` block runs the experiment, which
-    ends with :func:`save_experiment`. ``states`` is ``{run: {variable name: array}}``.
+    before TensorFlow starts); the module's ``__main__`` block runs the experiment, which ends
+    with :func:`save_experiment`. Started early, it runs on the second core while the test
+    process goes on with other tests.
     """
-    import numpy as np
 
-    proc = subprocess.run([sys.executable, "-m", module, "mirrored", out_path, *args],
-                          cwd=REPO, env=_environment(), capture_output=True, text=True,
-                          timeout=TIMEOUT_SECS)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out_path + ".json") as f:
-        summary = json.load(f)
-    states: dict = {}
-    with np.load(out_path + ".npz") as arrays:
-        for key in arrays.files:
-            run, name = key.split("|", 1)
-            states.setdefault(run, {})[name] = arrays[key]
-    return summary, states
+    def __init__(self, module: str, out_path: str, *args: str) -> None:
+        self.out_path = out_path
+        self.log_path = out_path + ".log"
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", module, "mirrored", out_path, *args], cwd=REPO,
+                env=_environment(), stdout=log, stderr=subprocess.STDOUT)
 
-# ---- In one process: python -m tests.program_runs SCRIPT '[[stderr path, flags], ...]' ---
+    def results(self) -> tuple[dict, dict]:
+        """Waits for the experiment; returns (summary, {run: {variable name: array}})."""
+        import numpy as np
+
+        log = finish(self.process, self.log_path, TIMEOUT_SECS)
+        assert self.process.returncode == 0, log[-4000:]
+        with open(self.out_path + ".json") as f:
+            summary = json.load(f)
+        states: dict = {}
+        with np.load(self.out_path + ".npz") as arrays:
+            for key in arrays.files:
+                run, name = key.split("|", 1)
+                states.setdefault(run, {})[name] = arrays[key]
+        return summary, states
+
+    def stop(self) -> None:
+        """Kills the experiment if it still runs (a test run cut short)."""
+        kill_all([self.process])
+
+
+def needed_by_selected_tests(request, fixture_name: str) -> bool:
+    """Whether a test of ``request``'s module selected in this session uses ``fixture_name``.
+
+    For module fixtures that start expensive work early (an :class:`Experiment`), so that a
+    run which deselects the tests needing it (``-m "not slow"``, ``-k``) does not pay for it.
+    """
+    return any(fixture_name in getattr(item, "fixturenames", ())
+               for item in request.session.items if item.module is request.module)
+
+
+# ---- In one process: python -m tests.program_runs SCRIPT '[[path stem, flags], ...]' -----
 
 def _load_program(script: str):
     """The program's module, loaded as ``python <script>``/``-m`` would, minus ``__main__``."""
@@ -314,8 +375,9 @@ def _load_program(script: str):
     return module
 
 
-def _run_here(program, script: str, flags: Sequence[str], log_path: str) -> int:
-    """``program.run()`` on the command line ``flags``, stderr (fd 2) to ``log_path``.
+def _run_here(program, script: str, flags: Sequence[str], stem: str) -> int:
+    """``program.run()`` on the command line ``flags``, stdout and stderr (fd 1 and 2) to
+    ``stem.stdout`` and ``stem.stderr``.
 
     Returns the exit status the process would have had. absl re-parses its flags when
     ``app.run`` runs again; the flags are reset to their defaults first, verbosity INFO as
@@ -327,10 +389,12 @@ def _run_here(program, script: str, flags: Sequence[str], log_path: str) -> int:
         absl_flags.FLAGS.unparse_flags()
         absl_flags.FLAGS["verbosity"].value = 0
     sys.argv = [script, *flags]
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved_stderr = os.dup(2)
-    with open(log_path, "w") as log:
-        os.dup2(log.fileno(), 2)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with open(stem + ".stdout", "w") as out, open(stem + ".stderr", "w") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
         try:
             program.run()
             status = 0
@@ -344,17 +408,19 @@ def _run_here(program, script: str, flags: Sequence[str], log_path: str) -> int:
             traceback.print_exc()
             status = 1
         finally:
+            sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved_stderr, 2)
-            os.close(saved_stderr)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
     return status
 
 
 def _main(script: str, cases_json: str) -> None:
     program = _load_program(script)
-    for log_path, flags in json.loads(cases_json):
-        status = _run_here(program, script, flags, log_path)
-        with open(log_path + ".status", "w") as f:
+    for stem, flags in json.loads(cases_json):
+        status = _run_here(program, script, flags, stem)
+        with open(stem + ".status", "w") as f:
             f.write(str(status))
 
 

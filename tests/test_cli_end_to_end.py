@@ -1,7 +1,7 @@
 """train.py and eval.py run as programs, with the original command lines, on tiny data.
 
-Every run here is a true ``python train.py``/``python eval.py`` start but for the pairs of
-eval.py runs that share one process (``in_one_process``), which spares a TensorFlow start-up.
+One train.py run serves the module; runs that do not depend on each other run at the same
+time (two processes keep both cores busy).
 """
 
 import os
@@ -65,7 +65,7 @@ def test_train_then_eval_clean_and_adversarial(tmp_path, data_dir, trained):
             "--hparams=eval_batch_size=8", "--adv_method=pgd_16_2_2", "--eval_name=pgd",
             f"--output_file={results}", "--num_examples=16",
             f"--predictions_file={tmp_path / 'pred.npz'}"]),
-    }, str(tmp_path / "logs"), in_one_process=True)
+    }, str(tmp_path / "logs"))
     assert _event_tags(os.path.join(out, "clean_eval")) == {
         "Eval/Accuracy": "simple_value", "Eval/Top5": "simple_value"}
 
@@ -89,7 +89,7 @@ def test_eval_on_a_split_smaller_than_requested_reports_the_count(tmp_path, data
         "all": ("eval.py", flags),
         "more_than_there_is": ("eval.py", [*flags, "--num_examples=40",
                                            f"--output_file={results}"]),
-    }, str(tmp_path / "logs"), in_one_process=True)
+    }, str(tmp_path / "logs"))
     # The validation file holds 24 records although Tiny ImageNet promises 10,000.
     assert "24 examples" in runs["all"].stderr
     # Asked for more than the file holds: a clean end, with the count actually evaluated.

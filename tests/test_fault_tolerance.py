@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.data_builders import write_tiny_imagenet_tfrecords
 from tests.program_runs import (
     ALP,
     MODEL_FLAGS,
     checkpoint_values,
-    finish,
+    finish_all,
     kill_all,
     latest_step,
     logged_steps,
@@ -34,13 +33,6 @@ pytestmark = pytest.mark.slow
 
 # ---- Tests ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_tiny_imagenet_tfrecords(str(path), num_train=32, num_val=16, image_size=32, seed=5)
-    return str(path)
-
-
 def _check_final_checkpoint(output_dir, max_steps: int, names: set) -> None:
     prefix = tf.train.latest_checkpoint(str(output_dir))
     assert prefix.endswith(f"model.ckpt-{max_steps}")
@@ -52,9 +44,9 @@ def _check_final_checkpoint(output_dir, max_steps: int, names: set) -> None:
     assert not [p for p in os.listdir(output_dir) if p.startswith(".tmp-")]
 
 
-def test_sigkill_mid_run_then_the_same_command_resumes_and_finishes(tmp_path, data_dir):
+def test_sigkill_mid_run_then_the_same_command_resumes_and_finishes(tmp_path, tiny_data):
     out = tmp_path / "train"
-    command = program("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}",
+    command = program("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={tiny_data}",
                       *MODEL_FLAGS, ALP, "--max_steps=60", "--save_model_steps=5",
                       "--save_summaries_steps=10")
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
@@ -70,12 +62,7 @@ def test_sigkill_mid_run_then_the_same_command_resumes_and_finishes(tmp_path, da
     assert 5 <= resumed < 60 and resumed % 5 == 0, "the run ended before the kill"
     names = set(checkpoint_values(str(out / f"model.ckpt-{resumed}")))
 
-    second = start(command, second_log)
-    try:
-        log = finish(second, second_log, 300)
-    finally:
-        kill_all([second])
-    assert second.returncode == 0, log[-3000:]
+    log, = finish_all([(start(command, second_log), second_log)], 300)
     assert f"Resuming from {out}/model.ckpt-{resumed}" in log
     steps = logged_steps(log)
     assert steps == list(range(resumed + 1, 61))
@@ -116,10 +103,10 @@ run()
 
 
 @pytest.mark.parametrize("pause_at", ["after_data", "before_pointer"])
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, data_dir,
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, tiny_data,
                                                                          pause_at):
     out = tmp_path / "train"
-    flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *MODEL_FLAGS, ALP,
+    flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={tiny_data}", *MODEL_FLAGS, ALP,
              "--max_steps=6", "--save_model_steps=2", "--save_summaries_steps=0"]
     marker = tmp_path / "paused"
     paused_log, second_log = tmp_path / "paused.log", tmp_path / "second.log"
@@ -142,12 +129,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_pat
     assert tf.train.latest_checkpoint(str(out)).endswith("model.ckpt-2")
     names = set(checkpoint_values(str(out / "model.ckpt-2")))
 
-    second = start(program("train.py", *flags), second_log)
-    try:
-        log = finish(second, second_log, 300)
-    finally:
-        kill_all([second])
-    assert second.returncode == 0, log[-3000:]
+    log, = finish_all([(start(program("train.py", *flags), second_log), second_log)], 300)
     assert f"Resuming from {out}/model.ckpt-2" in log
     assert logged_steps(log) == [3, 4, 5, 6]
     # The final checkpoint is complete and the killed write's staging files are gone.

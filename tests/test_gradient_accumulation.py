@@ -28,7 +28,12 @@ import pytest
 import tensorflow as tf
 
 from tests.data_builders import write_tiny_imagenet_tfrecords
-from tests.program_runs import run_experiment, save_experiment, scalar_events
+from tests.program_runs import (
+    Experiment,
+    needed_by_selected_tests,
+    save_experiment,
+    scalar_events,
+)
 
 MODEL = "resnet_v2_tiny"
 NUM_CLASSES = 10
@@ -368,10 +373,22 @@ def mirrored_experiment(out_path: str) -> None:
     save_experiment(out_path, summary, {run: state for run, (state, _) in runs.items()})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def started_mirrored(request, tmp_path_factory):
+    """The mirrored experiment, started with the module if a selected test needs it: it runs
+    in its own process beside the in-process tests above."""
+    if not needed_by_selected_tests(request, "mirrored"):
+        yield None
+        return
+    experiment = Experiment("tests.test_gradient_accumulation",
+                            str(tmp_path_factory.mktemp("mirrored") / "runs"))
+    yield experiment
+    experiment.stop()
+
+
 @pytest.fixture(scope="module")
-def mirrored(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("mirrored") / "runs")
-    return run_experiment("tests.test_gradient_accumulation", out)
+def mirrored(started_mirrored):
+    return started_mirrored.results()
 
 
 @pytest.mark.slow

@@ -102,38 +102,73 @@ run()
 """
 
 
-@pytest.mark.parametrize("pause_at", ["after_data", "before_pointer"])
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, tiny_data,
-                                                                         pause_at):
-    out = tmp_path / "train"
-    flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={tiny_data}", *MODEL_FLAGS, ALP,
-             "--max_steps=6", "--save_model_steps=2", "--save_summaries_steps=0"]
-    marker = tmp_path / "paused"
-    paused_log, second_log = tmp_path / "paused.log", tmp_path / "second.log"
-    paused = start([sys.executable, "-c", _PAUSED_TRAIN, *flags], paused_log,
-                   env={"PAUSE_AT_STEP": "4", "PAUSE_MARKER": str(marker), "PAUSE_AT": pause_at})
-    try:
-        wait_for(marker.exists, 300, "the write of checkpoint 4", [(paused, paused_log)])
-        staged = [p for p in os.listdir(out) if p.startswith(".tmp-model.ckpt-4-")]
-        if pause_at == "after_data":
-            # The data is written, but only in the staging directory.
-            assert staged and not (out / "model.ckpt-4.index").exists()
-        else:
-            # Checkpoint 4's files are complete, but the pointer still names checkpoint 2.
-            assert not staged and (out / "model.ckpt-4.index").exists()
-        assert latest_step(out) == 2
-        paused.send_signal(signal.SIGKILL)
-        paused.wait()
-    finally:
-        kill_all([paused])
-    assert tf.train.latest_checkpoint(str(out)).endswith("model.ckpt-2")
-    names = set(checkpoint_values(str(out / "model.ckpt-2")))
+PAUSES = ("after_data", "before_pointer")
 
-    log, = finish_all([(start(program("train.py", *flags), second_log), second_log)], 300)
+
+@pytest.fixture(scope="module")
+def killed_writes(tmp_path_factory, tiny_data) -> dict:
+    """pause_at -> what a run killed while paused in the write of checkpoint 4 left behind,
+    and what the same command, run again, logged.
+
+    The two places are independent, so their runs go at the same time: both paused runs, then
+    both restarts. What is on disk is recorded while each run is still paused.
+    """
+    cases, paused = {}, []
+    try:
+        for pause_at in PAUSES:
+            root = tmp_path_factory.mktemp(pause_at)
+            out = root / "train"
+            flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={tiny_data}",
+                     *MODEL_FLAGS, ALP, "--max_steps=6", "--save_model_steps=2",
+                     "--save_summaries_steps=0"]
+            marker, log = root / "paused", root / "paused.log"
+            process = start([sys.executable, "-c", _PAUSED_TRAIN, *flags], log,
+                            env={"PAUSE_AT_STEP": "4", "PAUSE_MARKER": str(marker),
+                                 "PAUSE_AT": pause_at})
+            paused.append(process)
+            cases[pause_at] = dict(root=root, out=out, flags=flags, marker=marker,
+                                   watched=[(process, log)])
+        for pause_at, case in cases.items():
+            out = case["out"]
+            wait_for(case["marker"].exists, 300, f"the write of checkpoint 4 ({pause_at})",
+                     case["watched"])
+            case["staged"] = [p for p in os.listdir(out) if p.startswith(".tmp-model.ckpt-4-")]
+            case["index_written"] = (out / "model.ckpt-4.index").exists()
+            case["latest_while_paused"] = latest_step(out)
+            process = case["watched"][0][0]
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    finally:
+        kill_all(paused)
+    for case in cases.values():
+        case["latest_after_kill"] = tf.train.latest_checkpoint(str(case["out"]))
+        case["names"] = set(checkpoint_values(str(case["out"] / "model.ckpt-2")))
+    logs = finish_all([(start(program("train.py", *case["flags"]), case["root"] / "second.log"),
+                        case["root"] / "second.log") for case in cases.values()], 600)
+    for case, log in zip(cases.values(), logs):
+        case["second_log"] = log
+    return cases
+
+
+@pytest.mark.parametrize("pause_at", PAUSES)
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(killed_writes,
+                                                                         pause_at):
+    case = killed_writes[pause_at]
+    out = case["out"]
+    if pause_at == "after_data":
+        # The data is written, but only in the staging directory.
+        assert case["staged"] and not case["index_written"]
+    else:
+        # Checkpoint 4's files are complete, but the pointer still names checkpoint 2.
+        assert not case["staged"] and case["index_written"]
+    assert case["latest_while_paused"] == 2
+    assert case["latest_after_kill"].endswith("model.ckpt-2")
+
+    log = case["second_log"]
     assert f"Resuming from {out}/model.ckpt-2" in log
     assert logged_steps(log) == [3, 4, 5, 6]
     # The final checkpoint is complete and the killed write's staging files are gone.
-    _check_final_checkpoint(out, 6, names)
+    _check_final_checkpoint(out, 6, case["names"])
     # Checkpoint 4 was written again by the resumed run, and is listed now.
     state = tf.train.get_checkpoint_state(str(out))
     assert [os.path.basename(p) for p in state.all_model_checkpoint_paths][-3:] == [

@@ -320,8 +320,8 @@ class Experiment:
 
     For experiments that need a fresh TensorFlow (logical CPU devices exist only if made
     before TensorFlow starts); the module's ``__main__`` block runs the experiment, which ends
-    with :func:`save_experiment`. Started early, it runs on the second core while the test
-    process goes on with other tests.
+    with :func:`save_experiment`. (Started beside other TensorFlow work, the replicas'
+    collectives wait on a busy CPU: run it alone, with :func:`run_experiment`.)
     """
 
     def __init__(self, module: str, out_path: str, *args: str) -> None:
@@ -352,14 +352,13 @@ class Experiment:
         kill_all([self.process])
 
 
-def needed_by_selected_tests(request, fixture_name: str) -> bool:
-    """Whether a test of ``request``'s module selected in this session uses ``fixture_name``.
-
-    For module fixtures that start expensive work early (an :class:`Experiment`), so that a
-    run which deselects the tests needing it (``-m "not slow"``, ``-k``) does not pay for it.
-    """
-    return any(fixture_name in getattr(item, "fixturenames", ())
-               for item in request.session.items if item.module is request.module)
+def run_experiment(module: str, out_path: str, *args: str) -> tuple[dict, dict]:
+    """Runs an :class:`Experiment` to its end; returns (summary, states)."""
+    experiment = Experiment(module, out_path, *args)
+    try:
+        return experiment.results()
+    finally:
+        experiment.stop()
 
 
 # ---- In one process: python -m tests.program_runs SCRIPT '[[path stem, flags], ...]' -----

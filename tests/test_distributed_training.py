@@ -32,16 +32,15 @@ from tests.data_builders import write_tiny_imagenet_tfrecords
 from tests.program_runs import (
     ALP,
     MODEL_FLAGS,
-    Experiment,
     checkpoint_values,
     finish,
     finish_all,
     kill_all,
     latest_step,
     logged_steps,
-    needed_by_selected_tests,
     program,
     read_log,
+    run_experiment,
     save_experiment,
     scalar_events,
     start,
@@ -414,26 +413,11 @@ def test_training_input_pipeline_has_static_shapes_and_no_python_callbacks(tmp_p
 
 # ---- The mirrored experiment's results -----------------------------------------------------------
 
-# The experiment starts with the module and runs in its own process while the tests above run
-# here; its tests come after them so that both cores are busy.
-
-@pytest.fixture(scope="module", autouse=True)
-def started_mirrored(request, tmp_path_factory, tiny_data):
-    """The mirrored experiment, started with the module if a selected test needs it: it runs
-    in its own process beside the in-process tests above the ``mirrored`` ones."""
-    if not needed_by_selected_tests(request, "mirrored"):
-        yield None
-        return
-    out = str(tmp_path_factory.mktemp("mirrored") / "runs")
-    experiment = Experiment("tests.test_distributed_training", out, tiny_data)
-    yield experiment
-    experiment.stop()
-
-
 @pytest.fixture(scope="module")
-def mirrored(started_mirrored):
-    summary, states = started_mirrored.results()
-    return summary, states, started_mirrored.out_path
+def mirrored(tmp_path_factory, tiny_data):
+    out = str(tmp_path_factory.mktemp("mirrored") / "runs")
+    summary, states = run_experiment("tests.test_distributed_training", out, tiny_data)
+    return summary, states, out
 
 
 def _assert_states_close(actual: dict, expected: dict) -> None:

@@ -12,6 +12,17 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Tiny ImageNet TFRecords for the program runs: 32 training and 16 validation images
+    of 32x32 class patterns (train.py and eval.py with ``--dataset_image_size=32``)."""
+    from tests.data_builders import write_tiny_imagenet_tfrecords
+
+    path = tmp_path_factory.mktemp("tiny_records")
+    write_tiny_imagenet_tfrecords(str(path), num_train=32, num_val=16, image_size=32, seed=5)
+    return str(path)
+
+
 @pytest.fixture
 def unwritable_dir(tmp_path):
     """An existing, empty directory in which this process cannot create files.

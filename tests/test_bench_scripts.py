@@ -1,32 +1,57 @@
 """The bench scripts run end to end and print their tables (tiny settings; no timing checked).
 
 The README's performance numbers come from these scripts at their default settings; this only
-keeps them runnable as the library changes.
+keeps them runnable as the library changes. The scripts run at the same time, four at once,
+in one module fixture (each mostly one core's work on these tiny settings); each test reads
+its script's output.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.program_runs import run_concurrently
+
 TINY = ["--model=resnet_v2_tiny", "--image_size=16", "--batch_size=4"]
 
 pytestmark = pytest.mark.slow
 
+BENCH_FLAGS = {
+    "attack.py": [*TINY, "--repetitions=1", "--dtypes=float32",
+                  "--attacks=pgd_16_2_3,pgdll_16_2_3", "--apgd=apgdce_16_3",
+                  "--autoattack=autoattack_16_3_20", "--strong_batch_size=4"],
+    "train_step.py": [*TINY, "--repetitions=1", "--dtypes=float32", "--fit_steps=1"],
+    "eval.py": ["--model=resnet_v2_tiny", "--image_size=16", "--eval_batch_size=4",
+                "--clean_examples=8", "--adv_examples=8", "--repetitions=1",
+                "--attacks=clean,pgd_16_2_2"],
+    "memory.py": [*TINY, "--steps=1", "--dtypes=float32,bfloat16"],
+    "data_pipeline.py": ["--model=resnet_v2_tiny", "--tiny_records=64", "--imagenet_records=16",
+                         "--imagenet_shards=2", "--batch_size=4", "--num_batches=2",
+                         "--imagenet_image_size=32"],
+    "profile_gradient.py": [*TINY, "--repetitions=1"],
+    "tf_parts.py": ["--model=resnet_v2_tiny", "--image_size=16", "--repetitions=1"],
+}
 
-def run_bench(script: str, *flags: str) -> str:
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", script), *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "machine: " in result.stdout and "TensorFlow " in result.stdout
-    return result.stdout
+
+@pytest.fixture(scope="module")
+def bench_runs(tmp_path_factory) -> dict:
+    """{script: ProgramRun} of every bench script of :data:`BENCH_FLAGS`."""
+    return run_concurrently(
+        {script: (f"bench/{script}", flags) for script, flags in BENCH_FLAGS.items()},
+        str(tmp_path_factory.mktemp("bench")), check=False, max_at_once=4)
+
+
+@pytest.fixture
+def run_bench(bench_runs):
+    """The stdout of one bench script's run, after checking it ran and printed its header."""
+    def output(script: str) -> str:
+        result = bench_runs[script]
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "machine: " in result.stdout and "TensorFlow " in result.stdout
+        return result.stdout
+    return output
 
 
 def table_rows(output: str, header_start: str) -> list[list[str]]:
@@ -45,10 +70,8 @@ def numbers(row: list[str]) -> list[float]:
     return [float(cell) for cell in row if re.fullmatch(r"-?\d+(\.\d+)?", cell)]
 
 
-def test_attack_bench_prints_a_row_per_attack_and_dtype():
-    output = run_bench("attack.py", *TINY, "--repetitions=1", "--dtypes=float32",
-                       "--attacks=pgd_16_2_3,pgdll_16_2_3", "--apgd=apgdce_16_3",
-                       "--autoattack=autoattack_16_3_20", "--strong_batch_size=4")
+def test_attack_bench_prints_a_row_per_attack_and_dtype(run_bench):
+    output = run_bench("attack.py")
     rows = table_rows(output, "attack")
     assert [row[:2] for row in rows] == [["pgd_16_2_3", "float32"], ["pgdll_16_2_3", "float32"]]
     assert all(value > 0 for row in rows for value in numbers(row))
@@ -56,18 +79,15 @@ def test_attack_bench_prints_a_row_per_attack_and_dtype():
     assert [row[:2] for row in strong] == [["apgdce_16_3", "4"], ["autoattack_16_3_20", "4"]]
 
 
-def test_train_step_bench_prints_alp_step_ll_llr_advprop_and_clean_rows():
-    output = run_bench("train_step.py", *TINY, "--repetitions=1", "--dtypes=float32",
-                       "--fit_steps=1")
+def test_train_step_bench_prints_alp_step_ll_llr_advprop_and_clean_rows(run_bench):
+    output = run_bench("train_step.py")
     rows = table_rows(output, "step")
     assert [row[0] for row in rows] == ["ALP", "Step-LL", "LLR", "AdvProp", "clean"]
     assert all(numbers(row) and all(v > 0 for v in numbers(row)) for row in rows)
 
 
-def test_eval_bench_prints_rate_time_and_bound_ratio_per_attack():
-    output = run_bench("eval.py", "--model=resnet_v2_tiny", "--image_size=16",
-                       "--eval_batch_size=4", "--clean_examples=8", "--adv_examples=8",
-                       "--repetitions=1", "--attacks=clean,pgd_16_2_2")
+def test_eval_bench_prints_rate_time_and_bound_ratio_per_attack(run_bench):
+    output = run_bench("eval.py")
     rows = table_rows(output, "adv_method")
     assert [row[0] for row in rows] == ["clean", "pgd_16_2_2"]
     for row in rows:
@@ -79,8 +99,8 @@ def test_eval_bench_prints_rate_time_and_bound_ratio_per_attack():
     assert "bound: clean = one forward pass per batch" in output
 
 
-def test_memory_bench_prints_rss_before_and_peak_per_dtype():
-    output = run_bench("memory.py", *TINY, "--steps=1", "--dtypes=float32,bfloat16")
+def test_memory_bench_prints_rss_before_and_peak_per_dtype(run_bench):
+    output = run_bench("memory.py")
     rows = table_rows(output, "dtype")
     assert [row[0] for row in rows] == ["float32", "bfloat16"]
     for row in rows:
@@ -90,17 +110,15 @@ def test_memory_bench_prints_rss_before_and_peak_per_dtype():
         assert row[-1] == ("yes" if peak < 4 else "NO")
 
 
-def test_data_pipeline_bench_compares_both_pipelines_with_the_step():
-    output = run_bench("data_pipeline.py", "--model=resnet_v2_tiny", "--tiny_records=64",
-                       "--imagenet_records=16", "--imagenet_shards=2", "--batch_size=4",
-                       "--num_batches=2", "--imagenet_image_size=32")
+def test_data_pipeline_bench_compares_both_pipelines_with_the_step(run_bench):
+    output = run_bench("data_pipeline.py")
     rows = table_rows(output, "dataset")
     assert [row[:2] for row in rows] == [["tiny_imagenet", "64"], ["imagenet", "32"]]
     assert all(value > 0 for row in rows for value in numbers(row))
 
 
-def test_gradient_profile_attributes_time_to_forward_and_backward_convolutions():
-    output = run_bench("profile_gradient.py", *TINY, "--repetitions=1")
+def test_gradient_profile_attributes_time_to_forward_and_backward_convolutions(run_bench):
+    output = run_bench("profile_gradient.py")
     # Family names contain spaces: the two numbers are the last cells.
     families = {" ".join(row[:-2]): (float(row[-2]), float(row[-1]))
                 for row in table_rows(output, "family")}
@@ -112,9 +130,8 @@ def test_gradient_profile_attributes_time_to_forward_and_backward_convolutions()
     assert any("Conv2DBackpropInput" in name for name in op_types), op_types
 
 
-def test_tf_parts_bench_finds_tensorflows_numbers_and_names():
-    output = run_bench("tf_parts.py", "--model=resnet_v2_tiny", "--image_size=16",
-                       "--repetitions=1")
+def test_tf_parts_bench_finds_tensorflows_numbers_and_names(run_bench):
+    output = run_bench("tf_parts.py")
     rows = table_rows(output, "piece")
     assert [row[0] for row in rows] == ["moving", "RMSProp", "checkpoint"]
     assert [row[-1] for row in rows[:2]] == ["0.000", "0.000"]  # largest difference

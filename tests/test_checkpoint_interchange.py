@@ -151,22 +151,52 @@ def _data_flags(case):
             f"--dataset_image_size={case['image_size']}"]
 
 
-# ---- 1. Slim -> us ----------------------------------------------------------------------------
+# ---- The program runs that need only the Slim-written checkpoints ----------------------------
 
 @pytest.fixture(scope="module")
-def slim_checkpoint_predictions(tmp_path_factory, slim_checkpoints):
-    """num_classes -> eval.py's predictions for the Slim-written checkpoint."""
-    out = tmp_path_factory.mktemp("slim_eval")
+def first_runs(tmp_path_factory, tiny_dir, slim_checkpoints, unfitting_checkpoints) -> dict:
+    """All at once: eval.py on the Slim-written and the unfitting checkpoints, one after the
+    other in one process (``in_one_process``), beside the two train.py runs of section 2.
+
+    Three processes keep both cores busy and spare four TensorFlow start-ups; the train.py runs
+    and the evaluations of their checkpoints (``trained_predictions``) are true program starts.
+    """
+    out = tmp_path_factory.mktemp("first_runs")
     runs = {}
+    slim_predictions = {}
     for num_classes, case in slim_checkpoints.items():
         # The state file Saver writes makes the directory resolve to its checkpoint; use the
         # directory for one case and the prefix for the other.
         checkpoint = case["directory"] if num_classes == 200 else case["prefix"]
-        runs[num_classes] = _eval_flags(out / f"{num_classes}.npz",
-                                        f"--checkpoint_path={checkpoint}",
-                                        "--moving_average_decay=-1", *_data_flags(case))
-    run_concurrently(runs, str(out))
-    return {num_classes: _predictions(out / f"{num_classes}.npz") for num_classes in runs}
+        slim_predictions[num_classes] = out / f"{num_classes}.npz"
+        runs[("slim", num_classes)] = _eval_flags(slim_predictions[num_classes],
+                                                  f"--checkpoint_path={checkpoint}",
+                                                  "--moving_average_decay=-1",
+                                                  *_data_flags(case))
+    for kind, (checkpoint, _) in unfitting_checkpoints.items():
+        runs[("unfitting", kind)] = ("eval.py", [
+            f"--checkpoint_path={checkpoint}", f"--model_name={MODEL}",
+            "--moving_average_decay=-1", f"--hparams=eval_batch_size={NUM_IMAGES}",
+            *_data_flags(slim_checkpoints[200])])
+    train_dirs, train_runs = _train_runs(tmp_path_factory, tiny_dir, slim_checkpoints)
+    runs.update({("train", name): run for name, run in train_runs.items()})
+    results = run_concurrently(runs, str(out), check=False, in_one_process=["eval.py"])
+    for key, run in results.items():
+        if key[0] != "unfitting" and run.returncode != 0:
+            raise AssertionError(f"{runs[key][0]} {key} failed ({run.returncode}):\n"
+                                 f"{run.stderr[-4000:]}")
+    return {"slim_predictions": slim_predictions, "train_dirs": train_dirs,
+            "unfitting": {kind: run for (group, kind), run in results.items()
+                          if group == "unfitting"}}
+
+
+# ---- 1. Slim -> us ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slim_checkpoint_predictions(first_runs):
+    """num_classes -> eval.py's predictions for the Slim-written checkpoint."""
+    return {num_classes: _predictions(path)
+            for num_classes, path in first_runs["slim_predictions"].items()}
 
 
 @pytest.mark.parametrize("num_classes", [200, 1001], ids=["tiny_imagenet_200", "imagenet_1001"])
@@ -195,9 +225,8 @@ FINETUNE_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def train_runs(tmp_path_factory, tiny_dir, slim_checkpoints):
-    """Output directories of two train.py runs (2 steps of resnet_v2_50, 32x32 Tiny ImageNet).
+def _train_runs(tmp_path_factory, tiny_dir, slim_checkpoints) -> tuple[dict, dict]:
+    """Output directories and runs of two train.py runs (2 steps of resnet_v2_50, 32x32).
 
     "ema": the moving average on, starting from the 200-class Slim values (a fresh network's
     moving statistics make inference-mode logits explode through 50 layers), given under
@@ -215,7 +244,7 @@ def train_runs(tmp_path_factory, tiny_dir, slim_checkpoints):
               f"--tiny_imagenet_data_dir={tiny_dir}", "--dataset_image_size=32",
               "--max_steps=2", "--save_summaries_steps=0"]
     out = {name: str(tmp_path_factory.mktemp(name)) for name in ("ema", "finetune")}
-    run_concurrently({
+    return out, {
         "ema": ("train.py", [
             f"--output_dir={out['ema']}", *common, "--hparams=batch_size=2,learning_rate=0.001",
             "--moving_average_decay=0.9999", "--save_model_steps=100",
@@ -225,8 +254,13 @@ def train_runs(tmp_path_factory, tiny_dir, slim_checkpoints):
             "--moving_average_decay=-1", "--save_model_steps=1",
             f"--finetune_checkpoint_path={slim_checkpoints[1001]['directory']}",
             *FINETUNE_FLAGS]),
-    }, str(tmp_path_factory.mktemp("train_logs")))
-    return out
+    }
+
+
+@pytest.fixture(scope="module")
+def train_runs(first_runs):
+    """"ema" and "finetune" -> the output directory of that train.py run."""
+    return first_runs["train_dirs"]
 
 
 @pytest.fixture(scope="module")
@@ -373,13 +407,12 @@ DROPPED = (f"{MODEL}/block3/unit_2/bottleneck_v2/conv2/weights",
 
 
 @pytest.fixture(scope="module")
-def unfitting_runs(tmp_path_factory, slim_checkpoints, resnet_v2_101_checkpoint):
-    """kind -> (eval.py's run, strings its one-line error must contain)."""
-    tiny = slim_checkpoints[200]
-    values = _checkpoint_values(tiny["prefix"])
+def unfitting_checkpoints(tmp_path_factory, slim_checkpoints, resnet_v2_101_checkpoint):
+    """kind -> (checkpoint, strings eval.py's one-line error must contain)."""
+    values = _checkpoint_values(slim_checkpoints[200]["prefix"])
     kept = {name: tf.Variable(value) for name, value in values.items() if name not in DROPPED}
     partial = checkpoints.save(kept, str(tmp_path_factory.mktemp("partial")), step=1)
-    cases = {
+    return {
         "wrong_class_count": (slim_checkpoints[1001]["prefix"], [
             f"{MODEL}/logits/weights: checkpoint [1, 1, 2048, 1001] vs",
             "[1, 1, 2048, 200]", "trained for 1001 classes"]),
@@ -389,12 +422,13 @@ def unfitting_runs(tmp_path_factory, slim_checkpoints, resnet_v2_101_checkpoint)
             f"2 of {len(values)} variables missing", f"{DROPPED[0]} [3, 3, 256, 256]",
             f"{DROPPED[1]} [2048]"]),
     }
-    runs = {kind: ("eval.py", [f"--checkpoint_path={checkpoint}", f"--model_name={MODEL}",
-                               "--moving_average_decay=-1",
-                               f"--hparams=eval_batch_size={NUM_IMAGES}", *_data_flags(tiny)])
-            for kind, (checkpoint, _) in cases.items()}
-    results = run_concurrently(runs, str(tmp_path_factory.mktemp("unfitting")), check=False)
-    return {kind: (results[kind], expected) for kind, (_, expected) in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def unfitting_runs(first_runs, unfitting_checkpoints):
+    """kind -> (eval.py's run, strings its one-line error must contain)."""
+    return {kind: (first_runs["unfitting"][kind], expected)
+            for kind, (_, expected) in unfitting_checkpoints.items()}
 
 
 @pytest.mark.parametrize("kind", ["wrong_class_count", "wrong_model", "missing_variables"])

@@ -1,13 +1,10 @@
 """train.py and eval.py expose every flag of the original scripts (seen by --helpfull)."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.program_runs import run_concurrently
 
 ORIGINAL_FLAGS = {
     "train.py": [
@@ -27,11 +24,16 @@ ORIGINAL_FLAGS = {
 }
 
 
+@pytest.fixture(scope="module")
+def helpfull(tmp_path_factory) -> dict:
+    """script -> its ``--helpfull`` run; the programs start at the same time."""
+    return run_concurrently({script: (script, ["--helpfull"]) for script in ORIGINAL_FLAGS},
+                            str(tmp_path_factory.mktemp("helpfull")), check=False)
+
+
 @pytest.mark.parametrize("script", sorted(ORIGINAL_FLAGS))
-def test_helpfull_lists_every_original_flag(script):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, script), "--helpfull"],
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+def test_helpfull_lists_every_original_flag(helpfull, script):
+    proc = helpfull[script]
     # absl ends --helpfull with status 1 after printing the flags to stdout.
     assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     listed = set(re.findall(r"^\s+--(?:\[no\])?(\w+):", proc.stdout, flags=re.M))

@@ -9,8 +9,7 @@ import pytest
 import tensorflow as tf
 
 from adversarial_logit_pairing import checkpoints, evaluation
-from tests.data_builders import write_tiny_imagenet_tfrecords
-from tests.test_fault_tolerance import (
+from tests.program_runs import (
     ALP,
     MODEL_FLAGS,
     finish,
@@ -19,37 +18,26 @@ from tests.test_fault_tolerance import (
     program,
     read_log,
     start,
+    summary_values,
     wait_for,
 )
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_tiny_imagenet_tfrecords(str(path), num_train=32, num_val=16, image_size=32, seed=6)
-    return str(path)
-
-
 def _evaluated_steps(directory) -> list[int]:
     """Global steps of the ``Eval/Accuracy`` summaries under ``directory``, in writing order."""
-    steps = []
-    for path in sorted(tf.io.gfile.glob(os.path.join(str(directory), "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            steps.extend(event.step for value in event.summary.value
-                         if value.tag == "Eval/Accuracy")
-    return steps
+    return [step for step, tag, _, _ in summary_values(directory) if tag == "Eval/Accuracy"]
 
 
 @pytest.mark.slow
 def test_continuous_eval_beside_training_evaluates_each_checkpoint_exactly_once(
-        tmp_path, data_dir):
+        tmp_path, tiny_data):
     out = tmp_path / "train"
     results = tmp_path / "results.csv"
     # 8 checkpoints (steps 0..7); training keeps the newest 5, deleting 0, 1 and 2 as it goes.
-    train = program("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}",
+    train = program("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={tiny_data}",
                     *MODEL_FLAGS, ALP, "--max_steps=7", "--save_model_steps=1",
                     "--save_summaries_steps=0")
-    evaluate = program("eval.py", f"--train_dir={out}", f"--tiny_imagenet_data_dir={data_dir}",
+    evaluate = program("eval.py", f"--train_dir={out}", f"--tiny_imagenet_data_dir={tiny_data}",
                        *MODEL_FLAGS, "--hparams=eval_batch_size=8", "--num_examples=8",
                        "--eval_name=beside", f"--output_file={results}",
                        "--eval_interval_secs=1", "--timeout_secs=600")

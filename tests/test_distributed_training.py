@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -30,17 +29,20 @@ import pytest
 import tensorflow as tf
 
 from tests.data_builders import write_tiny_imagenet_tfrecords
-from tests.test_fault_tolerance import (
+from tests.program_runs import (
     ALP,
     MODEL_FLAGS,
-    REPO,
     checkpoint_values,
     finish,
+    finish_all,
     kill_all,
     latest_step,
     logged_steps,
     program,
     read_log,
+    run_experiment,
+    save_experiment,
+    scalar_events,
     start,
     wait_for,
 )
@@ -185,85 +187,15 @@ def mirrored_experiment(out_path: str, data_dir: str) -> None:
         "mirrored_alp": _train(mirrored, images, labels, ALP_METHOD, False),
     }
     reference_state, reference_losses = _per_replica_reference(images, labels, ALP_METHOD)
-    arrays, summary = {}, {"reference_alp": {"losses": reference_losses}}
+    states, summary = {"reference_alp": reference_state}, {
+        "reference_alp": {"losses": reference_losses}}
     summary["eval"] = _evaluate({"single": (tf.distribute.get_strategy(), "clean"),
                                  "mirrored": (mirrored, "clean"),
                                  "mirrored_pgd": (mirrored, "pgd_16_2_1")}, data_dir, out_path)
-    arrays.update({f"reference_alp|{k}": v for k, v in reference_state.items()})
     for run, (state, losses, rates, spread) in runs.items():
-        arrays.update({f"{run}|{k}": v for k, v in state.items()})
+        states[run] = state
         summary[run] = {"losses": losses, "learning_rates": rates, "replica_spread": spread}
-    np.savez(out_path + ".npz", **arrays)
-    with open(out_path + ".json", "w") as f:
-        json.dump(summary, f)
-
-
-@pytest.fixture(scope="module")
-def mirrored(tmp_path_factory, data_dir):
-    out = str(tmp_path_factory.mktemp("mirrored") / "runs")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-m", "tests.test_distributed_training", "mirrored",
-                           out, data_dir], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out + ".json") as f:
-        summary = json.load(f)
-    arrays = np.load(out + ".npz")
-    states: dict = {}
-    for key in arrays.files:
-        run, name = key.split("|", 1)
-        states.setdefault(run, {})[name] = arrays[key]
-    return summary, states, out
-
-
-def _assert_states_close(actual: dict, expected: dict) -> None:
-    assert set(actual) == set(expected)
-    for name in expected:
-        np.testing.assert_allclose(actual[name], expected[name], rtol=2e-4, atol=2e-6,
-                                   err_msg=name)
-
-
-@pytest.mark.slow
-def test_mirrored_with_sync_batch_norm_matches_one_device_on_the_global_batch(mirrored):
-    summary, states, _ = mirrored
-    np.testing.assert_allclose(summary["mirrored_sync_clean"]["losses"],
-                               summary["single_clean"]["losses"], rtol=1e-5)
-    _assert_states_close(states["mirrored_sync_clean"], states["single_clean"])
-    assert int(states["mirrored_sync_clean"]["global_step"]) == STEPS
-    # Synchronised statistics: every replica's copy of the moving statistics is the same.
-    assert summary["mirrored_sync_clean"]["replica_spread"] < 1e-6
-    # Two replicas double the learning rate, as --replicas_to_aggregate=2 did.
-    np.testing.assert_allclose(summary["mirrored_sync_clean"]["learning_rates"], 2 * 0.045)
-
-
-@pytest.mark.slow
-def test_mirrored_alp_with_per_replica_batch_norm_matches_a_per_replica_reference(mirrored):
-    summary, states, _ = mirrored
-    np.testing.assert_allclose(summary["mirrored_alp"]["losses"],
-                               summary["reference_alp"]["losses"], rtol=1e-5)
-    _assert_states_close(states["mirrored_alp"], states["reference_alp"])
-    # Per-replica statistics: the replicas' copies of the moving statistics differ.
-    assert summary["mirrored_alp"]["replica_spread"] > 1e-6
-    # ... and they differ from synchronised ones (the global batch's statistics).
-    name = f"{MODEL}/postnorm/moving_mean"
-    assert not np.allclose(states["mirrored_alp"][name], states["mirrored_sync_clean"][name])
-
-
-@pytest.mark.slow
-def test_mirrored_evaluation_counts_the_same_examples_as_one_device(mirrored):
-    summary, _, out = mirrored
-    single, mirrored_eval = summary["eval"]["single"], summary["eval"]["mirrored"]
-    assert single["num_examples"] == mirrored_eval["num_examples"] == 16
-    assert mirrored_eval["accuracy"] == single["accuracy"]
-    assert mirrored_eval["top5"] == single["top5"]
-    one, two = np.load(out + "_single.npz"), np.load(out + "_mirrored.npz")
-    # The replicas' halves are put back in order: the same examples, the same logits.
-    np.testing.assert_array_equal(two["labels"], one["labels"])
-    np.testing.assert_allclose(two["logits"], one["logits"], rtol=1e-5, atol=1e-5)
-    attacked = np.load(out + "_mirrored_pgd.npz")
-    assert attacked["logits"].shape == (16, 200)
-    assert not np.allclose(attacked["logits"], one["logits"])
-    assert summary["eval"]["mirrored_pgd"]["num_examples"] == 16
+    save_experiment(out_path, summary, states)
 
 
 # ---- Flags ------------------------------------------------------------------------------------
@@ -479,6 +411,65 @@ def test_training_input_pipeline_has_static_shapes_and_no_python_callbacks(tmp_p
     assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
 
 
+# ---- The mirrored experiment's results -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory, tiny_data):
+    out = str(tmp_path_factory.mktemp("mirrored") / "runs")
+    summary, states = run_experiment("tests.test_distributed_training", out, tiny_data)
+    return summary, states, out
+
+
+def _assert_states_close(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(expected)
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=2e-4, atol=2e-6,
+                                   err_msg=name)
+
+
+@pytest.mark.slow
+def test_mirrored_with_sync_batch_norm_matches_one_device_on_the_global_batch(mirrored):
+    summary, states, _ = mirrored
+    np.testing.assert_allclose(summary["mirrored_sync_clean"]["losses"],
+                               summary["single_clean"]["losses"], rtol=1e-5)
+    _assert_states_close(states["mirrored_sync_clean"], states["single_clean"])
+    assert int(states["mirrored_sync_clean"]["global_step"]) == STEPS
+    # Synchronised statistics: every replica's copy of the moving statistics is the same.
+    assert summary["mirrored_sync_clean"]["replica_spread"] < 1e-6
+    # Two replicas double the learning rate, as --replicas_to_aggregate=2 did.
+    np.testing.assert_allclose(summary["mirrored_sync_clean"]["learning_rates"], 2 * 0.045)
+
+
+@pytest.mark.slow
+def test_mirrored_alp_with_per_replica_batch_norm_matches_a_per_replica_reference(mirrored):
+    summary, states, _ = mirrored
+    np.testing.assert_allclose(summary["mirrored_alp"]["losses"],
+                               summary["reference_alp"]["losses"], rtol=1e-5)
+    _assert_states_close(states["mirrored_alp"], states["reference_alp"])
+    # Per-replica statistics: the replicas' copies of the moving statistics differ.
+    assert summary["mirrored_alp"]["replica_spread"] > 1e-6
+    # ... and they differ from synchronised ones (the global batch's statistics).
+    name = f"{MODEL}/postnorm/moving_mean"
+    assert not np.allclose(states["mirrored_alp"][name], states["mirrored_sync_clean"][name])
+
+
+@pytest.mark.slow
+def test_mirrored_evaluation_counts_the_same_examples_as_one_device(mirrored):
+    summary, _, out = mirrored
+    single, mirrored_eval = summary["eval"]["single"], summary["eval"]["mirrored"]
+    assert single["num_examples"] == mirrored_eval["num_examples"] == 16
+    assert mirrored_eval["accuracy"] == single["accuracy"]
+    assert mirrored_eval["top5"] == single["top5"]
+    one, two = np.load(out + "_single.npz"), np.load(out + "_mirrored.npz")
+    # The replicas' halves are put back in order: the same examples, the same logits.
+    np.testing.assert_array_equal(two["labels"], one["labels"])
+    np.testing.assert_allclose(two["logits"], one["logits"], rtol=1e-5, atol=1e-5)
+    attacked = np.load(out + "_mirrored_pgd.npz")
+    assert attacked["logits"].shape == (16, 200)
+    assert not np.allclose(attacked["logits"], one["logits"])
+    assert summary["eval"]["mirrored_pgd"]["num_examples"] == 16
+
+
 # ---- Several workers --------------------------------------------------------------------------
 
 def free_ports(count: int) -> list[int]:
@@ -499,13 +490,6 @@ def tf_configs(count: int) -> list[str]:
             for i in range(count)]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_tiny_imagenet_tfrecords(str(path), num_train=32, num_val=16, image_size=32, seed=4)
-    return str(path)
-
-
 def _start_workers(tmp_path, name: str, flags: list[str]) -> list:
     configs = tf_configs(2)
     workers = []
@@ -520,29 +504,13 @@ def _start_workers(tmp_path, name: str, flags: list[str]) -> list:
     return workers
 
 
-def _scalar_events(directory, tag: str) -> dict:
-    values = {}
-    for path in tf.io.gfile.glob(os.path.join(str(directory), "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = value.simple_value
-    return values
-
-
 @pytest.mark.slow
-def test_two_workers_train_alp_and_only_the_chief_writes(tmp_path, data_dir):
+def test_two_workers_train_alp_and_only_the_chief_writes(tmp_path, tiny_data):
     out = tmp_path / "train"
-    flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *MODEL_FLAGS, ALP,
+    flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={tiny_data}", *MODEL_FLAGS, ALP,
              "--max_steps=3", "--save_model_steps=2", "--save_summaries_steps=1",
              "--strategy=multi_worker", "--worker_timeout_secs=120"]
-    workers = _start_workers(tmp_path, "worker", flags)
-    try:
-        logs = [finish(process, log, 400) for process, log in workers]
-    finally:
-        kill_all([process for process, _ in workers])
-    for (process, _), log in zip(workers, logs):
-        assert process.returncode == 0, log[-4000:]
+    logs = finish_all(_start_workers(tmp_path, "worker", flags), 400)
     assert logged_steps(logs[0]) == logged_steps(logs[1]) == [1, 2, 3]
     # Losses are averaged over all replicas, so every worker logs the same numbers.
     losses = [[line.split("total_loss = ")[1].split()[0] for line in log.splitlines()
@@ -560,16 +528,16 @@ def test_two_workers_train_alp_and_only_the_chief_writes(tmp_path, data_dir):
     assert len(tf.io.gfile.glob(str(out / "events.out.tfevents.*"))) == 1
     assert not [p for p in os.listdir(out) if p.startswith(("workertemp", ".tmp-"))]
     # Two replicas in sync double the learning rate (0.045 -> 0.09), as replicas_to_aggregate.
-    rates = _scalar_events(out, "learning_rate")
+    rates = scalar_events(out, "learning_rate")
     assert sorted(rates) == [1, 2, 3]
     np.testing.assert_allclose(list(rates.values()), 0.09, rtol=1e-6)
 
 
 @pytest.mark.slow
-def test_a_worker_whose_peers_never_start_stops_with_an_error(tmp_path, data_dir):
+def test_a_worker_whose_peers_never_start_stops_with_an_error(tmp_path, tiny_data):
     log_path = tmp_path / "alone.log"
     alone = start(program("train.py", f"--output_dir={tmp_path / 'train'}",
-                          f"--tiny_imagenet_data_dir={data_dir}", *MODEL_FLAGS, ALP,
+                          f"--tiny_imagenet_data_dir={tiny_data}", *MODEL_FLAGS, ALP,
                           "--max_steps=1", "--strategy=multi_worker", "--worker_timeout_secs=5"),
                   log_path, env={"TF_CONFIG": tf_configs(2)[0]})
     try:
@@ -582,14 +550,20 @@ def test_a_worker_whose_peers_never_start_stops_with_an_error(tmp_path, data_dir
     assert "missing: /job:worker/replica:0/task:1" in errors[0]
 
 
-def _kill_one_of_two_workers(tmp_path, data_dir, victim: int):
-    """Two workers train (up to 100 steps); after the first checkpoint worker ``victim`` is
-    SIGKILLed. Returns the output dir, the flags, and the survivor's exit status and error lines.
+# Steps of the runs a worker's death cuts short: the kill lands after step 5, far from the
+# end, and a restart's steps to the end are few (each is a collective between processes).
+KILLED_RUN_STEPS = 40
+
+
+def _kill_one_of_two_workers(tmp_path, tiny_data, victim: int):
+    """Two workers train (up to KILLED_RUN_STEPS); after the first checkpoint worker ``victim``
+    is SIGKILLed. Returns the output dir, the flags, and the survivor's exit status and error
+    lines.
     """
     out = tmp_path / "train"
-    flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *MODEL_FLAGS, ALP,
-             "--max_steps=100", "--save_model_steps=5", "--save_summaries_steps=0",
-             "--strategy=multi_worker", "--worker_timeout_secs=120"]
+    flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={tiny_data}", *MODEL_FLAGS, ALP,
+             f"--max_steps={KILLED_RUN_STEPS}", "--save_model_steps=5",
+             "--save_summaries_steps=0", "--strategy=multi_worker", "--worker_timeout_secs=120"]
     workers = _start_workers(tmp_path, "first", flags)
     dead, (survivor, survivor_log) = workers[victim][0], workers[1 - victim]
     try:
@@ -608,29 +582,24 @@ def _kill_one_of_two_workers(tmp_path, data_dir, victim: int):
 
 
 @pytest.mark.slow
-def test_a_dead_worker_stops_the_chief_with_an_error_and_a_restart_resumes(tmp_path, data_dir):
-    out, flags, status, error = _kill_one_of_two_workers(tmp_path, data_dir, victim=1)
+def test_a_dead_worker_stops_the_chief_with_an_error_and_a_restart_resumes(tmp_path, tiny_data):
+    out, flags, status, error = _kill_one_of_two_workers(tmp_path, tiny_data, victim=1)
     assert status != 0
     assert "lost contact with another worker" in error and "restart every worker" in error
     resumed = latest_step(out)
-    assert resumed < 100
+    assert resumed < KILLED_RUN_STEPS
 
-    workers = _start_workers(tmp_path, "second", flags)
-    try:
-        logs = [finish(process, log, 400) for process, log in workers]
-    finally:
-        kill_all([process for process, _ in workers])
-    for (process, _), log in zip(workers, logs):
-        assert process.returncode == 0, log[-4000:]
+    logs = finish_all(_start_workers(tmp_path, "second", flags), 400)
     assert f"Resuming from {out}/model.ckpt-{resumed}" in logs[0]
-    assert logged_steps(logs[0]) == list(range(resumed + 1, 101))
-    assert int(checkpoint_values(tf.train.latest_checkpoint(str(out)))["global_step"]) == 100
+    assert logged_steps(logs[0]) == list(range(resumed + 1, KILLED_RUN_STEPS + 1))
+    assert int(checkpoint_values(tf.train.latest_checkpoint(str(out)))["global_step"]) == (
+        KILLED_RUN_STEPS)
     assert read_log(tmp_path / "second1.log")  # the restarted worker ran too
 
 
 @pytest.mark.slow
-def test_a_dead_chief_stops_the_other_worker_with_an_error(tmp_path, data_dir):
-    out, _, status, error = _kill_one_of_two_workers(tmp_path, data_dir, victim=0)
+def test_a_dead_chief_stops_the_other_worker_with_an_error(tmp_path, tiny_data):
+    out, _, status, error = _kill_one_of_two_workers(tmp_path, tiny_data, victim=0)
     assert status != 0
     assert "lost contact with another worker" in error and "restart every worker" in error
     # The chief's last checkpoint is complete: a restart would resume from it.

@@ -1,124 +1,37 @@
 """train.py survives SIGKILL: a restart with the same command resumes from the last complete
 checkpoint, also when the kill lands in the middle of a checkpoint write.
 
-The process helpers at the top (start, wait, kill, read checkpoints) are shared with the
-multi-worker and continuous-evaluation tests.
+The process helpers (start, wait, kill, read checkpoints) are in ``tests/program_runs.py``,
+shared with the multi-worker and continuous-evaluation tests.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.data_builders import write_tiny_imagenet_tfrecords
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_FLAGS = ["--dataset=tiny_imagenet", "--model_name=resnet_v2_tiny", "--dataset_image_size=32"]
-ALP = "--hparams=batch_size=4,train_adv_method=pgdll_16_2_1,train_lp_weight=0.5"
+from tests.program_runs import (
+    ALP,
+    MODEL_FLAGS,
+    checkpoint_values,
+    finish_all,
+    kill_all,
+    latest_step,
+    logged_steps,
+    program,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
 
-# ---- Process helpers --------------------------------------------------------------------------
-
-def program(script: str, *flags: str) -> list[str]:
-    """The command line running ``script`` (train.py or eval.py) of the repository."""
-    return [sys.executable, os.path.join(REPO, script), *flags]
-
-
-def start(command: Sequence[str], log_path, env: dict | None = None) -> subprocess.Popen:
-    """Starts ``command`` with stdout and stderr going to ``log_path``."""
-    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    with open(log_path, "w") as log:
-        return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
-                                env=full_env, cwd=REPO)
-
-
-def read_log(log_path) -> str:
-    with open(log_path, errors="replace") as f:
-        return f.read()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str,
-             watched: Sequence[tuple[subprocess.Popen, object]] = ()) -> None:
-    """Polls ``condition`` until true; fails after ``timeout`` s or if a watched process ends.
-
-    Args:
-      watched: (process, log path) pairs that must keep running meanwhile; the failure
-        message carries the end of their logs.
-    """
-    deadline = time.time() + timeout
-    while True:
-        if condition():
-            return
-        ended = [(p, log) for p, log in watched if p.poll() is not None]
-        if ended or time.time() > deadline:
-            tails = "\n".join(f"--- {log} (exit {p.poll()}):\n{read_log(log)[-3000:]}"
-                              for p, log in watched)
-            reason = "a process ended" if ended else f"timed out after {timeout:.0f}s"
-            raise AssertionError(f"waiting for {what}: {reason}\n{tails}")
-        time.sleep(0.05)
-
-
-def finish(process: subprocess.Popen, log_path, timeout: float) -> str:
-    """Waits for ``process`` to exit (killing it after ``timeout`` s); returns its log."""
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError(f"{log_path}: still running after {timeout:.0f}s; killed:\n"
-                             f"{read_log(log_path)[-3000:]}") from None
-    return read_log(log_path)
-
-
-def kill_all(processes: Sequence[subprocess.Popen]) -> None:
-    """SIGKILLs the processes still running and reaps them all."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-    for process in processes:
-        process.wait()
-
-
-def latest_step(output_dir) -> int | None:
-    """The step of the checkpoint the ``checkpoint`` pointer names, or None."""
-    state_file = os.path.join(output_dir, "checkpoint")
-    if not os.path.exists(state_file):
-        return None
-    state = tf.train.get_checkpoint_state(str(output_dir))
-    if state is None:
-        return None
-    return int(state.model_checkpoint_path.rsplit("-", 1)[-1])
-
-
-def checkpoint_values(prefix: str) -> dict[str, np.ndarray]:
-    reader = tf.train.load_checkpoint(prefix)
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
-
-
-def logged_steps(log: str) -> list[int]:
-    """The global steps train.py logged, in order."""
-    return [int(s) for s in re.findall(r"global_step (\d+): total_loss", log)]
-
-
 # ---- Tests ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_tiny_imagenet_tfrecords(str(path), num_train=32, num_val=16, image_size=32, seed=5)
-    return str(path)
-
 
 def _check_final_checkpoint(output_dir, max_steps: int, names: set) -> None:
     prefix = tf.train.latest_checkpoint(str(output_dir))
@@ -131,9 +44,9 @@ def _check_final_checkpoint(output_dir, max_steps: int, names: set) -> None:
     assert not [p for p in os.listdir(output_dir) if p.startswith(".tmp-")]
 
 
-def test_sigkill_mid_run_then_the_same_command_resumes_and_finishes(tmp_path, data_dir):
+def test_sigkill_mid_run_then_the_same_command_resumes_and_finishes(tmp_path, tiny_data):
     out = tmp_path / "train"
-    command = program("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}",
+    command = program("train.py", f"--output_dir={out}", f"--tiny_imagenet_data_dir={tiny_data}",
                       *MODEL_FLAGS, ALP, "--max_steps=60", "--save_model_steps=5",
                       "--save_summaries_steps=10")
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
@@ -149,12 +62,7 @@ def test_sigkill_mid_run_then_the_same_command_resumes_and_finishes(tmp_path, da
     assert 5 <= resumed < 60 and resumed % 5 == 0, "the run ended before the kill"
     names = set(checkpoint_values(str(out / f"model.ckpt-{resumed}")))
 
-    second = start(command, second_log)
-    try:
-        log = finish(second, second_log, 300)
-    finally:
-        kill_all([second])
-    assert second.returncode == 0, log[-3000:]
+    log, = finish_all([(start(command, second_log), second_log)], 300)
     assert f"Resuming from {out}/model.ckpt-{resumed}" in log
     steps = logged_steps(log)
     assert steps == list(range(resumed + 1, 61))
@@ -194,43 +102,73 @@ run()
 """
 
 
-@pytest.mark.parametrize("pause_at", ["after_data", "before_pointer"])
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, data_dir,
-                                                                         pause_at):
-    out = tmp_path / "train"
-    flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={data_dir}", *MODEL_FLAGS, ALP,
-             "--max_steps=6", "--save_model_steps=2", "--save_summaries_steps=0"]
-    marker = tmp_path / "paused"
-    paused_log, second_log = tmp_path / "paused.log", tmp_path / "second.log"
-    paused = start([sys.executable, "-c", _PAUSED_TRAIN, *flags], paused_log,
-                   env={"PAUSE_AT_STEP": "4", "PAUSE_MARKER": str(marker), "PAUSE_AT": pause_at})
-    try:
-        wait_for(marker.exists, 300, "the write of checkpoint 4", [(paused, paused_log)])
-        staged = [p for p in os.listdir(out) if p.startswith(".tmp-model.ckpt-4-")]
-        if pause_at == "after_data":
-            # The data is written, but only in the staging directory.
-            assert staged and not (out / "model.ckpt-4.index").exists()
-        else:
-            # Checkpoint 4's files are complete, but the pointer still names checkpoint 2.
-            assert not staged and (out / "model.ckpt-4.index").exists()
-        assert latest_step(out) == 2
-        paused.send_signal(signal.SIGKILL)
-        paused.wait()
-    finally:
-        kill_all([paused])
-    assert tf.train.latest_checkpoint(str(out)).endswith("model.ckpt-2")
-    names = set(checkpoint_values(str(out / "model.ckpt-2")))
+PAUSES = ("after_data", "before_pointer")
 
-    second = start(program("train.py", *flags), second_log)
+
+@pytest.fixture(scope="module")
+def killed_writes(tmp_path_factory, tiny_data) -> dict:
+    """pause_at -> what a run killed while paused in the write of checkpoint 4 left behind,
+    and what the same command, run again, logged.
+
+    The two places are independent, so their runs go at the same time: both paused runs, then
+    both restarts. What is on disk is recorded while each run is still paused.
+    """
+    cases, paused = {}, []
     try:
-        log = finish(second, second_log, 300)
+        for pause_at in PAUSES:
+            root = tmp_path_factory.mktemp(pause_at)
+            out = root / "train"
+            flags = [f"--output_dir={out}", f"--tiny_imagenet_data_dir={tiny_data}",
+                     *MODEL_FLAGS, ALP, "--max_steps=6", "--save_model_steps=2",
+                     "--save_summaries_steps=0"]
+            marker, log = root / "paused", root / "paused.log"
+            process = start([sys.executable, "-c", _PAUSED_TRAIN, *flags], log,
+                            env={"PAUSE_AT_STEP": "4", "PAUSE_MARKER": str(marker),
+                                 "PAUSE_AT": pause_at})
+            paused.append(process)
+            cases[pause_at] = dict(root=root, out=out, flags=flags, marker=marker,
+                                   watched=[(process, log)])
+        for pause_at, case in cases.items():
+            out = case["out"]
+            wait_for(case["marker"].exists, 300, f"the write of checkpoint 4 ({pause_at})",
+                     case["watched"])
+            case["staged"] = [p for p in os.listdir(out) if p.startswith(".tmp-model.ckpt-4-")]
+            case["index_written"] = (out / "model.ckpt-4.index").exists()
+            case["latest_while_paused"] = latest_step(out)
+            process = case["watched"][0][0]
+            process.send_signal(signal.SIGKILL)
+            process.wait()
     finally:
-        kill_all([second])
-    assert second.returncode == 0, log[-3000:]
+        kill_all(paused)
+    for case in cases.values():
+        case["latest_after_kill"] = tf.train.latest_checkpoint(str(case["out"]))
+        case["names"] = set(checkpoint_values(str(case["out"] / "model.ckpt-2")))
+    logs = finish_all([(start(program("train.py", *case["flags"]), case["root"] / "second.log"),
+                        case["root"] / "second.log") for case in cases.values()], 600)
+    for case, log in zip(cases.values(), logs):
+        case["second_log"] = log
+    return cases
+
+
+@pytest.mark.parametrize("pause_at", PAUSES)
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(killed_writes,
+                                                                         pause_at):
+    case = killed_writes[pause_at]
+    out = case["out"]
+    if pause_at == "after_data":
+        # The data is written, but only in the staging directory.
+        assert case["staged"] and not case["index_written"]
+    else:
+        # Checkpoint 4's files are complete, but the pointer still names checkpoint 2.
+        assert not case["staged"] and case["index_written"]
+    assert case["latest_while_paused"] == 2
+    assert case["latest_after_kill"].endswith("model.ckpt-2")
+
+    log = case["second_log"]
     assert f"Resuming from {out}/model.ckpt-2" in log
     assert logged_steps(log) == [3, 4, 5, 6]
     # The final checkpoint is complete and the killed write's staging files are gone.
-    _check_final_checkpoint(out, 6, names)
+    _check_final_checkpoint(out, 6, case["names"])
     # Checkpoint 4 was written again by the resumed run, and is listed now.
     state = tf.train.get_checkpoint_state(str(out))
     assert [os.path.basename(p) for p in state.all_model_checkpoint_paths][-3:] == [

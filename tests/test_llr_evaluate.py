@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,18 +9,12 @@ import pytest
 from adversarial_logit_pairing.errors import ConfigError, DataError
 from llr import data, evaluation, hub_model, tf1_hub_format
 from tests.llr_builders import write_photo_folder, write_standin_pair
+from tests.program_runs import run_concurrently, run_program
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--image_size=64", "--batch_size=4", "--spatial_grid=3,3,5", "--pgd_iters=3",
         "--spsa_steps=3", "--spsa_samples=8", "--spsa_batch_size=4"]
 ALL_ATTACKS = ("clean", "spatial_grid", "pgd", "pgd_8_2_2", "spsa", "common_corruptions",
                "jpeg_compression")
-
-
-def _evaluate(*flags, **env):
-    return subprocess.run([sys.executable, "-m", "llr.evaluate", *flags], capture_output=True,
-                          text=True, cwd=REPO, timeout=600,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env))
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +46,9 @@ def test_evaluate_command_runs_every_attack_on_real_jpeg_photos(setup):
     tf1_hub_format.seed_hub_cache(cache, hub_model.DEFAULT_LATENTS_HANDLE, setup["latents"])
     tf1_hub_format.seed_hub_cache(cache, hub_model.DEFAULT_LINEAR_HANDLE, setup["linear"])
     output = str(setup["root"] / "results.jsonl")
-    proc = _evaluate(f"--data_dir={setup['data_dir']}", "--split=test",
-                     f"--attacks={','.join(ALL_ATTACKS)}", f"--output_file={output}", *FAST,
-                     TFHUB_CACHE_DIR=cache)
+    proc = run_program("llr.evaluate", f"--data_dir={setup['data_dir']}", "--split=test",
+                       f"--attacks={','.join(ALL_ATTACKS)}", f"--output_file={output}", *FAST,
+                       check=False, env={"TFHUB_CACHE_DIR": cache})
     assert proc.returncode == 0, proc.stderr[-4000:]
     json_lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     records = [json.loads(line) for line in json_lines]
@@ -109,24 +101,37 @@ def _one_line_error(proc):
     return errors[0]
 
 
-@pytest.mark.slow
-def test_evaluate_command_reports_a_bad_module_handle_in_one_line(setup, tmp_path):
-    not_a_module = tmp_path / "plain_dir"
+@pytest.fixture(scope="module")
+def bad_input_runs(setup, tmp_path_factory):
+    """llr.evaluate on the two bad inputs below, one after the other in one process."""
+    root = tmp_path_factory.mktemp("llr_bad_inputs")
+    not_a_module = root / "plain_dir"
     not_a_module.mkdir()
     (not_a_module / "saved_model.pb").write_bytes(b"")
-    line = _one_line_error(_evaluate(
-        f"--latents_module={not_a_module}", f"--linear_module={setup['linear']}",
-        f"--data_dir={setup['data_dir']}", "--attacks=clean", *FAST))
+    no_class_folders = root / "no_class_folders"
+    (no_class_folders / "test" / "birds").mkdir(parents=True)
+    runs = run_concurrently({
+        "module": ("llr.evaluate", [
+            f"--latents_module={not_a_module}", f"--linear_module={setup['linear']}",
+            f"--data_dir={setup['data_dir']}", "--attacks=clean", *FAST]),
+        "folder": ("llr.evaluate", [
+            f"--latents_module={setup['latents']}", f"--linear_module={setup['linear']}",
+            f"--data_dir={no_class_folders}", "--attacks=clean", *FAST]),
+    }, str(root / "logs"), check=False, in_one_process=True)
+    return runs, not_a_module
+
+
+@pytest.mark.slow
+def test_evaluate_command_reports_a_bad_module_handle_in_one_line(bad_input_runs):
+    runs, not_a_module = bad_input_runs
+    line = _one_line_error(runs["module"])
     assert f"latents module '{not_a_module}'" in line
     assert "not a TF1 Hub module" in line and line.endswith("(--latents_module)")
 
 
 @pytest.mark.slow
-def test_evaluate_command_reports_a_folder_without_class_folders_in_one_line(setup, tmp_path):
-    (tmp_path / "test" / "birds").mkdir(parents=True)
-    line = _one_line_error(_evaluate(
-        f"--latents_module={setup['latents']}", f"--linear_module={setup['linear']}",
-        f"--data_dir={tmp_path}", "--attacks=clean", *FAST))
+def test_evaluate_command_reports_a_folder_without_class_folders_in_one_line(bad_input_runs):
+    line = _one_line_error(bad_input_runs[0]["folder"])
     assert "lacks the class folder(s) bicycle/, bird/" in line and "(found: birds)" in line
 
 

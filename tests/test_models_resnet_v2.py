@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -27,8 +23,8 @@ from adversarial_logit_pairing.models import (
     list_models,
 )
 from tests import slim_reference
+from tests.program_runs import run_child
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOVING_STATISTICS = ("moving_mean", "moving_variance")
 
 pytestmark = pytest.mark.filterwarnings("ignore:`layer.apply` is deprecated:UserWarning")
@@ -399,20 +395,13 @@ _MIRRORED_CHILD = textwrap.dedent(
         moved = max(moved, max_diff(copies[0], initial[name]),
                     max_diff(copies[1], initial[name]))
     report.update(moving_per_replica=per_replica, moving_averaged_read=averaged, moved=moved)
-    print(json.dumps(report))
+    print("RESULTS" + json.dumps(report))
     """
 )
 
 
 def test_model_runs_per_replica_under_mirrored_strategy_on_two_cpus():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(
-        [sys.executable, "-c", _MIRRORED_CHILD], cwd=REPO_ROOT, env=env,
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_child(_MIRRORED_CHILD)
     assert report["replicas"] == 2
     assert report["inference_logits"] < 1e-5
     assert report["inference_gradient"] < 1e-5

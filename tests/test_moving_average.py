@@ -1,19 +1,13 @@
 """Tests for the TF1-style moving average against tf.compat.v1.train.ExponentialMovingAverage."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from adversarial_logit_pairing.moving_average import ExponentialMovingAverage
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.program_runs import run_child
 
 INITIAL = {
     "resnet_v2_50/conv1/weights": np.array([[1.0, -2.0], [0.5, 4.0]], np.float32),
@@ -199,13 +193,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
 
 
 def test_mirrored_strategy_averages_every_copy_and_on_read_means():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS"))
-    results = json.loads(line[len("RESULTS"):])
+    results = run_child(_MIRRORED_SCRIPT)
 
     # Independent reference: the TF1 formula in numpy on the values every step leaves behind.
     shadow_w, shadow_mm = np.array([1.0, 2.0]), np.array([0.0, 0.0])

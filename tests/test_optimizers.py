@@ -1,11 +1,6 @@
 """Tests for the TF1 optimizers: updates and slot names equal to tf.compat.v1.train's."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +10,7 @@ from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.hparams import HParams, default_hparams
 from adversarial_logit_pairing.lr_schedules import StaircaseExponentialDecay
 from adversarial_logit_pairing.optimizers import Adam, Momentum, RMSProp, get_optimizer
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.program_runs import run_child
 
 INITIAL = {
     "net/conv/weights": np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]], np.float32),
@@ -282,13 +276,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
 
 
 def test_mirrored_strategy_applies_the_mean_gradient_to_every_copy():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS"))
-    results = json.loads(line[len("RESULTS"):])
+    results = run_child(_MIRRORED_SCRIPT)
     for kind in ["rms", "adam"]:
         reference = results[f"{kind}/reference"]
         for variant in ["per_replica", "all_reduced", "cross_replica"]:

@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from adversarial_logit_pairing import evaluation, summaries
-
-
-def _events(directory: str) -> list[tuple[int, str, str, object]]:
-    """(step, tag, value kind, payload) of every summary value under ``directory``."""
-    found = []
-    for path in sorted(tf.io.gfile.glob(os.path.join(directory, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                kind = value.WhichOneof("value")
-                found.append((event.step, value.tag, kind, getattr(value, kind)))
-    return found
+from tests.program_runs import summary_values
 
 
 def _images(seed: int, n: int) -> np.ndarray:
@@ -71,7 +60,7 @@ def test_scalars_and_images_read_back_as_tf1_wrote_them(tmp_path):
               "one": (_images(2, 2), 1)}
     _write_with_tf1(str(tmp_path / "tf1"), 7, scalars, images)
     _write_with_port(str(tmp_path / "port"), 7, scalars, images)
-    ours, theirs = _events(str(tmp_path / "port")), _events(str(tmp_path / "tf1"))
+    ours, theirs = summary_values(str(tmp_path / "port")), summary_values(str(tmp_path / "tf1"))
 
     def tags_and_kinds(events):
         return sorted((step, tag, kind) for step, tag, kind, _ in events)
@@ -102,7 +91,7 @@ def test_float_images_use_tf1_per_image_scaling(tmp_path):
     pixels[1, 0, :, 0] = [0.0, 0.1, 0.5]
     _write_with_port(str(tmp_path), 0, {}, {"images": (pixels, 3)})
     decoded = {tag: tf.io.decode_png(payload.encoded_image_string).numpy()[0, :, 0].tolist()
-               for _, tag, _, payload in _events(str(tmp_path))}
+               for _, tag, _, payload in summary_values(str(tmp_path))}
     assert decoded == {"images/image/0": [1, 128, 255], "images/image/1": [0, 51, 255]}
 
 
@@ -170,4 +159,4 @@ def test_every_possible_tiny_imagenet_accuracy_matches_float32_rounding():
 @pytest.mark.parametrize("tag", ["Eval/Accuracy", "loss_xent"])
 def test_scalar_tag_is_written_as_given(tmp_path, tag):
     _write_with_port(str(tmp_path), 3, {tag: 0.5}, {})
-    assert _events(str(tmp_path)) == [(3, tag, "simple_value", 0.5)]
+    assert summary_values(str(tmp_path)) == [(3, tag, "simple_value", 0.5)]

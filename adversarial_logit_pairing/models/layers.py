@@ -369,8 +369,14 @@ class BatchNorm(Layer):
         y, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
             x, gamma, beta, epsilon=self.epsilon, is_training=True
         )
-        self._update_moving(batch_mean, batch_variance)
+        self._update_moving(batch_mean, self._tracked_variance(batch_variance, x))
         return y
+
+    def _tracked_variance(self, batch_variance: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+        """The batch variance the moving variance follows: the fused op's, Bessel-corrected,
+        as Slim's UPDATE_OPS used it."""
+        del x
+        return batch_variance
 
     def _update_moving(self, batch_mean: tf.Tensor, batch_variance: tf.Tensor) -> None:
         """Slim's UPDATE_OPS, made in place: ``moving -= (1 - decay) * (moving - batch)``."""
@@ -586,24 +592,10 @@ class UnfusedBatchNorm(BatchNorm):
     where the fused op (Slim, Keras' default) reports it with Bessel's correction.
     """
 
-    def __call__(self, x: tf.Tensor, is_training: bool) -> tf.Tensor:
-        twin = advprop.twin_in_use(self)
-        if twin is not None:  # AdvProp: this pass runs through the auxiliary batch norms
-            return twin(x, is_training)
-        hooked = _hooked(self, x)  # see batch_norm_hook
-        if hooked is not None:
-            return hooked
-        if not is_training:
-            return super().__call__(x, is_training)
-        gamma = self.gamma if self.gamma is not None else tf.ones([self.channels], tf.float32)
-        beta = self.beta if self.beta is not None else tf.zeros([self.channels], tf.float32)
-        y, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, epsilon=self.epsilon, is_training=True
-        )
+    def _tracked_variance(self, batch_variance: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
         # The fused op normalised with the biased variance but returns the corrected one.
         count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-        self._update_moving(batch_mean, batch_variance * (count - 1.0) / tf.maximum(count, 1.0))
-        return y
+        return batch_variance * (count - 1.0) / tf.maximum(count, 1.0)
 
 
 # --------------------------------- end of the EfficientNet layers ---------------------------------

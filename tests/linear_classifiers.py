@@ -87,3 +87,17 @@ def hand_gradient(model, x, aux_weight=0.0):
 def hand_step_ll(model, x, eps, aux_weight=0.0, bounds=(-1.0, 1.0)):
     """Step-LL by hand: ``clip(x - eps * sign(hand_gradient))``."""
     return np.clip(x - eps * np.sign(hand_gradient(model, x, aux_weight)), *bounds)
+
+
+def one_train_step(model, hparams, images, labels, num_classes):
+    """The outputs of one step of ``training.make_train_step`` (no strategy, no moving average,
+    the hparams' optimizer, learning rate 0.01), with the step's adversarial images."""
+    from adversarial_logit_pairing import model_lib, training
+
+    trainable = list(model.trainable_variables)
+    optimizer = model_lib.get_optimizer(hparams, 0.01)
+    optimizer.build(trainable)
+    step = training.make_train_step(tf.distribute.get_strategy(), model, trainable, optimizer,
+                                    None, tf.Variable(0, dtype=tf.int64), hparams, num_classes,
+                                    (-1.0, 1.0), num_summary_images=len(labels))
+    return step(tf.constant(images), tf.constant(labels, tf.int64))

@@ -4,11 +4,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adversarial_logit_pairing import adversarial_attack, model_lib, training
+from adversarial_logit_pairing import adversarial_attack, training
 from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.hparams import default_hparams
 from adversarial_logit_pairing.models import get_model_config, inception_v3
-from tests.linear_classifiers import LinearClassifier, hand_step_ll, smoothed_xent
+from tests.linear_classifiers import (
+    LinearClassifier,
+    hand_step_ll,
+    one_train_step,
+    smoothed_xent,
+)
 
 NUM_CLASSES = 5
 SHAPE = (4, 4, 3)
@@ -63,13 +68,7 @@ def test_training_loss_adds_the_weighted_aux_cross_entropy():
     expected_aux = 0.25 * smoothed_xent(aux, both).mean()
     aux_before = model.w_aux.numpy().copy()
 
-    trainable = list(model.trainable_variables)
-    optimizer = model_lib.get_optimizer(hp, 0.01)
-    optimizer.build(trainable)
-    step = training.make_train_step(tf.distribute.get_strategy(), model, trainable, optimizer,
-                                    None, tf.Variable(0, dtype=tf.int64), hp, NUM_CLASSES,
-                                    (-1.0, 1.0), num_summary_images=4)
-    outputs = step(tf.constant(x), tf.constant(labels, tf.int64))
+    outputs = one_train_step(model, hp, x, labels, NUM_CLASSES)
     np.testing.assert_allclose(outputs["adv_images"].numpy(), adv, atol=1e-6)
     assert float(outputs["loss_xent"]) == pytest.approx(expected_xent, rel=1e-5)
     assert float(outputs["loss_aux"]) == pytest.approx(expected_aux, rel=1e-5)

@@ -4,10 +4,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adversarial_logit_pairing import mixed_batch, model_lib, training
+from adversarial_logit_pairing import mixed_batch, training
 from adversarial_logit_pairing.errors import ConfigError
 from adversarial_logit_pairing.hparams import default_hparams
-from tests.linear_classifiers import LinearClassifier, hand_step_ll, smoothed_xent
+from tests.linear_classifiers import (
+    LinearClassifier,
+    hand_step_ll,
+    one_train_step,
+    smoothed_xent,
+)
 
 NUM_CLASSES = 5
 
@@ -88,13 +93,7 @@ def test_training_step_attacks_only_the_replaced_examples_and_weighs_their_loss(
     per_example = smoothed_xent(logits, np.concatenate([labels[2:], labels[:2]]))
     expected = _kurakin(per_example[:2], per_example[2:], 0.3)
 
-    trainable = list(model.trainable_variables)
-    optimizer = model_lib.get_optimizer(hp, 0.01)
-    optimizer.build(trainable)
-    step = training.make_train_step(tf.distribute.get_strategy(), model, trainable, optimizer,
-                                    None, tf.Variable(0, dtype=tf.int64), hp, NUM_CLASSES,
-                                    (-1.0, 1.0), num_summary_images=4)
-    outputs = step(tf.constant(images), tf.constant(labels, tf.int64))
+    outputs = one_train_step(model, hp, images, labels, NUM_CLASSES)
     assert outputs["adv_images"].shape[0] == 2
     np.testing.assert_allclose(outputs["adv_images"].numpy(), adv, atol=1e-6)
     assert float(outputs["loss_xent"]) == pytest.approx(expected, rel=1e-5)

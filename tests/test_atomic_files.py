@@ -44,7 +44,7 @@ def test_a_complete_directory_replaces_the_old_one(tmp_path):
 
 def test_progress_logs_every_n_items_with_rate_and_eta(caplog):
     progress = ProgressLog("train.tfrecord", 5, "images", every_n=2)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         for _ in range(5):
             progress.update()
     lines = [record.getMessage() for record in caplog.records]

@@ -259,7 +259,7 @@ def test_llr_step_moves_moving_statistics_only_with_the_training_pass_traces_onc
                                                         rel=1e-5)
     assert float(xla_out["loss_wd"]) == pytest.approx(float(llr_out["loss_wd"]), rel=1e-5)
     assert 0.5 < float(xla_out["loss_llr_gamma"]) / float(llr_out["loss_llr_gamma"]) < 2.0
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         llr_regularizer.log_gamma(3, llr_later[-1], hparams)
     gamma = float(llr_later[-1]["loss_llr_gamma"]) / 4
     assert f"global_step 3: llr gamma = {gamma:.5f}" in caplog.text

@@ -59,17 +59,27 @@ def enabled(hparams: Any) -> bool:
     return bool(getattr(hparams, "advprop", False))
 
 
-def check_hparams(hparams: Any) -> None:
-    """AdvProp trains the auxiliary batch norms on adversarial examples: it needs an attack.
+def check_hparams(hparams: Any, aux_weight: float = 0.0) -> None:
+    """AdvProp trains the auxiliary batch norms on adversarial examples: it needs an attack,
+    and each batch-norm set must see only its own half of ``[clean; adversarial]``.
+
+    ``aux_weight`` is the training loss's auxiliary-head weight (``training.aux_loss_weight``):
+    the auxiliary head is not run by AdvProp's two passes.
 
     Raises:
-      ConfigError: naming the hparams, for ``advprop=true`` with ``train_adv_method=clean``.
+      ConfigError: naming the hparams, for ``advprop=true`` with ``train_adv_method=clean``,
+        with Kurakin's mixed batch (``train_adv_fraction > 0``) or with an auxiliary-head loss.
     """
-    if enabled(hparams) and adversarial_attack.parse_attack_description(
-            hparams.train_adv_method).is_clean:
+    if not enabled(hparams):
+        return
+    if adversarial_attack.parse_attack_description(hparams.train_adv_method).is_clean:
         raise ConfigError("--hparams: advprop=true trains the auxiliary batch norms on "
                           "adversarial examples and needs an attack, got train_adv_method="
                           f"{hparams.train_adv_method} (e.g. train_adv_method=pgd_1_1_1)")
+    if hparams.train_adv_fraction > 0 or aux_weight > 0:
+        raise ConfigError("hparam 'advprop': not combined with a mixed batch "
+                          "(train_adv_fraction > 0) or an auxiliary-head loss (set "
+                          "aux_loss_weight=0): each BN set must see only its own half")
 
 
 def twin_of(batch_norm: tf.Module) -> Optional[tf.Module]:

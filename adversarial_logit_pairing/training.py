@@ -570,13 +570,7 @@ def validate(config: TrainConfig,
     hparams = model_lib.default_hparams(model_config).parse(config.hparams)
     check_logit_pairing(hparams)  # parses train_adv_method too
     mixed_batch.from_hparams(hparams)
-    aux_loss_weight(hparams, model_config)
-    advprop.check_hparams(hparams)
-    if hparams.advprop and (hparams.train_adv_fraction > 0
-                            or aux_loss_weight(hparams, model_config) > 0):
-        raise ConfigError("hparam 'advprop': not combined with a mixed batch "
-                          "(train_adv_fraction > 0) or an auxiliary-head loss (set "
-                          "aux_loss_weight=0): each BN set must see only its own half")
+    advprop.check_hparams(hparams, aux_loss_weight(hparams, model_config))
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     if (config.jit_compile and config.sync_batch_norm and replicas > 1

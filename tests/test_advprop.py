@@ -351,6 +351,19 @@ def test_advprop_needs_an_attack_and_batch_norms():
                                   hparams="advprop=true,train_adv_method=clean")
     with pytest.raises(ConfigError, match="advprop=true .*needs an attack"):
         training.validate(config)
+    # Each BN set sees only its own half: no mixed batch, no auxiliary-head loss.
+    for model_name, hparams in (
+            ("resnet_v2_tiny", "advprop=true,train_adv_method=pgd_2_1_3,train_adv_fraction=0.5"),
+            ("inception_v3", "advprop=true,train_adv_method=pgd_2_1_3")):
+        config = training.TrainConfig(output_dir="/tmp/unused", model_name=model_name,
+                                      dataset="tiny_imagenet", hparams=hparams)
+        with pytest.raises(ConfigError, match="'advprop': not combined"):
+            training.validate(config)
+    config = training.TrainConfig(output_dir="/tmp/unused", model_name="inception_v3",
+                                  dataset="tiny_imagenet",
+                                  hparams="advprop=true,train_adv_method=pgd_2_1_3,"
+                                          "aux_loss_weight=0")
+    training.validate(config)
     model = model_lib.get_model("resnet_v2_tiny", NUM_CLASSES)
     advprop.add_auxiliary_batch_norms(model)
     with pytest.raises(ConfigError, match="already has auxiliary"):

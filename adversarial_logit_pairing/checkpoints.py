@@ -301,8 +301,10 @@ def _hints(
             )
     heads = tuple(scope.rstrip("/") + "/" for scope in classifier_scopes)
     for name in mismatched:
-        if heads and name.startswith(heads):
-            theirs, ours = shapes[name][-1], assignments[name].shape[-1]
+        theirs, ours = shapes[name][-1], assignments[name].shape[-1]
+        # Only the class count (the head's last dimension) makes it a class-count mismatch;
+        # a head with another input width is another size of the network.
+        if heads and name.startswith(heads) and theirs != ours:
             hints.append(
                 f"the checkpoint was trained for {theirs} classes, the {what} has {ours} "
                 "(Tiny ImageNet: 200; ImageNet: 1001 with a background class, else 1000): "

@@ -128,6 +128,19 @@ def test_missing_shadows_are_named_as_the_cause(tmp_path):
     assert "another model" not in message
 
 
+def test_a_wider_head_with_the_same_class_count_is_not_called_a_class_count(tmp_path):
+    wide = _model_like()
+    wide["net/conv1/weights"] = tf.Variable(tf.ones([3, 3, 3, 8]))
+    wide["net/logits/weights"] = tf.Variable(tf.ones([1, 1, 8, 10]))
+    prefix = checkpoints.save(wide, str(tmp_path), step=1)
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.restore(_model_like(), prefix, what="eval model",
+                            classifier_scopes=("net/logits",))
+    message = str(info.value)
+    assert "net/logits/weights: checkpoint [1, 1, 8, 10] vs eval model [1, 1, 4, 10]" in message
+    assert "classes" not in message
+
+
 def test_another_class_count_is_named_as_the_cause(tmp_path):
     prefix = checkpoints.save(_model_like(num_classes=1001), str(tmp_path), step=1)
     with pytest.raises(CheckpointError) as info:

@@ -58,6 +58,11 @@ STAGE_REPEATS = {
     "b0": (1, 2, 2, 3, 3, 4, 1),
     "b8": (4, 8, 8, 11, 11, 15, 4),
 }
+# The project's own 'efficientnet-tiny' (width 0.25, depth 0.25), by hand: 32 * 0.25 = 8;
+# 10 (stage 3) rounds to 8, more than 10% down, so 16; one block per stage (ceil(0.25 r)).
+STEM_FILTERS["tiny"], HEAD_FILTERS["tiny"] = 8, 320
+STAGE_FILTERS["tiny"] = (8, 8, 16, 24, 32, 48, 80)
+STAGE_REPEATS["tiny"] = (1,) * 7
 BATCH = 2
 
 
@@ -368,6 +373,16 @@ def test_variables_match_the_table(variant, request):
     assert f"{scope}/blocks_{BLOCK_COUNTS[variant]}/conv2d/kernel" not in named
     if variant in STAGE_FILTERS:  # the full list, in creation order
         assert shapes == _expected_variables(variant, 1000)
+
+
+def test_tiny_variant_follows_the_table_at_its_registry_size():
+    model = create_model("efficientnet_tiny", 10, seed=0)
+    assert _shapes(model) == _expected_variables("tiny", 10)
+    config = get_model_config("efficientnet_tiny")
+    assert (config.scope, config.default_image_size, config.input_normalization) == (
+        "efficientnet-tiny", 32, "none")
+    logits = model(tf.constant(_images(32)), is_training=False)
+    assert logits.shape == (BATCH, 10) and np.isfinite(logits.numpy()).all()
 
 
 def test_round_filters_and_block_strings():

@@ -188,6 +188,11 @@ _REGISTRY: dict[str, tuple[Builder, ModelConfig]] = {
         for index in range(9)
         for suffix in ("", "_ap")
     },
+    # Not in tensorflow/tpu: SPECS' 'efficientnet-tiny' at 32 px, [-1, 1] inputs as the AdvProp
+    # checkpoints, for CPU demos and tests (the AdvProp row of the demo).
+    "efficientnet_tiny": (_family("efficientnet"), dataclasses.replace(
+        _efficientnet("b0", advprop=True)[1], name="efficientnet_tiny", scope="efficientnet-tiny",
+        default_image_size=32, classifier_scopes=("efficientnet-tiny/head/dense",))),
     # TF-Slim / adv_imagenet_models: central_crop(0.875) of each side, TF1 bilinear to 299.
     "inception_v3": (_family("inception_v3"), ModelConfig(
         name="inception_v3",

@@ -99,6 +99,9 @@ SPECS: dict[str, EfficientNetSpec] = {
     "efficientnet-b6": EfficientNetSpec(1.8, 2.6, 0.5),
     "efficientnet-b7": EfficientNetSpec(2.0, 3.1, 0.5),
     "efficientnet-b8": EfficientNetSpec(2.2, 3.6, 0.5),
+    # Not in tensorflow/tpu: a quarter-width, one-block-per-stage network through the same
+    # code (7 MBConv blocks, 8..80 filters, head 320) for CPU demos and tests.
+    "efficientnet-tiny": EfficientNetSpec(0.25, 0.25, 0.2),
 }
 
 _BLOCK_STRING = re.compile(
@@ -239,7 +242,7 @@ class EfficientNet(ImageClassifier):
 
         Args:
           spec: the variant's row of ``SPECS``.
-          scope: the TF1 scope, 'efficientnet-bN'.
+          scope: the TF1 scope, 'efficientnet-bN' (or 'efficientnet-tiny').
           num_classes: width of the logits.
           config: the registered name's ``ModelConfig``.
           seed: makes the initial weights a function of (seed, variable name).

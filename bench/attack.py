@@ -250,7 +250,7 @@ def strong_table() -> str:
         pass_s = float(np.median(times["bound"])) / spec.budget
         notes.append(f"bound unit: one input-gradient pass ({FLAGS.model}, "
                      f"{FLAGS.image_size}x{FLAGS.image_size}, batch {batch}, float32) = "
-                     f"{pass_s * 1000:.1f} ms, {batch / pass_s:.1f} images/s; bound = "
+                     f"{pass_s * 1000:.2f} ms, {batch / pass_s:.1f} images/s; bound = "
                      f"{spec.budget} of them = {spec.budget * pass_s:.3f} s")
     stages = ""
     if FLAGS.autoattack:

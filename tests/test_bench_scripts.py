@@ -8,11 +8,18 @@ its script's output.
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import json
+import os
 import re
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
-from tests.program_runs import run_concurrently
+from tests.program_runs import REPO, run_concurrently
 
 TINY = ["--model=resnet_v2_tiny", "--image_size=16", "--batch_size=4"]
 
@@ -76,7 +83,88 @@ def test_attack_bench_prints_a_row_per_attack_and_dtype(run_bench):
     assert [row[:2] for row in rows] == [["pgd_16_2_3", "float32"], ["pgdll_16_2_3", "float32"]]
     assert all(value > 0 for row in rows for value in numbers(row))
     strong = table_rows(output, "strong attack")
-    assert [row[:2] for row in strong] == [["apgdce_16_3", "4"], ["autoattack_16_3_20", "4"]]
+    assert [row[:2] for row in strong] == [
+        ["apgdce_16_3", "4"], ["ART_APGD_matched", "4"], ["ART_APGD_defaults", "4"],
+        ["autoattack_16_3_20", "4"]]
+    ours, *art, autoattack = strong
+    # s, s/image, / bound, robust after; ART's rows add time / ours, or are all 'n/a'.
+    assert len(numbers(ours)) == 5 and 0 <= numbers(ours)[-1] <= 4
+    if importlib.util.find_spec("art") is None:  # CI: the bench extra is not installed
+        assert all(row[2:] == ["n/a"] * 5 for row in art), art
+        assert "ART_APGD_matched: n/a (ART not installed" in output
+    else:
+        for row in art:
+            seconds, per_image, to_bound, to_ours, robust = numbers(row[2:])
+            assert per_image == pytest.approx(seconds / 4, abs=0.002)
+            assert to_bound > 0 and to_ours > 0 and 0 <= robust <= 4
+        assert re.search(r"ART_APGD_matched: ART \S+ AutoProjectedGradientDescent, "
+                         r"cross_entropy, max_iter 3, nb_random_init 1, .*\(2\.00 eps\)", output)
+    assert len(numbers(autoattack)) == 4  # images, s, s/image, robust after
+    # The bound's unit: one pass's ms and images/s, and NITER of them.
+    unit = re.search(r"one input-gradient pass \(resnet_v2_tiny, 16x16, batch 4, float32\) = "
+                     r"([\d.]+) ms, ([\d.]+) images/s; bound = 3 of them", output)
+    assert unit, output
+    assert float(unit[2]) == pytest.approx(4 / (float(unit[1]) / 1000), rel=0.02)
+
+
+# Runs the bench's ART APGD (both settings) on a linear model in a fresh process: bench/attack.py
+# defines absl flags that other programs imported by the suite also define.
+ART_ON_A_LINEAR_MODEL = """
+import json, sys
+import numpy as np, tensorflow as tf
+from bench.attack import art_apgd
+data = np.load(sys.argv[1])
+w, x, y, eps = tf.constant(data["w"]), data["x"], data["y"], float(data["eps"])
+forward = tf.function(lambda v: tf.matmul(tf.reshape(v, [-1, w.shape[0]]), w))
+out = {}
+for settings in ("matched", "defaults"):
+    np.random.seed(0)
+    attack = art_apgd(forward, eps, 10, 2, x.shape[1], len(x), settings)
+    adv = attack.generate(x, y=np.eye(2, dtype=np.float32)[y])
+    out[settings] = dict(robust=(forward(adv).numpy().argmax(-1) == y).tolist(),
+                         linf=float(np.abs(adv - x).max()), eps=attack.eps,
+                         max_iter=attack.max_iter, nb_random_init=attack.nb_random_init,
+                         eps_step=attack.eps_step)
+print(json.dumps(out))
+"""
+
+
+def test_art_apgd_peer_finds_exactly_the_analytic_non_robust_points(tmp_path):
+    """On a 2-class linear model the minimal L-inf perturbation is margin / ||w_y - w_o||_1:
+    ART's APGD, as the bench sets it up, must flip every point closer than eps and no other."""
+    if importlib.util.find_spec("art") is None:
+        pytest.skip("IBM ART (the bench extra) is not installed")
+    from art.attacks.evasion import AutoProjectedGradientDescent
+
+    rng = np.random.default_rng(0)
+    size, eps = 2, 32 / 255  # apgdce_16 on the bounds (-1, 1)
+    w = rng.normal(size=(size * size * 3, 2)).astype(np.float32)
+    # Inside [-0.5, 0.5] the eps box never meets the bounds, so clipping plays no part.
+    x = rng.uniform(-0.5, 0.5, (400, size, size, 3)).astype(np.float32)
+    logits = x.reshape(len(x), -1) @ w
+    y = logits.argmax(-1)
+    distance = np.abs(logits[:, 0] - logits[:, 1]) / np.abs(w[:, 0] - w[:, 1]).sum()
+    near, far = np.flatnonzero(distance < 0.8 * eps), np.flatnonzero(distance > 1.25 * eps)
+    assert len(near) >= 5 and len(far) >= 3, (len(near), len(far))
+    keep = np.concatenate([near[:5], far[:3]])
+    np.savez(tmp_path / "linear.npz", w=w, x=x[keep], y=y[keep], eps=eps)
+    run = subprocess.run(
+        [sys.executable, "-c", ART_ON_A_LINEAR_MODEL, str(tmp_path / "linear.npz")],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    art_defaults = {name: p.default for name, p in
+                    inspect.signature(AutoProjectedGradientDescent.__init__).parameters.items()}
+    expected = {"matched": (1, 2 * eps), "defaults": (art_defaults["nb_random_init"],
+                                                      art_defaults["eps_step"])}
+    for settings, (restarts, first_step) in expected.items():
+        result = results[settings]
+        assert result["robust"] == [False] * 5 + [True] * 3, settings
+        assert result["linf"] <= eps + 1e-6, settings
+        assert (result["nb_random_init"], result["eps_step"]) == pytest.approx(
+            (restarts, first_step)), settings
+        assert result["max_iter"] == 10 and result["eps"] == pytest.approx(eps)
 
 
 def test_train_step_bench_prints_alp_step_ll_llr_advprop_and_clean_rows(run_bench):

@@ -178,18 +178,9 @@ def run_strong_attack(
     """
     spec = parse_strong_attack_description(description)
     common = dict(eps=spec.eps_in(bounds), bounds=bounds, seed=seed, batch_size=batch_size)
+    stages_for = description_stages(description)
     if spec.method == "autoattack":
-        x_adv, report = run_stages(description_stages(description), model_fn, x, labels,
-                                   **common)
+        x_adv, report = run_stages(stages_for, model_fn, x, labels, **common)
         return AttackResult(x_adv, tf.constant(report.robust)), report
-    if spec.method in ("apgdce", "apgddlr", "apgdmargin"):
-        loss = {"apgdce": "ce", "apgddlr": "dlr", "apgdmargin": "margin"}[spec.method]
-        return run_apgd(model_fn, x, labels, loss=loss, n_iter=spec.budget, **common), None
-    if spec.method == "apgdt":
-        return run_apgd_targeted(model_fn, x, labels, n_iter=spec.budget, **common), None
-    if spec.method == "fabt":
-        return run_fab_targeted(model_fn, x, labels, n_iter=spec.budget, **common), None
-    if spec.method == "square":
-        return run_square(model_fn, x, labels, n_queries=spec.budget, **common), None
-    return run_pgd_true_labels(model_fn, x, labels, step_size=spec.step_in(bounds),
-                           n_iter=spec.budget, n_restarts=spec.restarts, **common), None
+    (stage,) = stages_for(0)  # one attack, run on all points with the seed as given
+    return stage.run(model_fn, x, labels, **common), None

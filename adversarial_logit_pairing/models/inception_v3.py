@@ -101,6 +101,18 @@ AVG_POOL = Pool("AvgPool_0a_3x3", "avg")
 REDUCTION_POOL = Pool("MaxPool_1a_3x3", "max", stride=2, padding="VALID")
 
 
+def _mixed_5x5(name: str, pool_depth: int,
+               branch_1: tuple[str, str] = ("Conv2d_0a_1x1", "Conv2d_0b_5x5")) -> Mixed:
+    """Mixed_5b..5d: a 5x5 and a double 3x3 branch; ``branch_1`` names its two convs."""
+    return Mixed(name, (
+        (Conv("Conv2d_0a_1x1", 64, 1),),
+        (Conv(branch_1[0], 48, 1), Conv(branch_1[1], 64, 5)),
+        (Conv("Conv2d_0a_1x1", 64, 1), Conv("Conv2d_0b_3x3", 96, 3),
+         Conv("Conv2d_0c_3x3", 96, 3)),
+        (AVG_POOL, Conv("Conv2d_0b_1x1", pool_depth, 1)),
+    ))
+
+
 def _mixed_7x7(name: str, depth: int) -> Mixed:
     """Mixed_6b..6e: 7x7 convs factorised into 1x7 and 7x1, inner depth ``depth``."""
     return Mixed(name, (
@@ -135,28 +147,10 @@ LAYOUT: tuple[Union[Conv, Pool, Mixed], ...] = (
     Conv("Conv2d_3b_1x1", 80, 1, padding="VALID"),  # 73 x 73 x 80
     Conv("Conv2d_4a_3x3", 192, 3, padding="VALID"),  # 71 x 71 x 192
     Pool("MaxPool_5a_3x3", "max", stride=2, padding="VALID"),  # 35 x 35 x 192
-    Mixed("Mixed_5b", (  # 35 x 35 x 256
-        (Conv("Conv2d_0a_1x1", 64, 1),),
-        (Conv("Conv2d_0a_1x1", 48, 1), Conv("Conv2d_0b_5x5", 64, 5)),
-        (Conv("Conv2d_0a_1x1", 64, 1), Conv("Conv2d_0b_3x3", 96, 3),
-         Conv("Conv2d_0c_3x3", 96, 3)),
-        (AVG_POOL, Conv("Conv2d_0b_1x1", 32, 1)),
-    )),
-    Mixed("Mixed_5c", (  # 35 x 35 x 288
-        (Conv("Conv2d_0a_1x1", 64, 1),),
-        # The released checkpoints carry these two names (not 0a_1x1 / 0b_5x5).
-        (Conv("Conv2d_0b_1x1", 48, 1), Conv("Conv_1_0c_5x5", 64, 5)),
-        (Conv("Conv2d_0a_1x1", 64, 1), Conv("Conv2d_0b_3x3", 96, 3),
-         Conv("Conv2d_0c_3x3", 96, 3)),
-        (AVG_POOL, Conv("Conv2d_0b_1x1", 64, 1)),
-    )),
-    Mixed("Mixed_5d", (  # 35 x 35 x 288
-        (Conv("Conv2d_0a_1x1", 64, 1),),
-        (Conv("Conv2d_0a_1x1", 48, 1), Conv("Conv2d_0b_5x5", 64, 5)),
-        (Conv("Conv2d_0a_1x1", 64, 1), Conv("Conv2d_0b_3x3", 96, 3),
-         Conv("Conv2d_0c_3x3", 96, 3)),
-        (AVG_POOL, Conv("Conv2d_0b_1x1", 64, 1)),
-    )),
+    _mixed_5x5("Mixed_5b", 32),  # 35 x 35 x 256
+    # The released checkpoints carry these two names (not 0a_1x1 / 0b_5x5).
+    _mixed_5x5("Mixed_5c", 64, ("Conv2d_0b_1x1", "Conv_1_0c_5x5")),  # 35 x 35 x 288
+    _mixed_5x5("Mixed_5d", 64),  # 35 x 35 x 288
     Mixed("Mixed_6a", (  # 17 x 17 x 768
         # 3x3 stride-2 convs named '1x1' in the checkpoints.
         (Conv("Conv2d_1a_1x1", 384, 3, stride=2, padding="VALID"),),

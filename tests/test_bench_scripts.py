@@ -34,13 +34,19 @@ BENCH_FLAGS = {
     "tf_parts.py": ["--model=resnet_v2_tiny", "--image_size=16", "--repetitions=1"],
 }
 
+# Inception v3's training steps run its auxiliary head, whose kernel needs 299 px and up.
+TOO_SMALL = "train_step.py, image too small"
+TOO_SMALL_FLAGS = ["--model=inception_v3", "--image_size=107", "--batch_size=2",
+                   "--dtypes=float32", "--rows=stepll"]
+
 
 @pytest.fixture(scope="module")
 def bench_runs(tmp_path_factory) -> dict:
     """{script: ProgramRun} of every bench script of :data:`BENCH_FLAGS`."""
-    return run_concurrently(
-        {script: (f"bench/{script}", flags) for script, flags in BENCH_FLAGS.items()},
-        str(tmp_path_factory.mktemp("bench")), check=False, max_at_once=4)
+    runs = {script: (f"bench/{script}", flags) for script, flags in BENCH_FLAGS.items()}
+    runs[TOO_SMALL] = ("bench/train_step.py", TOO_SMALL_FLAGS)
+    return run_concurrently(runs, str(tmp_path_factory.mktemp("bench")), check=False,
+                            max_at_once=4)
 
 
 @pytest.fixture
@@ -105,6 +111,14 @@ def test_train_step_bench_ensemble_row_ran_its_frozen_static_source(run_bench):
     assert steps == 2  # one warm-up and one timed round
     assert from_static >= 1  # the row timed the static source's attack at least once
     assert note.group(3) == "yes"  # frozen: still its checkpoint's values (TF's reader)
+
+
+def test_train_step_bench_refuses_an_image_size_the_model_cannot_train_on(bench_runs):
+    result = bench_runs[TOO_SMALL]
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.last_line.startswith("--image_size=107 for --model=inception_v3: ")
+    assert "AuxLogits" in result.last_line
 
 
 def test_eval_bench_prints_rate_time_and_bound_ratio_per_attack(run_bench):

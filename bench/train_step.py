@@ -12,7 +12,9 @@ of clean training against Keras fit, and of the bounds' unit, one input-gradient
 The logits are as wide as the data set the image size stands for (``--num_classes`` unset):
 Tiny ImageNet's 200 at 64 px and below, else the model's ImageNet head (1001 with TF-Slim's
 background class for ``inception_v3`` and ``resnet_v2_50``, 1000 for EfficientNet). A model
-with an auxiliary head (``inception_v3``) trains it, so the image size must suit that head.
+with an auxiliary head trains it, so the image size must suit that head as ``train.py`` builds
+it (``inception_v3``: 299 to 346 px, the sides of its 5x5 ``AuxLogits`` kernel); another size
+stops the script at once with the model's message.
 
 Rows, per compute dtype, timed in interleaved rounds (``bench/_timing.interleaved_seconds``):
 

@@ -41,13 +41,19 @@ BENCH_FLAGS = {
     "tf_parts.py": ["--model=resnet_v2_tiny", "--image_size=16", "--repetitions=1"],
 }
 
+# Inception v3's training steps run its auxiliary head, whose kernel needs 299 px and up.
+TOO_SMALL = "train_step.py, image too small"
+TOO_SMALL_FLAGS = ["--model=inception_v3", "--image_size=107", "--batch_size=2",
+                   "--dtypes=float32", "--rows=stepll"]
+
 
 @pytest.fixture(scope="module")
 def bench_runs(tmp_path_factory) -> dict:
     """{script: ProgramRun} of every bench script of :data:`BENCH_FLAGS`."""
-    return run_concurrently(
-        {script: (f"bench/{script}", flags) for script, flags in BENCH_FLAGS.items()},
-        str(tmp_path_factory.mktemp("bench")), check=False, max_at_once=4)
+    runs = {script: (f"bench/{script}", flags) for script, flags in BENCH_FLAGS.items()}
+    runs[TOO_SMALL] = ("bench/train_step.py", TOO_SMALL_FLAGS)
+    return run_concurrently(runs, str(tmp_path_factory.mktemp("bench")), check=False,
+                            max_at_once=4)
 
 
 @pytest.fixture
@@ -167,11 +173,40 @@ def test_art_apgd_peer_finds_exactly_the_analytic_non_robust_points(tmp_path):
         assert result["max_iter"] == 10 and result["eps"] == pytest.approx(eps)
 
 
-def test_train_step_bench_prints_alp_step_ll_llr_advprop_and_clean_rows(run_bench):
+def test_train_step_bench_prints_gradient_pass_and_every_step_row(run_bench):
     output = run_bench("train_step.py")
+    (gradient,) = table_rows(output, "input-gradient pass")
+    assert gradient[0] == "float32"
+    milliseconds, rate = numbers(gradient)
+    # images/s is the batch (4) over the pass's time (3 decimals, or 1 above 100).
+    assert milliseconds > 0 and rate * milliseconds / 1000 == pytest.approx(4, rel=0.02)
     rows = table_rows(output, "step")
-    assert [row[0] for row in rows] == ["ALP", "Step-LL", "LLR", "AdvProp", "clean"]
+    assert [row[0] for row in rows] == ["ALP", "Step-LL", "LLR", "AdvProp", "ensemble", "clean"]
     assert all(numbers(row) and all(v > 0 for v in numbers(row)) for row in rows)
+    # The ensemble row: images/s, s/step and its ratios to the bound, the clean, ALP and
+    # Step-LL steps (no Keras fit column).
+    assert rows[4][:6] == ["ensemble", "stepll_16,", "1", "static", "source", "float32"]
+    assert len(rows[4][6:]) == 6 and all(float(cell) > 0 for cell in rows[4][6:]), rows[4]
+
+
+def test_train_step_bench_ensemble_row_ran_its_frozen_static_source(run_bench):
+    output = run_bench("train_step.py")
+    note = re.search(r"ensemble, float32: the static source made the adversarial examples of "
+                     r"(\d+) of the row's (\d+) steps .* equal its checkpoint after them: (\w+)",
+                     output)
+    assert note, output[-2000:]
+    from_static, steps = int(note.group(1)), int(note.group(2))
+    assert steps == 2  # one warm-up and one timed round
+    assert from_static >= 1  # the row timed the static source's attack at least once
+    assert note.group(3) == "yes"  # frozen: still its checkpoint's values (TF's reader)
+
+
+def test_train_step_bench_refuses_an_image_size_the_model_cannot_train_on(bench_runs):
+    result = bench_runs[TOO_SMALL]
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.last_line.startswith("--image_size=107 for --model=inception_v3: ")
+    assert "AuxLogits" in result.last_line
 
 
 def test_eval_bench_prints_rate_time_and_bound_ratio_per_attack(run_bench):

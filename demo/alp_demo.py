@@ -5,23 +5,27 @@
    32x32 RGB JPEG files, with ``wnids.txt``, per-class ``*_boxes.txt`` and
    ``val/val_annotations.txt``.
 2. Converts it with ``tiny_imagenet_converter/converter.py``.
-3. Trains a clean model, an ALP model (``pgdll`` training attack, logit pairing 0.5) and an
-   LLR model (local linearity regulariser at the same eps and number of inner steps) with
-   ``train.py``.
-4. Evaluates them with ``eval.py --eval_once`` on clean and PGD inputs, and under a strong
-   attack on the true labels (``--strong_attack``: AutoAttack at eps 16, by default with a
-   reduced budget so that the demo stays short), and prints a table and the masking checks'
-   warnings.
+3. Trains six models with ``train.py``, two side by side: on ``resnet_v2_tiny`` a clean model,
+   an ALP model (``pgdll`` training attack, logit pairing 0.5), an LLR model (local linearity
+   regulariser at the same eps and number of inner steps) and a Step-LL model (Kurakin et
+   al.'s mixed batch); on ``efficientnet_tiny`` a clean model and its AdvProp twin (auxiliary
+   batch norms, the paper's PGD at eps 4).
+4. Evaluates them with ``eval.py --eval_once`` on clean inputs, under Step-LL and PGD, and
+   under the standard AutoAttack on the true labels (``--strong_attack``, on the first
+   ``--strong_examples`` digits), and prints a table and the masking checks' warnings.
 
 Every step is the command a user would type; they are echoed as they run.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -32,21 +36,36 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", os.path.join(REPO, "demo_output"),
                     "Where the raw folder, TFRecords, checkpoints and results go.")
-flags.DEFINE_integer("train_steps", 2000, "Training steps of each model.")
+flags.DEFINE_integer("train_steps", 1000, "Training steps of each model.")
 flags.DEFINE_integer("image_size", 32, "Image size of the generated dataset and the model.")
 flags.DEFINE_string("train_attack", "pgdll_16_4_3", "ALP model's training attack.")
-flags.DEFINE_list("eval_attacks", ["pgd_16_2_10", "pgd_16_1_100"],
-                  "Evaluation attacks: the paper's, and a much longer PGD.")
-flags.DEFINE_string("strong_attack", "autoattack_16_20_500",
-                    "Strong evaluation attack (eval.py --adv_method), '' to skip it. The default "
-                    "is AutoAttack at eps 16 with 20 iterations for APGD-CE, APGD-T and FAB-T "
-                    "(standard: 100) and 500 Square queries (standard: 5000); 'autoattack_16' "
-                    "is the standard one (several minutes more).")
-flags.DEFINE_string("llr_hparams", "llr_lambda=4,llr_eps=16,llr_steps=3,llr_eps_warmup_steps=500",
+flags.DEFINE_string("stepll_hparams",
+                    "train_adv_method=stepllrand_16,train_adv_fraction=0.5,"
+                    "train_adv_loss_weight=0.3",
+                    "Step-LL model: Kurakin et al.'s recipe (random eps up to 16, half of each "
+                    "batch replaced by its adversarial examples, adversarial loss weight 0.3).")
+flags.DEFINE_string("advprop_hparams", "advprop=true,train_adv_method=pgd_4_1_5",
+                    "AdvProp model: the paper's attacker (PGD, eps 4, step 1, eps+1 steps) "
+                    "through auxiliary batch norms.")
+flags.DEFINE_string("llr_hparams", "llr_lambda=4,llr_eps=16,llr_steps=3,llr_eps_warmup_steps=250",
                     "LLR model's regulariser: DeepMind's CIFAR-10 weights (llr_mu=1.2, "
                     "llr_xent_weight=2 by default) at the ALP attack's eps and number of steps.")
-flags.DEFINE_list("models", ["clean", "alp", "llr"], "Which of the models to train and evaluate.")
-flags.DEFINE_string("model_name", "resnet_v2_tiny", "Model of every run.")
+flags.DEFINE_list("eval_attacks", ["stepll_16", "pgd_16_2_10"],
+                  "Evaluation attacks: a single step and the paper's PGD (add e.g. pgd_16_1_100 "
+                  "for a much longer PGD).")
+flags.DEFINE_string("strong_attack", "autoattack_16",
+                    "Strong evaluation attack (eval.py --adv_method), '' to skip it: the standard "
+                    "AutoAttack at eps 16 (APGD-CE, APGD-T, FAB-T, Square on the true labels).")
+flags.DEFINE_integer("strong_examples", 50,
+                     "The strong attack runs on the first this many validation digits "
+                     "(eval.py --num_examples; -1: all of them).")
+flags.DEFINE_list("models", ["clean", "alp", "llr", "stepll", "eff_clean", "eff_advprop"],
+                  "Which of the models to train and evaluate.")
+flags.DEFINE_string("model_name", "resnet_v2_tiny", "Model of the ResNet runs.")
+flags.DEFINE_string("effnet_model_name", "efficientnet_tiny",
+                    "Model of the EfficientNet runs (eff_clean, eff_advprop).")
+flags.DEFINE_integer("parallel", 2, "Models trained and evaluated side by side (one process "
+                     "each): most steps of these small models leave a core idle.")
 flags.DEFINE_integer("seed", 0, "Seed of the dataset split and of training.")
 
 
@@ -100,22 +119,136 @@ def build_raw_folder(root: str, image_size: int, seed: int) -> dict:
     return {"train": len(train_idx), "validation": len(val_idx)}
 
 
-def run_command(*args: str) -> None:
-    """Runs one of the project's programs as a user would, echoing the command."""
-    print("+ python " + " ".join(args), flush=True)
+class CommandFailed(Exception):
+    """A program of the demo exited non-zero; the message names its log."""
+
+
+_PRINT_LOCK = threading.Lock()
+_FAILED = threading.Event()
+
+
+def say(text: str) -> None:
+    """One line on stdout, whole, whichever model's thread prints it."""
+    with _PRINT_LOCK:
+        print(text, flush=True)
+
+
+def run_command(log_name: str, *args: str) -> None:
+    """Runs one of the project's programs as a user would, echoing the command; its output
+    goes to ``logs/<log_name>.log``."""
+    if _FAILED.is_set():  # another model's command failed: start nothing new
+        raise CommandFailed("stopped after an earlier failure")
+    say("+ python " + " ".join(args))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    log_path = os.path.join(FLAGS.work_dir, "logs", os.path.basename(args[0]) + ".log")
+    log_path = os.path.join(FLAGS.work_dir, "logs", f"{log_name}.log")
     with open(log_path, "a") as log:
         proc = subprocess.run([sys.executable, *args], stdout=log, stderr=log, env=env)
     if proc.returncode != 0:
-        print(f"failed with status {proc.returncode}; see {log_path}", file=sys.stderr)
-        sys.exit(proc.returncode)
+        _FAILED.set()
+        raise CommandFailed(f"python {os.path.basename(args[0])} failed with status "
+                            f"{proc.returncode}; see {log_path}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One trained model of the table: its registered model and train.py hparams, and the
+    attack it was trained with (for the masking check that compares it with the strong one)."""
+
+    model_name: str
+    hparams: str
+    training_attack: str = ""
+
+
+def demo_runs() -> dict[str, Run]:
+    """The table's rows, in the order of --models."""
+    base = "batch_size=32,eval_batch_size=50,lr_schedule=fixed,learning_rate=0.02"
+    stepll_attack = dict(item.split("=", 1) for item in FLAGS.stepll_hparams.split(","))
+    advprop_attack = dict(item.split("=", 1) for item in FLAGS.advprop_hparams.split(","))
+    runs = {
+        "clean": Run(FLAGS.model_name, base),
+        "alp": Run(FLAGS.model_name,
+                   f"{base},train_adv_method={FLAGS.train_attack},train_lp_weight=0.5",
+                   FLAGS.train_attack),
+        "llr": Run(FLAGS.model_name, f"{base},{FLAGS.llr_hparams}"),
+        "stepll": Run(FLAGS.model_name, f"{base},{FLAGS.stepll_hparams}",
+                      stepll_attack.get("train_adv_method", "")),
+        "eff_clean": Run(FLAGS.effnet_model_name, base),
+        "eff_advprop": Run(FLAGS.effnet_model_name, f"{base},{FLAGS.advprop_hparams}",
+                           advprop_attack.get("train_adv_method", "")),
+    }
+    unknown = sorted(set(FLAGS.models) - set(runs))
+    if unknown:
+        raise app.UsageError(f"--models: unknown {unknown}; choose from {sorted(runs)}")
+    return {name: runs[name] for name in FLAGS.models}
+
+
+def train_and_evaluate(name: str, run: Run, data_flags: list[str], results: str,
+                       seconds: dict) -> None:
+    """train.py, then eval.py --eval_once under each attack: one model's whole row."""
+    work = FLAGS.work_dir
+    common = [*data_flags, f"--model_name={run.model_name}"]
+    tick = time.time()
+    run_command(f"train_{name}", os.path.join(REPO, "train.py"),
+                f"--output_dir={work}/train_{name}", *common, f"--hparams={run.hparams}",
+                f"--max_steps={FLAGS.train_steps}", f"--save_model_steps={FLAGS.train_steps}",
+                "--save_summaries_steps=50", "--moving_average_decay=0.99",
+                f"--seed={FLAGS.seed}")
+    seconds[(name, "training")] = time.time() - tick
+    say(f"trained {name} in {seconds[(name, 'training')]:.0f}s")
+    strong = [FLAGS.strong_attack] if FLAGS.strong_attack else []
+    for attack in ["clean", *FLAGS.eval_attacks, *strong]:
+        extra, batch = [], 50
+        if attack in strong:
+            # The per-attack report and the masking checks, which compare the model's training
+            # attack with the strong one.
+            extra = [f"--report_file={work}/report_{name}.json",
+                     f"--num_examples={FLAGS.strong_examples}"]
+            if FLAGS.strong_examples > 0:
+                batch = min(batch, FLAGS.strong_examples)
+            if run.training_attack:
+                extra.append(f"--training_adv_method={run.training_attack}")
+        tick = time.time()
+        run_command(f"eval_{name}_{attack}", os.path.join(REPO, "eval.py"),
+                    f"--train_dir={work}/train_{name}", "--eval_once", *common,
+                    f"--hparams=eval_batch_size={batch}", f"--adv_method={attack}",
+                    f"--eval_name={name}:{attack}", "--moving_average_decay=0.99",
+                    f"--output_file={results}", *extra)
+        seconds[(name, attack)] = time.time() - tick
+
+
+def print_table(runs: dict[str, Run], results: str, seconds: dict) -> None:
+    """The accuracy table, the strong attack's per-attack lines and warnings, and the times."""
+    scores = {}
+    with open(results) as f:
+        for line in f:
+            eval_name, accuracy, _ = line.strip().split(",")
+            model, attack = eval_name.split(":")
+            scores[(model, attack)] = float(accuracy)
+    strong = [FLAGS.strong_attack] if FLAGS.strong_attack else []
+    columns = ["clean", *FLAGS.eval_attacks, *strong]
+    width = max(14, *(len(name) + 2 for name in columns))
+    print("\naccuracy on the validation digits")
+    print(f"{'model':<13}" + "".join(f"{name:>{width}}" for name in columns))
+    for model in runs:
+        print(f"{model:<13}" + "".join(f"{scores[(model, name)]:>{width}.1%}" for name in columns))
+    for model in runs if strong else ():
+        with open(os.path.join(FLAGS.work_dir, f"report_{model}.json")) as f:
+            report = json.load(f)
+        steps = ", ".join(f"{row['name']} {row['accuracy']:.1%}" for row in report["attacks"])
+        print(f"\n{model}: {FLAGS.strong_attack} on the first {report['n']} digits: {steps}")
+        for warning in report["warnings"]:
+            print(f"  WARNING: {warning}")
+    print("\nseconds: " + "; ".join(
+        f"{model} " + ", ".join(f"{what} {seconds[(model, what)]:.0f}"
+                                for what in ["training", *columns] if (model, what) in seconds)
+        for model in runs))
 
 
 def main(argv: list[str]) -> None:
     del argv
     start = time.time()
-    work = os.path.abspath(FLAGS.work_dir)
+    FLAGS.work_dir = work = os.path.abspath(FLAGS.work_dir)
+    runs = demo_runs()
     raw, records = os.path.join(work, "raw"), os.path.join(work, "tfrecords")
     results = os.path.join(work, "results.csv")
     for path in (raw, records, os.path.join(work, "logs")):
@@ -125,69 +258,28 @@ def main(argv: list[str]) -> None:
 
     sizes = build_raw_folder(raw, FLAGS.image_size, FLAGS.seed)
     print(f"Built {raw}: {sizes['train']} training and {sizes['validation']} validation digits")
-    run_command(os.path.join(REPO, "tiny_imagenet_converter", "converter.py"),
+    run_command("converter", os.path.join(REPO, "tiny_imagenet_converter", "converter.py"),
                 f"--input_dir={raw}", f"--output_dir={records}")
-
-    common = ["--dataset=tiny_imagenet", f"--tiny_imagenet_data_dir={records}",
-              f"--model_name={FLAGS.model_name}", f"--dataset_image_size={FLAGS.image_size}"]
-    base_hparams = "batch_size=32,eval_batch_size=50,lr_schedule=fixed,learning_rate=0.02"
-    runs = {
-        "clean": base_hparams,
-        "alp": f"{base_hparams},train_adv_method={FLAGS.train_attack},train_lp_weight=0.5",
-        "llr": f"{base_hparams},{FLAGS.llr_hparams}",
-    }
-    unknown = sorted(set(FLAGS.models) - set(runs))
-    if unknown:
-        raise app.UsageError(f"--models: unknown {unknown}; choose from {sorted(runs)}")
-    runs = {name: runs[name] for name in FLAGS.models}
-    for name, hparams in runs.items():
-        tick = time.time()
-        run_command(os.path.join(REPO, "train.py"), f"--output_dir={work}/train_{name}",
-                    *common, f"--hparams={hparams}", f"--max_steps={FLAGS.train_steps}",
-                    f"--save_model_steps={FLAGS.train_steps}", "--save_summaries_steps=50",
-                    "--moving_average_decay=0.99", f"--seed={FLAGS.seed}")
-        print(f"trained {name} in {time.time() - tick:.0f}s", flush=True)
-    strong = [FLAGS.strong_attack] if FLAGS.strong_attack else []
-    attack_seconds: dict[str, float] = {}
-    for name in runs:
-        for attack in ["clean", *FLAGS.eval_attacks, *strong]:
-            extra = []
-            if attack in strong:
-                # The per-attack report and the masking checks; the ALP model's training
-                # attack is compared with the strong one.
-                extra = [f"--report_file={work}/report_{name}.json"]
-                if name == "alp":
-                    extra.append(f"--training_adv_method={FLAGS.train_attack}")
-            attack_start = time.time()
-            run_command(os.path.join(REPO, "eval.py"), f"--train_dir={work}/train_{name}",
-                        "--eval_once", *common, "--hparams=eval_batch_size=50",
-                        f"--adv_method={attack}", f"--eval_name={name}:{attack}",
-                        "--moving_average_decay=0.99", f"--output_file={results}", *extra)
-            attack_seconds[attack] = attack_seconds.get(attack, 0.0) + time.time() - attack_start
-
-    scores = {}
-    with open(results) as f:
-        for line in f:
-            eval_name, accuracy, _ = line.strip().split(",")
-            model, attack = eval_name.split(":")
-            scores[(model, attack)] = float(accuracy)
-    print()
-    columns = ["clean", *FLAGS.eval_attacks, *strong]
-    width = max(16, *(len(name) + 2 for name in columns))
-    print("accuracy on the validation digits")
-    print(f"{'model':<8}" + "".join(f"{name:>{width}}" for name in columns))
-    for model in runs:
-        print(f"{model:<8}" + "".join(f"{scores[(model, name)]:>{width}.1%}" for name in columns))
-    for model in runs if strong else ():
-        with open(os.path.join(work, f"report_{model}.json")) as f:
-            report = json.load(f)
-        steps = ", ".join(f"{row['name']} {row['accuracy']:.1%}" for row in report["attacks"])
-        print(f"\n{model}: {FLAGS.strong_attack} on {report['n']} digits: {steps}")
-        for warning in report["warnings"]:
-            print(f"  WARNING: {warning}")
-    print("\nseconds per evaluation attack (all models): " + ", ".join(
-        f"{name} {seconds:.0f}" for name, seconds in attack_seconds.items()))
+    data_flags = ["--dataset=tiny_imagenet", f"--tiny_imagenet_data_dir={records}",
+                  f"--dataset_image_size={FLAGS.image_size}"]
+    seconds: dict = {}
+    # Longest rows first, so that the last to start are the short ones.
+    order = sorted(runs, key=lambda name: ROW_COST.get(name, 0), reverse=True)
+    with concurrent.futures.ThreadPoolExecutor(max(1, FLAGS.parallel)) as pool:
+        futures = [pool.submit(train_and_evaluate, name, runs[name], data_flags, results,
+                               seconds) for name in order]
+        errors = [future.exception() for future in futures]
+    failures = [str(error) for error in errors if error is not None]
+    if failures:
+        print("\n".join(dict.fromkeys(failures)), file=sys.stderr)
+        sys.exit(1)
+    print_table(runs, results, seconds)
     print(f"Wall time {time.time() - start:.0f}s; outputs in {work}")
+
+
+# Measured seconds of each row (training and evaluation), to start the long ones first.
+ROW_COST = {"eff_advprop": 400, "llr": 330, "alp": 250, "stepll": 160, "eff_clean": 150,
+            "clean": 60}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
    an ALP model (``pgdll`` training attack, logit pairing 0.5), an LLR model (local linearity
    regulariser at the same eps and number of inner steps) and a Step-LL model (Kurakin et
    al.'s mixed batch); on ``efficientnet_tiny`` a clean model and its AdvProp twin (auxiliary
-   batch norms, the paper's PGD at eps 4).
+   batch norms, the paper's PGD rule at eps 2).
 4. Evaluates them with ``eval.py --eval_once`` on clean inputs, under Step-LL and PGD, and
    under the standard AutoAttack on the true labels (``--strong_attack``, on the first
    ``--strong_examples`` digits), and prints a table and the masking checks' warnings.
@@ -36,7 +36,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", os.path.join(REPO, "demo_output"),
                     "Where the raw folder, TFRecords, checkpoints and results go.")
-flags.DEFINE_integer("train_steps", 1000, "Training steps of each model.")
+flags.DEFINE_integer("train_steps", 2000, "Training steps of the ResNet runs.")
+flags.DEFINE_integer("effnet_train_steps", 1000, "Training steps of the EfficientNet runs "
+                     "(eff_clean, eff_advprop), which converge sooner.")
 flags.DEFINE_integer("image_size", 32, "Image size of the generated dataset and the model.")
 flags.DEFINE_string("train_attack", "pgdll_16_4_3", "ALP model's training attack.")
 flags.DEFINE_string("stepll_hparams",
@@ -44,10 +46,10 @@ flags.DEFINE_string("stepll_hparams",
                     "train_adv_loss_weight=0.3",
                     "Step-LL model: Kurakin et al.'s recipe (random eps up to 16, half of each "
                     "batch replaced by its adversarial examples, adversarial loss weight 0.3).")
-flags.DEFINE_string("advprop_hparams", "advprop=true,train_adv_method=pgd_4_1_5",
-                    "AdvProp model: the paper's attacker (PGD, eps 4, step 1, eps+1 steps) "
-                    "through auxiliary batch norms.")
-flags.DEFINE_string("llr_hparams", "llr_lambda=4,llr_eps=16,llr_steps=3,llr_eps_warmup_steps=250",
+flags.DEFINE_string("advprop_hparams", "advprop=true,train_adv_method=pgd_2_1_3",
+                    "AdvProp model: the paper's attacker rule (PGD, eps 1..4, step 1, eps+1 "
+                    "steps) at eps 2, through auxiliary batch norms.")
+flags.DEFINE_string("llr_hparams", "llr_lambda=4,llr_eps=16,llr_steps=3,llr_eps_warmup_steps=500",
                     "LLR model's regulariser: DeepMind's CIFAR-10 weights (llr_mu=1.2, "
                     "llr_xent_weight=2 by default) at the ALP attack's eps and number of steps.")
 flags.DEFINE_list("eval_attacks", ["stepll_16", "pgd_16_2_10"],
@@ -187,10 +189,12 @@ def train_and_evaluate(name: str, run: Run, data_flags: list[str], results: str,
     """train.py, then eval.py --eval_once under each attack: one model's whole row."""
     work = FLAGS.work_dir
     common = [*data_flags, f"--model_name={run.model_name}"]
+    steps = FLAGS.effnet_train_steps if run.model_name == FLAGS.effnet_model_name else (
+        FLAGS.train_steps)
     tick = time.time()
     run_command(f"train_{name}", os.path.join(REPO, "train.py"),
                 f"--output_dir={work}/train_{name}", *common, f"--hparams={run.hparams}",
-                f"--max_steps={FLAGS.train_steps}", f"--save_model_steps={FLAGS.train_steps}",
+                f"--max_steps={steps}", f"--save_model_steps={steps}",
                 "--save_summaries_steps=50", "--moving_average_decay=0.99",
                 f"--seed={FLAGS.seed}")
     seconds[(name, "training")] = time.time() - tick

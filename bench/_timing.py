@@ -88,7 +88,7 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
         return str(value)
 
     cells = [[text(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     out = ["  ".join(h.rjust(w) if i else h.ljust(w)
                      for i, (h, w) in enumerate(zip(headers, widths)))]
     out.append("-" * len(out[0]))

@@ -58,7 +58,7 @@ flags.DEFINE_list("eval_attacks", ["stepll_16", "pgd_16_2_10"],
 flags.DEFINE_string("strong_attack", "autoattack_16",
                     "Strong evaluation attack (eval.py --adv_method), '' to skip it: the standard "
                     "AutoAttack at eps 16 (APGD-CE, APGD-T, FAB-T, Square on the true labels).")
-flags.DEFINE_integer("strong_examples", 40,
+flags.DEFINE_integer("strong_examples", 50,
                      "The strong attack runs on the first this many validation digits "
                      "(eval.py --num_examples; -1: all of them).")
 flags.DEFINE_list("models", ["clean", "alp", "llr", "stepll", "eff_clean", "eff_advprop"],

@@ -153,30 +153,32 @@ def run_command(log_name: str, *args: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One trained model of the table: its registered model and train.py hparams, and the
-    attack it was trained with (for the masking check that compares it with the strong one)."""
+    """One trained model of the table: its registered model and train.py hparams."""
 
     model_name: str
     hparams: str
-    training_attack: str = ""
+
+    @property
+    def training_attack(self) -> str:
+        """The attack it trains with, as train.py parses ``hparams`` ('' for none): the
+        masking check compares it with the strong one."""
+        from adversarial_logit_pairing.hparams import default_hparams
+
+        method = default_hparams().parse(self.hparams).train_adv_method
+        return "" if method == "clean" else method
 
 
 def demo_runs() -> dict[str, Run]:
     """The table's rows, in the order of --models."""
     base = "batch_size=32,eval_batch_size=50,lr_schedule=fixed,learning_rate=0.02"
-    stepll_attack = dict(item.split("=", 1) for item in FLAGS.stepll_hparams.split(","))
-    advprop_attack = dict(item.split("=", 1) for item in FLAGS.advprop_hparams.split(","))
     runs = {
         "clean": Run(FLAGS.model_name, base),
         "alp": Run(FLAGS.model_name,
-                   f"{base},train_adv_method={FLAGS.train_attack},train_lp_weight=0.5",
-                   FLAGS.train_attack),
+                   f"{base},train_adv_method={FLAGS.train_attack},train_lp_weight=0.5"),
         "llr": Run(FLAGS.model_name, f"{base},{FLAGS.llr_hparams}"),
-        "stepll": Run(FLAGS.model_name, f"{base},{FLAGS.stepll_hparams}",
-                      stepll_attack.get("train_adv_method", "")),
+        "stepll": Run(FLAGS.model_name, f"{base},{FLAGS.stepll_hparams}"),
         "eff_clean": Run(FLAGS.effnet_model_name, base),
-        "eff_advprop": Run(FLAGS.effnet_model_name, f"{base},{FLAGS.advprop_hparams}",
-                           advprop_attack.get("train_adv_method", "")),
+        "eff_advprop": Run(FLAGS.effnet_model_name, f"{base},{FLAGS.advprop_hparams}"),
     }
     unknown = sorted(set(FLAGS.models) - set(runs))
     if unknown:
